@@ -1,0 +1,221 @@
+"""Losses of the centroid method: label-smoothed cross-entropy, batch-hard triplet, Centroid Triplet Loss,
+center loss, and their weighted total. All distances are computed in float32, outside autocast.
+
+    python loss.py --benchmark            # the four losses vs the ResNet50 forward+backward, one run
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DISTANCES = ("euclidean", "cosine")
+
+
+def _no_autocast(tensor):
+    """A context that turns autocast off on tensor's device, so distances stay float32."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+def pairwise_distance(x, y, distance="euclidean"):
+    """[..., M, D] x [..., N, D] -> [..., M, N] float32 distances: Euclidean (not squared) or 1 - cos."""
+    x, y = x.float(), y.float()
+    if distance == "euclidean":
+        squared = x.pow(2).sum(-1, keepdim=True) + y.pow(2).sum(-1).unsqueeze(-2) - 2 * x @ y.transpose(-1, -2)
+        # the clamp keeps sqrt and its gradient finite at zero distance (gradient 0 there)
+        return squared.clamp_min(1e-12).sqrt()
+    if distance == "cosine":
+        cos = F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).transpose(-1, -2)
+        return (1 - cos).clamp_min(0)
+    raise ValueError(f"unknown distance {distance!r}: use one of {', '.join(DISTANCES)}")
+
+
+def cross_entropy_label_smooth(logits, targets, epsilon=0.1):
+    """Cross-entropy against (1 - epsilon) * onehot + epsilon / C, averaged over the batch."""
+    return F.cross_entropy(logits.float(), targets, label_smoothing=epsilon)
+
+
+def batch_hard_triplet_loss(feats, pids, margin=0.5, distance="euclidean"):
+    """mean_a max(0, max_{p: same id, p != a} d(a, p) - min_{n: other id} d(a, n) + margin)."""
+    with _no_autocast(feats):
+        dist = pairwise_distance(feats, feats, distance)  # [N, N]
+        same = pids[:, None] == pids[None, :]
+        others = ~torch.eye(len(pids), dtype=torch.bool, device=feats.device)
+        # distances are >= 0, so a row without positives gets d_ap = 0
+        dist_ap = (dist * (same & others)).amax(dim=1)
+        # no negative at all (one identity): d_an = inf and the term is 0
+        dist_an = dist.masked_fill(same, float("inf")).amin(dim=1)
+        return F.relu(dist_ap - dist_an + margin).mean()
+
+
+def centroid_triplet_loss(feats, pids, num_instances, margin=0.5, distance="euclidean"):
+    """Centroid Triplet Loss over an identity-major batch of P identities x K = num_instances images.
+
+    For identity p and slot r: query q_pr = x_pr, centroid c_pr = (sum_k x_pk - x_pr) / (K - 1), the mean
+    of the identity's other K - 1 images. Slot r forms the set S_r = {q_1r..q_Pr, c_1r..c_Pr}; every
+    a in S_r is an anchor whose positive a' is its partner (c_pr for q_pr, q_pr for c_pr) and whose
+    negatives are the members of S_r of other identities (their queries and centroids):
+
+        L = 1 / (2 P K) * sum_r sum_{a in S_r} max(0, d(a, a') - min_{b in S_r, id(b) != id(a)} d(a, b) + m)
+
+    i.e. the batch-hard triplet loss on each slot's queries + centroids (labels repeated), averaged over
+    the K slots, as the original centroids-reid computes it; here all slots at once.
+    """
+    num, dim = feats.shape
+    if num_instances < 2:
+        raise ValueError(f"the Centroid Triplet Loss needs K >= 2 images per identity, got K = {num_instances}")
+    if num % num_instances:
+        raise ValueError(f"batch of {num} is not identities x K = {num_instances} images")
+    num_ids = num // num_instances
+    id_pids = pids.view(num_ids, num_instances)[:, 0]  # [P]
+    if (pids.view(num_ids, num_instances) != id_pids[:, None]).any():
+        raise ValueError(f"the batch must be identity-major: {num_instances} consecutive images per identity")
+    with _no_autocast(feats):
+        x = feats.float().view(num_ids, num_instances, dim)  # [P, K, D]
+        centroids = (x.sum(dim=1, keepdim=True) - x) / (num_instances - 1)  # [P, K, D]
+        slots = torch.cat([x, centroids], dim=0).transpose(0, 1)  # [K, 2P, D]: queries, then centroids
+        dist = pairwise_distance(slots, slots, distance)  # [K, 2P, 2P]
+        members = torch.arange(2 * num_ids, device=feats.device)
+        partner = (members + num_ids) % (2 * num_ids)
+        dist_ap = dist[:, members, partner]  # [K, 2P]
+        labels = id_pids.repeat(2)  # [2P]
+        same = labels[:, None] == labels[None, :]  # [2P, 2P]
+        dist_an = dist.masked_fill(same, float("inf")).amin(dim=-1)  # [K, 2P]
+        return F.relu(dist_ap - dist_an + margin).mean()
+
+
+class CenterLoss(nn.Module):
+    """Center loss: mean over the batch of ||f - c_y||^2 with learnable centers [C, D] ~ N(0, 1)."""
+
+    def __init__(self, num_classes, feat_dim):
+        super().__init__()
+        self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
+
+    def forward(self, feats, pids):
+        """feats [B, D], pids [B] -> 0-d float32 loss."""
+        with _no_autocast(feats):
+            return (feats.float() - self.centers[pids].float()).pow(2).sum(dim=1).mean()
+
+
+def build_center_optimizer(center_loss, lr=0.5):
+    """The centers' own SGD optimizer (lr --SOLVER.CENTER_LR)."""
+    return torch.optim.SGD(center_loss.parameters(), lr=lr)
+
+
+def scale_center_grads(center_loss, center_weight):
+    """Multiply the centers' gradients by 1 / center_weight before their optimizer step.
+
+    The total holds center_weight * center loss; undoing the weight lets the centers learn at their own
+    lr whatever the weight. With a GradScaler, unscale the center optimizer first.
+    """
+    if center_weight <= 0:
+        return
+    for param in center_loss.parameters():
+        if param.grad is not None:
+            param.grad.mul_(1.0 / center_weight)
+
+
+def compute_losses(feat, logits, pids, center_loss, num_instances, margin=0.5, distance="euclidean",
+                   label_smooth=0.1, ctl_weight=1.0, triplet_weight=1.0, xent_weight=1.0,
+                   center_weight=0.0005):
+    """Weighted total of the four losses and each (unweighted, detached) term for logging."""
+    terms = {
+        "centroid_triplet": centroid_triplet_loss(feat, pids, num_instances, margin, distance),
+        "triplet": batch_hard_triplet_loss(feat, pids, margin, distance),
+        "xent": cross_entropy_label_smooth(logits, pids, label_smooth),
+        "center": center_loss(feat, pids) if center_loss is not None
+        else torch.zeros((), device=feat.device),
+    }
+    total = (ctl_weight * terms["centroid_triplet"] + triplet_weight * terms["triplet"]
+             + xent_weight * terms["xent"] + center_weight * terms["center"])
+    return total, {name: value.detach() for name, value in terms.items()}
+
+
+def _sync(device):
+    """Wait for the device's queued work, so wall-clock times are real."""
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize()
+
+
+def _median_ms(step, device, warmup, iters):
+    """Median wall time of step() in ms after warm-up calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def benchmark_losses(model_name="resnet50", num_ids=16, num_instances=4, num_classes=751, size=None,
+                     device="cpu", amp=False, warmup=1, iters=3, loss_iters=20):
+    """Time the four losses (forward+backward) and the model's forward+backward on one P x K batch."""
+    from model import build_model  # only the benchmark needs the model
+
+    device = torch.device(device)
+    size = size or ((128, 64) if device.type == "cpu" else (256, 128))
+    amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    model = build_model(model_name, num_classes).to(device).to(memory_format=torch.channels_last).train()
+    center_loss = CenterLoss(num_classes, model.feat_dim).to(device)
+    batch = num_ids * num_instances
+    images = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
+    pids = torch.arange(num_ids, device=device).repeat_interleave(num_instances)
+
+    def model_step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            feat, logits = model(images)
+        (feat.float().mean() + logits.float().mean()).backward()
+
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        feat, logits = model(images)
+    feat, logits = feat.detach().requires_grad_(), logits.detach().requires_grad_()
+
+    def loss_step():
+        feat.grad = logits.grad = center_loss.centers.grad = None
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            total, _ = compute_losses(feat, logits, pids, center_loss, num_instances)
+        total.backward()
+
+    backbone_ms = _median_ms(model_step, device, warmup, iters)
+    losses_ms = _median_ms(loss_step, device, 3, loss_iters)
+    return {"model": model_name, "batch": batch, "size": tuple(size), "device": str(device), "amp": amp,
+            "backbone_ms": backbone_ms, "losses_ms": losses_ms, "ratio": losses_ms / backbone_ms}
+
+
+def main():
+    """CLI: python loss.py --benchmark [--device cuda --size 256 128 --amp]."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--benchmark", action="store_true", help="time the losses against the model")
+    parser.add_argument("--model", default="resnet50", help="backbone (default resnet50)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                        help="input size (default 256 128 on an accelerator, 128 64 on the CPU)")
+    parser.add_argument("--ids", type=int, default=16, help="identities per batch P (default 16)")
+    parser.add_argument("--instances", type=int, default=4, help="images per identity K (default 4)")
+    parser.add_argument("--iters", type=int, default=3, help="timed model steps (default 3)")
+    parser.add_argument("--amp", action="store_true", help="autocast (fp16 on GPUs, bf16 on the CPU)")
+    args = parser.parse_args()
+    if not args.benchmark:
+        parser.error("nothing to do: pass --benchmark")
+    try:
+        result = benchmark_losses(args.model, args.ids, args.instances, size=args.size, device=args.device,
+                                  amp=args.amp, iters=args.iters)
+    except (ValueError, RuntimeError) as error:
+        raise SystemExit(f"error: {error}")
+    size = "x".join(map(str, result["size"]))
+    print(f"{result['model']} forward+backward, {result['batch']} images at {size} on {result['device']}"
+          f"{' with autocast' if result['amp'] else ''}: {result['backbone_ms']:.1f} ms")
+    print(f"four losses forward+backward (P={args.ids}, K={args.instances}, 751 classes): "
+          f"{result['losses_ms']:.2f} ms")
+    print(f"ratio: {100 * result['ratio']:.2f} % of the model step")
+
+
+if __name__ == "__main__":
+    main()
