@@ -1,0 +1,315 @@
+"""ResNet backbones (torchvision layout, IBN-a) with the BNNeck, and weight loading.
+
+CTLModel = backbone -> global average pooling -> feature f [B, D] -> BatchNorm1d (bias frozen at 0)
+-> bias-free classifier. Training forward returns (f, logits); eval forward returns BN(f).
+
+Weight files are read with torch.load(weights_only=True): torchvision and IBN-a ImageNet files, our own
+checkpoints (train.py) and Lightning checkpoints of the original centroids-reid.
+"""
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+# name -> torchvision constructor, embedding size, ImageNet file name, where to download it by hand
+ARCHS = {
+    "resnet18": (torchvision.models.resnet18, 512, "resnet18-5c106cde.pth",
+                 "https://download.pytorch.org/models/resnet18-5c106cde.pth"),
+    "resnet34": (torchvision.models.resnet34, 512, "resnet34-333f7ec4.pth",
+                 "https://download.pytorch.org/models/resnet34-333f7ec4.pth"),
+    "resnet50": (torchvision.models.resnet50, 2048, "resnet50-19c8e357.pth",
+                 "https://download.pytorch.org/models/resnet50-19c8e357.pth"),
+    "resnet101": (torchvision.models.resnet101, 2048, "resnet101-5d3b4d8f.pth",
+                  "https://download.pytorch.org/models/resnet101-5d3b4d8f.pth"),
+    "resnet152": (torchvision.models.resnet152, 2048, "resnet152-b121ed2d.pth",
+                  "https://download.pytorch.org/models/resnet152-b121ed2d.pth"),
+    "resnet50_ibn_a": (torchvision.models.resnet50, 2048, "resnet50_ibn_a-d9d0bb7b.pth",
+                       "https://github.com/XingangPan/IBN-Net/releases/download/v1.0/resnet50_ibn_a-d9d0bb7b.pth"),
+    "resnet101_ibn_a": (torchvision.models.resnet101, 2048, "resnet101_ibn_a-59ea0ac6.pth",
+                        "https://github.com/XingangPan/IBN-Net/releases/download/v1.0/resnet101_ibn_a-59ea0ac6.pth"),
+}
+BACKBONE_EMB_SIZES = {name: arch[1] for name, arch in ARCHS.items()}
+
+# block counts of layer1..4 (and whether blocks are bottlenecks) -> architecture, to read files
+_DEPTHS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
+           ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
+           ((3, 8, 36, 3), True): "resnet152"}
+
+# top-level modules whose pickled objects in a Lightning .ckpt are only configuration (yacs CfgNode,
+# Lightning's AttributeDict, callback classes used as dict keys): read as plain OrderedDicts
+_CONFIG_MODULES = ("yacs", "pytorch_lightning", "lightning", "lightning_fabric", "omegaconf",
+                   "argparse", "callbacks")
+
+
+class WeightError(Exception):
+    """A weight file is missing, unreadable or does not fit the model."""
+
+
+class IBN(nn.Module):
+    """IBN-a norm: InstanceNorm on the first half of the channels, BatchNorm on the rest."""
+
+    def __init__(self, planes):
+        super().__init__()
+        self.half = planes // 2
+        self.IN = nn.InstanceNorm2d(self.half, affine=True)
+        self.BN = nn.BatchNorm2d(planes - self.half)
+
+    def forward(self, x):
+        inst, batch = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
+        # per-image statistics in float32: fp16 variance over a small map loses too much
+        inst = self.IN(inst.float()).to(x.dtype)
+        return torch.cat([inst, self.BN(batch).to(x.dtype)], dim=1)
+
+
+class Backbone(nn.Module):
+    """torchvision ResNet without avgpool/fc; keys read conv1.*, bn1.*, layer1.* ... layer4.*."""
+
+    def __init__(self, name="resnet50", last_stride=1, stem_relu=True):
+        super().__init__()
+        net = ARCHS[name][0](weights=None)
+        if name.endswith("_ibn_a"):
+            for layer in (net.layer1, net.layer2, net.layer3):
+                for block in layer:
+                    block.bn1 = IBN(block.bn1.num_features)
+        first = net.layer4[0]
+        # torchvision v1.5 layout: the stride sits on conv2 of a Bottleneck, conv1 of a BasicBlock
+        strided = first.conv2 if isinstance(first, torchvision.models.resnet.Bottleneck) else first.conv1
+        strided.stride = (last_stride, last_stride)
+        first.downsample[0].stride = (last_stride, last_stride)
+        self.conv1, self.bn1, self.maxpool = net.conv1, net.bn1, net.maxpool
+        # the original centroids-reid ResNet has no ReLU after the stem's bn1
+        self.relu = nn.ReLU(inplace=True) if stem_relu else nn.Identity()
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def forward(self, x):
+        """[B, 3, H, W] -> feature map [B, D, H/16 or H/32, W/16 or W/32]."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class CTLModel(nn.Module):
+    """Backbone, global average pooling, BNNeck (bias frozen at 0) and a bias-free classifier."""
+
+    def __init__(self, name="resnet50", num_classes=751, last_stride=1, stem_relu=True):
+        super().__init__()
+        self.name, self.last_stride = name, last_stride
+        self.feat_dim, self.num_classes = BACKBONE_EMB_SIZES[name], num_classes
+        self.backbone = Backbone(name, last_stride, stem_relu)
+        self.bn = nn.BatchNorm1d(self.feat_dim)
+        self.bn.bias.requires_grad_(False)  # BNNeck: the bias stays 0
+        self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
+        nn.init.normal_(self.classifier.weight, std=0.001)
+
+    @property
+    def stem_relu(self):
+        """Whether the stem has a ReLU after bn1 (False for the original centroids-reid nets)."""
+        return isinstance(self.backbone.relu, nn.ReLU)
+
+    def forward(self, x):
+        """Training: (pre-BN feature [B, D], logits [B, C]); eval: embedding BN(f) [B, D]."""
+        feat = self.backbone(x).mean(dim=(2, 3))  # global average pooling, [B, D]
+        if not self.training:
+            return self.bn(feat)
+        return feat, self.classifier(self.bn(feat))
+
+
+def build_model(name="resnet50", num_classes=751, last_stride=1, pretrained=False, pretrain_path="",
+                stem_relu=True, center_loss=None):
+    """Build a CTLModel; load pretrain_path, or with pretrained=True the default ImageNet file."""
+    if name not in ARCHS:
+        raise ValueError(f"unknown model name {name!r}: choose one of {', '.join(ARCHS)}")
+    if last_stride not in (1, 2):
+        raise ValueError(f"last stride must be 1 or 2, got {last_stride}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    model = CTLModel(name, num_classes, last_stride, stem_relu)
+    path = pretrain_path
+    if pretrained and not path:
+        path = MODELS_DIR / ARCHS[name][2]
+        if not path.is_file():
+            raise WeightError(
+                f"--MODEL.PRETRAINED true needs the ImageNet weights of {name} at {path}: download "
+                f"{ARCHS[name][3]} by hand and put the file there (nothing is downloaded automatically), "
+                f"or name another file with --MODEL.PRETRAIN_PATH, "
+                f"or train from scratch with --MODEL.PRETRAINED false")
+    if path:
+        load_weights(model, path, center_loss)
+    return model
+
+
+def _read_file(path):
+    """torch.load(weights_only=True), Lightning config objects read as OrderedDicts; WeightError if not."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightError(f"{path}: no such weight file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError ... on bad files
+        first_error = error
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        unsafe = []
+    if not unsafe:
+        message = str(first_error).strip().splitlines()[0] if str(first_error).strip() else ""
+        raise WeightError(f"{path}: not a PyTorch weight file ({type(first_error).__name__}: {message})")
+    foreign = [g for g in unsafe if g.split(".")[0] not in _CONFIG_MODULES]
+    if foreign:
+        raise WeightError(
+            f"{path}: holds pickled Python objects that safe loading (weights_only=True) refuses: "
+            f"{', '.join(foreign[:4])}. Save the weights as a state_dict instead, e.g. "
+            f"torch.save(model.state_dict(), 'weights.pth') in the program that made the file")
+    # safe: an OrderedDict stands in for each config class, so no code from the file can run
+    with torch.serialization.safe_globals([(OrderedDict, name) for name in unsafe]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise WeightError(f"{path}: cannot read its configuration objects safely ({error})") from None
+
+
+def _file_kind(obj, path):
+    """(state in CTLModel keys, centers or None, kind label, dropped keys) from a loaded weight file."""
+    if not isinstance(obj, dict):
+        raise WeightError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    if isinstance(obj.get("model"), dict):
+        state, kind = obj["model"], "our checkpoint"
+        centers = (obj.get("center_loss") or {}).get("centers")
+    else:
+        state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
+        centers, kind = None, "state dict"
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightError(f"{path}: {bad[0]!r} is a {type(state[bad[0]]).__name__}, not a tensor")
+    if any(k.startswith("backbone.base.") for k in state):
+        kind, mapped, dropped = "original centroids-reid checkpoint", {}, []
+        for k, v in state.items():
+            if k.startswith("backbone.base.fc."):
+                dropped.append(k)  # the IBN-a net's unused ImageNet classifier
+                continue
+            if k == "center_loss.centers":
+                centers = v
+            elif k == "fc_query.weight":
+                mapped["classifier.weight"] = v
+            else:
+                mapped[k.replace("backbone.base.", "backbone.", 1)] = v
+        return mapped, centers, kind, dropped
+    if "conv1.weight" in state:  # torchvision / IBN-a ImageNet layout; their fc is ImageNet's classifier
+        mapped = {"backbone." + k: v for k, v in state.items() if not k.startswith("fc.")}
+        return mapped, None, "ImageNet weights", [k for k in state if k.startswith("fc.")]
+    if "backbone.conv1.weight" in state:
+        return state, centers, kind, []
+    raise WeightError(f"{path}: unknown key layout (first keys: {', '.join(list(state)[:3])}); expected "
+                      f"torchvision/IBN-a ImageNet weights, our checkpoint or a centroids-reid .ckpt")
+
+
+def _infer_arch(state):
+    """Architecture name from backbone.* keys, or None when the block counts match no ResNet."""
+    counts = [0, 0, 0, 0]
+    for key in state:
+        found = re.match(r"backbone\.layer([1-4])\.(\d+)\.", key)
+        if found:
+            layer, block = int(found.group(1)) - 1, int(found.group(2))
+            counts[layer] = max(counts[layer], block + 1)
+    name = _DEPTHS.get((tuple(counts), "backbone.layer1.0.conv3.weight" in state))
+    if name and "backbone.layer1.0.bn1.IN.weight" in state:
+        name = name + "_ibn_a" if name + "_ibn_a" in ARCHS else None
+    return name
+
+
+def _apply_state(model, state, centers, kind, path, dropped=(), center_loss=None, stem_relu=None, notes=()):
+    """Copy a mapped state into model (and centers into center_loss); return the one-line summary."""
+    own = model.state_dict()
+    notes = list(notes) + ([f"skipped {', '.join(dropped)} (ImageNet classifier)"] if dropped else [])
+    if stem_relu is not None and stem_relu != model.stem_relu:
+        model.backbone.relu = nn.ReLU(inplace=True) if stem_relu else nn.Identity()
+        notes.append(f"stem {'with' if stem_relu else 'without'} ReLU to match the file")
+    unexpected = [k for k in state if k not in own]
+    # old torchvision files predate num_batches_tracked; the model's own counter is kept then
+    missing = [k for k in own if k.startswith("backbone.") and k not in state
+               and not k.endswith("num_batches_tracked")]
+    if unexpected or missing:
+        found = _infer_arch(state)
+        hint = f" (the file looks like {found}, the model is {model.name})" if found else ""
+        listed = ", ".join((["unexpected " + k for k in unexpected] + ["missing " + k for k in missing])[:3])
+        raise WeightError(f"{path}: does not fit the model{hint}: {len(unexpected)} unexpected and "
+                          f"{len(missing)} missing keys, e.g. {listed}")
+    loadable = {}
+    for key, value in state.items():
+        if value.shape == own[key].shape:
+            loadable[key] = value
+        elif key == "classifier.weight" and value.shape[1:] == own[key].shape[1:]:
+            notes.append(f"skipped classifier.weight: {value.shape[0]} identities in the file, "
+                         f"{own[key].shape[0]} in the model")
+        else:
+            raise WeightError(f"{path}: shape mismatch for {key}: file {tuple(value.shape)}, "
+                              f"model {tuple(own[key].shape)}")
+    model.load_state_dict(loadable, strict=False)
+    loaded = f"{len(loadable)} tensors"
+    if center_loss is not None and centers is not None:
+        wanted = center_loss.centers.shape
+        if centers.shape == wanted:
+            with torch.no_grad():
+                center_loss.centers.copy_(centers)
+            loaded += " + centers"
+        elif centers.shape[1:] == wanted[1:]:
+            notes.append(f"skipped centers: {centers.shape[0]} identities in the file, {wanted[0]} here")
+        else:
+            raise WeightError(f"{path}: shape mismatch for center_loss.centers: file "
+                              f"{tuple(centers.shape)}, model {tuple(wanted)}")
+    fresh = [name for name in ("bn", "classifier") if not any(k.startswith(name + ".") for k in loadable)]
+    if fresh:
+        notes.append("fresh " + " and ".join(fresh))
+    summary = f"loaded {path} ({kind}): {loaded}" + "".join("; " + n for n in notes)
+    print(summary)
+    return summary
+
+
+def _stem_relu_of(obj, state, kind):
+    """Stem ReLU the file's net had: recorded in ours, absent in the original's plain ResNets."""
+    if kind == "our checkpoint" and "stem_relu" in obj:
+        return bool(obj["stem_relu"])
+    if kind == "original centroids-reid checkpoint":
+        # the original's IBN-a net keeps the ReLU; its plain ResNets dropped it
+        return "backbone.layer1.0.bn1.IN.weight" in state
+    return None
+
+
+def load_weights(model, path, center_loss=None):
+    """Load any supported weight file into model (centers into center_loss); return the summary."""
+    obj = _read_file(path)
+    state, centers, kind, dropped = _file_kind(obj, path)
+    return _apply_state(model, state, centers, kind, path, dropped, center_loss, _stem_relu_of(obj, state, kind))
+
+
+def _original_last_stride(obj):
+    """MODEL.LAST_STRIDE from an original .ckpt's hyper-parameters, 1 when absent."""
+    try:
+        return int(obj["hyper_parameters"]["MODEL"]["LAST_STRIDE"])
+    except (KeyError, TypeError, ValueError):
+        return 1
+
+
+def model_from_checkpoint(path, center_loss=None):
+    """Build the architecture a checkpoint (ours or an original .ckpt) was made with, load it, eval mode."""
+    obj = _read_file(path)
+    state, centers, kind, dropped = _file_kind(obj, path)
+    if kind == "our checkpoint" and "model_name" in obj:
+        name, last_stride = obj["model_name"], int(obj.get("last_stride", 1))
+    else:
+        name = _infer_arch(state)
+        if name is None:
+            raise WeightError(f"{path}: cannot tell which ResNet the backbone keys belong to")
+        last_stride = _original_last_stride(obj) if kind.startswith("original") else 1
+    num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 1
+    stem_relu = _stem_relu_of(obj, state, kind)
+    model = build_model(name, num_classes, last_stride, stem_relu=True if stem_relu is None else stem_relu)
+    built = (f"built {name}, {num_classes} identities, last stride {last_stride}, "
+             f"stem {'with' if model.stem_relu else 'without'} ReLU")
+    _apply_state(model, state, centers, kind, path, dropped, center_loss, notes=[built])
+    return model.eval()
