@@ -1,0 +1,514 @@
+"""Retrieval evaluation: mAP, CMC and mINP per image and per identity centroid; checkpoint evaluation CLI.
+
+    python evaluate.py --MODEL.PRETRAIN_PATH output/best.pth --DATASETS.NAMES market1501 --DATASETS.ROOT_DIR data
+    python evaluate.py --benchmark [--device cuda]
+
+Protocol (Market-1501, as torchreid and fast-reid): for each query, gallery items with the same pid and
+the same camera are removed; a query left without a true match is skipped and counted. Gallery items
+are ranked by distance, ties by gallery index (what a stable argsort gives); distances are compared as
+float32, like the peers' Cython evaluators. No row is sorted: only the ranks of each query's true
+matches are needed, and they come from a histogram of where every gallery item falls among the
+query's (few, sorted) true-match distances.
+"""
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+CHUNK_BYTES = 32 * 2**20  # temporaries per query chunk; small chunks stay in cache (faster than big ones)
+BYTES_PER_ITEM = 32       # int64 keys + int64 positions + 4 bool masks + a float32 distance, per (query, item)
+INT64_MAX = torch.iinfo(torch.int64).max
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation input (shapes, NaN distances, no valid query); the CLI prints it without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ranks of the true matches, one chunk of queries at a time
+
+def _as_tensor(x, device, dtype=None):
+    """numpy array / list / tensor -> tensor on device (no copy when it already is one)."""
+    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+    return x.to(device=device, dtype=dtype or x.dtype)
+
+
+def _order_keys(dist):
+    """[Q, N] distances -> int64 keys ordered like (float32 distance, gallery index): unique per row."""
+    bits = dist.float().contiguous().view(torch.int32)
+    sign = bits >> 31  # -1 for negative floats, whose bit patterns order backwards as integers: flip them
+    bits = (bits ^ (sign & 0x7FFFFFFF)) - sign  # and -0.0 -> 0, the key of +0.0: the two tie, as in numpy
+    keys = torch.empty(*bits.shape, 2, dtype=torch.int32, device=bits.device)
+    keys[..., 1] = bits  # high word (little endian): the distance
+    keys[..., 0] = torch.arange(bits.shape[1], dtype=torch.int32, device=bits.device)  # low word: the index
+    return keys.view(torch.int64).squeeze(-1)
+
+
+def rank_true_matches(dist, q_pids, g_pids, q_camids, g_camids, camera_agnostic=False):
+    """1-based ranks of each query's true matches among its kept gallery items, for one chunk of queries.
+
+    dist [Q, N]; pids/camids int64 tensors on dist's device. Returns (ranks [Q, M] int64, ascending per
+    row, valid in the first num_matches[q] columns; num_matches [Q] int64).
+    """
+    same_pid = q_pids[:, None] == g_pids[None, :]                                  # [Q, N] bool
+    if camera_agnostic:
+        removed, matches = None, same_pid
+    else:
+        removed = same_pid & (q_camids[:, None] == g_camids[None, :])              # same pid and camera
+        matches = same_pid ^ removed
+    if dist.numel() and torch.isnan(dist.max()):  # max propagates NaN, and is cheaper than isnan().any()
+        raise EvaluationError("the distance matrix holds NaN: check the embeddings (a diverged model?)")
+    keys = _order_keys(dist)                                                       # [Q, N] int64
+    rows, cols = matches.nonzero(as_tuple=True)                                    # row-major order
+    num_matches = torch.bincount(rows, minlength=dist.shape[0])                    # [Q]
+    width = max(int(num_matches.max()), 1) if len(num_matches) else 1
+    starts = torch.cumsum(num_matches, 0) - num_matches
+    slots = torch.arange(len(rows), device=dist.device) - starts[rows]
+    match_keys = torch.full((dist.shape[0], width), INT64_MAX, dtype=torch.int64, device=dist.device)
+    match_keys[rows, slots] = keys[rows, cols]
+    match_keys = match_keys.sort(1).values                                         # [Q, M], pads last
+    if removed is not None:
+        keys.masked_fill_(removed, INT64_MAX)  # lands at position num_matches[q]: never before a match
+    # positions[q, i] = how many true matches of q come before item i; the histogram of positions,
+    # summed, gives for match j the number of kept items up to and including it: its rank.
+    positions = torch.searchsorted(match_keys, keys)                              # [Q, N] in 0..M
+    positions += torch.arange(dist.shape[0], device=dist.device)[:, None] * (width + 1)
+    counts = torch.bincount(positions.view(-1), minlength=dist.shape[0] * (width + 1))
+    ranks = counts.view(dist.shape[0], width + 1)[:, :width].cumsum(1)            # [Q, M]
+    return ranks, num_matches
+
+
+def _query_metrics(ranks, num_matches):
+    """Per-query AP, trapezoid AP (Market-1501 official), INP and first-hit rank from match ranks."""
+    hits = torch.arange(1, ranks.shape[1] + 1, device=ranks.device, dtype=torch.float64)  # k = 1..M
+    in_row = hits[None, :] <= num_matches[:, None]                                # [Q, M]
+    r = ranks.double().clamp(min=1)
+    precision = hits / r                                                          # k / rank_k
+    before = torch.where(r > 1, (hits - 1) / (r - 1).clamp(min=1), torch.ones_like(r))  # precision one rank earlier
+    m = num_matches.double().clamp(min=1)
+    ap = (precision * in_row).sum(1) / m
+    ap_trapezoid = ((precision + before) / 2 * in_row).sum(1) / m
+    last = ranks.gather(1, (num_matches - 1).clamp(min=0)[:, None])[:, 0].double()
+    inp = num_matches.double() / last.clamp(min=1)
+    return {"ap": ap, "ap_trapezoid": ap_trapezoid, "inp": inp, "first": ranks[:, 0],
+            "num_matches": num_matches}
+
+
+def _chunk_rows(num_gallery, chunk_bytes):
+    """Queries per chunk so that the temporaries of one chunk stay under chunk_bytes (at least 1)."""
+    return max(1, chunk_bytes // (BYTES_PER_ITEM * max(num_gallery, 1)))
+
+
+def _per_query(distances, num_query, num_gallery, q_pids, g_pids, q_camids, g_camids, device,
+               camera_agnostic, chunk_bytes):
+    """Per-query metrics (CPU float64 / int64 tensors) for queries whose distance rows distances(a, b) gives."""
+    q_pids, q_camids = _as_tensor(q_pids, device, torch.int64), _as_tensor(q_camids, device, torch.int64)
+    g_pids, g_camids = _as_tensor(g_pids, device, torch.int64), _as_tensor(g_camids, device, torch.int64)
+    step = _chunk_rows(num_gallery, chunk_bytes)
+    parts = []
+    for a in range(0, num_query, step):
+        b = min(a + step, num_query)
+        ranks, num_matches = rank_true_matches(distances(a, b), q_pids[a:b], g_pids, q_camids[a:b], g_camids,
+                                               camera_agnostic)
+        parts.append({k: v.cpu() for k, v in _query_metrics(ranks, num_matches).items()})
+    return {k: torch.cat([p[k] for p in parts]) if parts else torch.zeros(0) for k in
+            ("ap", "ap_trapezoid", "inp", "first", "num_matches")}
+
+
+def _no_valid_query_message(q_pids, g_pids, q_camids, g_camids, camera_agnostic):
+    """Why no query kept a true match, and what to do about it."""
+    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
+    if len(q_pids) == 0 or len(g_pids) == 0:
+        return f"no query can be evaluated: {len(q_pids)} queries, {len(g_pids)} gallery items"
+    if not np.isin(q_pids, g_pids).any():
+        return ("no query identity appears in the gallery: check that query and gallery come from the same "
+                "data set and keep its own pids")
+    cams = np.union1d(np.unique(np.asarray(q_camids)), np.unique(np.asarray(g_camids)))
+    return (f"no query has a true match in the gallery after removing same-identity images of the query's "
+            f"camera (cameras seen: {cams.tolist()}): every matching gallery image comes from the query's "
+            f"own camera" + (" - the data look like single-camera data" if len(cams) == 1 else "") +
+            ". For data without distinct cameras evaluate camera-agnostically: evaluate_rank(..., "
+            "camera_agnostic=True), or --TEST.CAMERA_AGNOSTIC true on the command line.")
+
+
+def _summarise(per_query, max_rank):
+    """Mean metrics over valid queries; CMC from first-hit ranks (monotone, defined for short galleries)."""
+    valid = per_query["num_matches"] > 0
+    first = per_query["first"][valid]
+    cmc = (first[:, None] <= torch.arange(1, max_rank + 1)[None, :]).double().mean(0)
+    return {"mAP": float(per_query["ap"][valid].mean()), "mINP": float(per_query["inp"][valid].mean()),
+            "mAP_trapezoid": float(per_query["ap_trapezoid"][valid].mean()), "cmc": cmc.numpy(),
+            "num_valid_queries": int(valid.sum()), "num_skipped_queries": int((~valid).sum())}
+
+
+def _check_lengths(distmat_shape, q_pids, g_pids, q_camids, g_camids):
+    """Raise EvaluationError naming the argument whose length disagrees with the distance matrix."""
+    if len(distmat_shape) != 2:
+        raise EvaluationError(f"distmat must be 2-D [num_query, num_gallery], got shape {tuple(distmat_shape)}")
+    for name, x, n in (("q_pids", q_pids, 0), ("q_camids", q_camids, 0), ("g_pids", g_pids, 1),
+                       ("g_camids", g_camids, 1)):
+        if len(x) != distmat_shape[n]:
+            raise EvaluationError(f"{name} has {len(x)} entries but distmat has {distmat_shape[n]} "
+                                  f"{'rows (queries)' if n == 0 else 'columns (gallery items)'}")
+
+
+def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, camera_agnostic=False,
+                  chunk_bytes=CHUNK_BYTES, return_per_query=False):
+    """mAP, mINP, CMC (and the Market-1501 trapezoid mAP) of a [num_query, num_gallery] distance matrix.
+
+    Arguments as torchreid's/fast-reid's evaluate_rank (numpy arrays or tensors, any device: the work
+    runs on distmat's device). camera_agnostic=True removes nothing (single-camera data). Values are
+    fractions in 0..1; raises EvaluationError when no query has a true match.
+    """
+    distmat = torch.as_tensor(distmat) if not torch.is_tensor(distmat) else distmat
+    _check_lengths(distmat.shape, q_pids, g_pids, q_camids, g_camids)
+    per_query = _per_query(lambda a, b: distmat[a:b], distmat.shape[0], distmat.shape[1], q_pids, g_pids,
+                           q_camids, g_camids, distmat.device, camera_agnostic, chunk_bytes)
+    return _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids, camera_agnostic)
+
+
+def _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids, camera_agnostic):
+    """Summarise per-query metrics, raising the explanatory error when no query was valid."""
+    if not bool((per_query["num_matches"] > 0).any()):
+        raise EvaluationError(_no_valid_query_message(_np(q_pids), _np(g_pids), _np(q_camids), _np(g_camids),
+                                                      camera_agnostic))
+    result = _summarise(per_query, max_rank)
+    if return_per_query:
+        result["per_query"] = per_query
+    return result
+
+
+def _np(x):
+    """Tensor or array -> numpy array."""
+    return x.cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Features, distances and centroids
+
+def squared_distances(q_feats, g_feats, g_sq=None):
+    """[Q, D] x [N, D] -> [Q, N] float32 squared Euclidean distances (cosine order for unit vectors)."""
+    g_sq = (g_feats * g_feats).sum(1) if g_sq is None else g_sq                  # [N], reusable across chunks
+    dist = (q_feats * q_feats).sum(1, keepdim=True) + g_sq[None, :]
+    return dist.addmm_(q_feats, g_feats.t(), alpha=-2).clamp_(min=0)
+
+
+def _distance_rows(q_feats, g_feats):
+    """A function (a, b) -> squared distances of queries a..b to the whole gallery, on q_feats' device."""
+    q_feats, g_feats = q_feats.float(), g_feats.float().to(q_feats.device)
+    g_sq = (g_feats * g_feats).sum(1)
+    return lambda a, b: squared_distances(q_feats[a:b], g_feats, g_sq)
+
+
+def evaluate_feature_ranks(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, max_rank=50,
+                           camera_agnostic=False, chunk_bytes=CHUNK_BYTES, return_per_query=False):
+    """evaluate_rank on embeddings, distances computed chunk by chunk: no [Q, N] matrix is ever held."""
+    _check_lengths((len(q_feats), len(g_feats)), q_pids, g_pids, q_camids, g_camids)
+    per_query = _per_query(_distance_rows(q_feats, g_feats), len(q_feats), len(g_feats),
+                           q_pids, g_pids, q_camids, g_camids, q_feats.device, camera_agnostic, chunk_bytes)
+    return _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids, camera_agnostic)
+
+
+def _normalize(x):
+    """L2-normalise rows (zero rows stay zero)."""
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def identity_centroids(g_feats, g_pids, g_camids=None, exclude_camid=None, normalize=True):
+    """Mean embedding per gallery identity (pid > 0), from the images of cameras != exclude_camid.
+
+    Returns (centroids [P', D], pids [P']) for the identities that keep at least one image; one
+    index_add pass over the kept images, no loop over identities.
+    """
+    g_feats = g_feats.float()
+    g_pids = _as_tensor(g_pids, g_feats.device, torch.int64)
+    pids, inverse = torch.unique(g_pids, return_inverse=True)                      # [P], [N]
+    keep = torch.ones_like(g_pids, dtype=torch.bool) if exclude_camid is None else \
+        _as_tensor(g_camids, g_feats.device, torch.int64) != exclude_camid
+    sums = torch.zeros(len(pids), g_feats.shape[1], device=g_feats.device).index_add_(0, inverse[keep], g_feats[keep])
+    counts = torch.bincount(inverse[keep], minlength=len(pids))                    # [P]
+    has_images = (counts > 0) & (pids > 0)  # pid 0 = distractors: never averaged into one "identity"
+    centroids = sums[has_images] / counts[has_images, None]
+    return (_normalize(centroids) if normalize else centroids), pids[has_images]
+
+
+def _centroid_gallery(g_feats, g_pids, g_camids, exclude_camid, normalize):
+    """Centroids (camid -1: never the query's camera) followed by the distractor images, as a gallery."""
+    centroids, pids = identity_centroids(g_feats, g_pids, g_camids, exclude_camid, normalize)
+    g_pids_t = _as_tensor(g_pids, g_feats.device, torch.int64)
+    distractors = g_pids_t == 0
+    feats = torch.cat([centroids, g_feats.float()[distractors]])
+    pids = torch.cat([pids, g_pids_t[distractors]])
+    camids = torch.cat([torch.full_like(pids[:len(centroids)], -1),
+                        _as_tensor(g_camids, g_feats.device, torch.int64)[distractors]])
+    return feats, pids, camids
+
+
+def evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=True,
+                       max_rank=50, camera_agnostic=False, normalize_centroids=True, chunk_bytes=CHUNK_BYTES,
+                       return_per_query=False):
+    """Single-image queries against per-identity gallery centroids; distractor images stay as they are.
+
+    With keep_camid_centroids (and cameras), a query of camera c sees each identity's centroid of its
+    gallery images from cameras != c, so the same-camera rule still holds; identities with no such
+    image have no centroid for that camera. Otherwise one centroid per identity from all its images.
+    """
+    q_pids_t = _as_tensor(q_pids, "cpu", torch.int64)
+    q_camids_t = _as_tensor(q_camids, "cpu", torch.int64)
+    by_camera = keep_camid_centroids and not camera_agnostic
+    groups = torch.unique(q_camids_t).tolist() if by_camera else [None]
+    per_query = {}
+    for camid in groups:  # a loop over query cameras (at most ~15), each one vectorised
+        rows = torch.arange(len(q_pids_t)) if camid is None else torch.nonzero(q_camids_t == camid)[:, 0]
+        c_feats, c_pids, c_camids = _centroid_gallery(g_feats, g_pids, g_camids, camid, normalize_centroids)
+        distances = _distance_rows(q_feats[rows.to(q_feats.device)], c_feats)
+        part = _per_query(distances, len(rows), len(c_feats), q_pids_t[rows], c_pids, q_camids_t[rows], c_camids, q_feats.device,
+                          camera_agnostic, chunk_bytes)
+        for key, values in part.items():
+            per_query.setdefault(key, torch.zeros(len(q_pids_t), dtype=values.dtype))[rows] = values
+    return _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids, camera_agnostic)
+
+
+def evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=True,
+                      max_rank=50, camera_agnostic=False, normalize_centroids=True, chunk_bytes=CHUNK_BYTES):
+    """Evaluate embeddings per image and per centroid: {'image': metrics, 'centroid': metrics}."""
+    common = dict(max_rank=max_rank, camera_agnostic=camera_agnostic, chunk_bytes=chunk_bytes)
+    return {"image": evaluate_feature_ranks(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, **common),
+            "centroid": evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
+                                           keep_camid_centroids=keep_camid_centroids,
+                                           normalize_centroids=normalize_centroids, **common)}
+
+
+def extract_features(model, loader, device, flip=False, feat_norm=True, amp_dtype=None):
+    """Embed every image of a loader of (img, pid, camid): (feats [N, D] float32 CPU, pids, camids numpy)."""
+    model.eval()
+    feats, pids, camids = [], [], []
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    with torch.inference_mode(), autocast:
+        for imgs, batch_pids, batch_camids in tqdm(loader, desc="features", unit="batch", leave=False):
+            imgs = imgs.to(device, non_blocking=True)
+            emb = model(imgs).float()
+            if flip:  # the mirror image is as likely a view of the person: average the two embeddings
+                emb = (emb + model(imgs.flip(-1)).float()) / 2
+            feats.append((_normalize(emb) if feat_norm else emb).cpu())
+            pids.append(np.asarray(batch_pids))
+            camids.append(np.asarray(batch_camids))
+    if not feats:
+        raise EvaluationError("the loader yielded no images: the query or gallery list is empty")
+    return torch.cat(feats), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64)
+
+
+def evaluate_model(model, query_loader, gallery_loader, device, flip=False, feat_norm=True,
+                   keep_camid_centroids=True, amp_dtype=None, max_rank=50, camera_agnostic=False):
+    """Extract query and gallery embeddings and evaluate them per image and per centroid."""
+    q_feats, q_pids, q_camids = extract_features(model, query_loader, device, flip, feat_norm, amp_dtype)
+    g_feats, g_pids, g_camids = extract_features(model, gallery_loader, device, flip, feat_norm, amp_dtype)
+    return evaluate_features(q_feats.to(device), q_pids, q_camids, g_feats.to(device), g_pids, g_camids,
+                             keep_camid_centroids=keep_camid_centroids, max_rank=max_rank,
+                             camera_agnostic=camera_agnostic, normalize_centroids=feat_norm)
+
+
+def format_results(results):
+    """A small table of mAP, R1, R5, R10, mINP in % for the per-image and centroid results."""
+    lines = [f"{'':10s} {'mAP %':>7s} {'R1 %':>7s} {'R5 %':>7s} {'R10 %':>7s} {'mINP %':>7s} {'queries':>8s}"]
+    for kind, label in (("image", "per image"), ("centroid", "centroid")):
+        res = results.get(kind)
+        if res is None:
+            continue
+        cmc = [100 * res["cmc"][k - 1] if k <= len(res["cmc"]) else float("nan") for k in (1, 5, 10)]
+        lines.append(f"{label:10s} {100 * res['mAP']:7.2f} {cmc[0]:7.2f} {cmc[1]:7.2f} {cmc[2]:7.2f} "
+                     f"{100 * res['mINP']:7.2f} {res['num_valid_queries']:8d}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmark: a Market-1501-sized problem against np.argsort, and a 1,000,000-item gallery
+
+def synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=64, noise=0.9, distractor_share=0.18,
+                      device="cpu", seed=0):
+    """Random but Market-like embeddings: identity centre + camera bias + noise; 18% pid-0 distractors.
+
+    Returns (q_feats, q_pids, q_camids, g_feats, g_pids, g_camids), feats L2-normalised on device,
+    ids/camids int64 CPU tensors. The noise puts R1 near 95% and mAP near 85%, like a trained model.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_ids + 1, dim, generator=gen)
+    cam_bias = 0.3 * torch.randn(num_cams, dim, generator=gen)  # same-camera images look alike
+    q_pids = torch.randint(1, num_ids + 1, (num_query,), generator=gen)
+    g_pids = torch.randint(1, num_ids + 1, (num_gallery,), generator=gen)
+    g_pids[torch.rand(num_gallery, generator=gen) < distractor_share] = 0
+    q_camids = torch.randint(0, num_cams, (num_query,), generator=gen)
+    g_camids = torch.randint(0, num_cams, (num_gallery,), generator=gen)
+
+    def embed(pids, camids):
+        distractor = (pids == 0)[:, None]  # each distractor is a person of its own
+        own = torch.where(distractor, torch.randn(len(pids), dim, generator=gen), centres[pids])
+        return _normalize(own + cam_bias[camids] + noise * torch.randn(len(pids), dim, generator=gen)).to(device)
+    return embed(q_pids, q_camids), q_pids, q_camids, embed(g_pids, g_camids), g_pids, g_camids
+
+
+def _sync(device):
+    """Wait for queued kernels so that wall-clock timings are honest."""
+    if torch.device(device).type != "cpu":
+        getattr(torch, torch.device(device).type).synchronize()
+
+
+def _timed(fn, device):
+    """(result, seconds) of fn() with the device synchronised around it."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - start
+
+
+def benchmark_metrics(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, device="cpu", seed=0):
+    """Time np.argsort of a distance matrix and evaluate_rank of the same matrix, in one process.
+
+    On the CPU evaluate_rank is timed with torch's default threads and with one thread (np.argsort
+    uses one). Returns seconds, ratios (evaluate / argsort) and the metrics of the problem.
+    """
+    q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = synthetic_problem(
+        num_query, num_gallery, num_ids, num_cams, device=device, seed=seed)
+    distmat = _distance_rows(q_feats, g_feats)(0, num_query)                       # [Q, N] float32
+    distmat_np = distmat.cpu().numpy()
+    args = (q_pids, g_pids, q_camids, g_camids)
+    evaluate_rank(distmat[:16], q_pids[:16], g_pids, q_camids[:16], g_camids)     # warm-up
+    _, argsort_s = _timed(lambda: np.argsort(distmat_np, axis=1), "cpu")
+    result, evaluate_s = _timed(lambda: evaluate_rank(distmat, *args), device)
+    out = {"device": str(device), "num_query": num_query, "num_gallery": num_gallery, "threads": torch.get_num_threads(),
+           "argsort_s": argsort_s, "evaluate_s": evaluate_s, "ratio": evaluate_s / argsort_s,
+           "mAP": result["mAP"], "R1": float(result["cmc"][0]), "mINP": result["mINP"]}
+    if torch.device(device).type == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _, out["evaluate_1thread_s"] = _timed(lambda: evaluate_rank(distmat, *args), device)
+        finally:
+            torch.set_num_threads(threads)
+        out["ratio_1thread"] = out["evaluate_1thread_s"] / argsort_s
+    else:
+        _, out["device_argsort_s"] = _timed(lambda: torch.argsort(distmat, dim=1), device)
+    return out
+
+
+def _peak_rss_mib():
+    """Peak resident memory of this process so far, MiB (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def _reset_peak_rss():
+    """Reset the kernel's peak-RSS counter of this process (Linux); False when it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def benchmark_large_gallery(num_query=200, num_gallery=1_000_000, num_ids=100_000, num_cams=6, dim=64,
+                            device="cpu", chunk_bytes=256 * 2**20, seed=0):
+    """Evaluate queries against a 1,000,000-item gallery from embeddings, distances streamed per chunk.
+
+    Returns seconds and the peak memory the evaluation added above its inputs (MiB), next to the bound.
+    """
+    q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = synthetic_problem(
+        num_query, num_gallery, num_ids, num_cams, dim=dim, device=device, seed=seed)
+    on_cpu = torch.device(device).type == "cpu"
+    if on_cpu:
+        measured = _reset_peak_rss()
+        base = _peak_rss_mib()
+    else:
+        getattr(torch, torch.device(device).type).reset_peak_memory_stats()
+        base = getattr(torch, torch.device(device).type).memory_allocated() / 2**20
+        measured = True
+    result, seconds = _timed(lambda: evaluate_feature_ranks(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
+                                                            chunk_bytes=chunk_bytes), device)
+    peak = _peak_rss_mib() if on_cpu else getattr(torch, torch.device(device).type).max_memory_allocated() / 2**20
+    rows = _chunk_rows(num_gallery, chunk_bytes)
+    return {"device": str(device), "num_query": num_query, "num_gallery": num_gallery, "seconds": seconds,
+            "peak_extra_mib": (peak - base) if measured else float("nan"),
+            "bound_mib": rows * num_gallery * BYTES_PER_ITEM / 2**20, "queries_per_chunk": rows,
+            "mAP": result["mAP"], "R1": float(result["cmc"][0])}
+
+
+def run_benchmark(device="cpu", large=True):
+    """Print the Market-sized comparison with np.argsort and the 1,000,000-item gallery run."""
+    print(f"Market-1501-sized problem: 3,368 queries x 15,913 gallery, 751 ids, 6 cameras, device {device}")
+    res = benchmark_metrics(device=device)
+    print(f"  np.argsort(distmat, axis=1):        {res['argsort_s']:7.3f} s (one thread)")
+    print(f"  evaluate_rank ({res['threads']} threads):          {res['evaluate_s']:7.3f} s  "
+          f"ratio {res['ratio']:.3f}  (mAP {100 * res['mAP']:.1f}%, R1 {100 * res['R1']:.1f}%)")
+    if "evaluate_1thread_s" in res:
+        print(f"  evaluate_rank (1 thread):           {res['evaluate_1thread_s']:7.3f} s  "
+              f"ratio {res['ratio_1thread']:.3f}")
+    else:
+        print(f"  torch.argsort on {device}:             {res['device_argsort_s']:7.3f} s")
+    if large:
+        big = benchmark_large_gallery(device=device)
+        print(f"1,000,000-item gallery, {big['num_query']} queries, distances streamed "
+              f"({big['queries_per_chunk']} queries per chunk): {big['seconds']:.2f} s, "
+              f"peak memory above the inputs {big['peak_extra_mib']:.0f} MiB (bound {big['bound_mib']:.0f} MiB)")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+def evaluate_checkpoint(argv):
+    """Evaluate a checkpoint per image and per centroid on the first of --DATASETS.NAMES; print the table."""
+    import train
+    import utils
+    from data import build_datasets, build_test_loader
+    from model import model_from_checkpoint
+    args = train.parse_args(argv, train.get_args_parser())
+    flag = lambda name: getattr(args, name)  # noqa: E731  (dotted flag names are not identifiers)
+    if not flag("MODEL.PRETRAIN_PATH"):
+        raise EvaluationError("--MODEL.PRETRAIN_PATH is required: the checkpoint to evaluate (ours or an original .ckpt)")
+    device = torch.device(utils.pick_device_type(flag("MODEL.DEVICE")))
+    data = build_datasets(flag("DATASETS.NAMES"), flag("DATASETS.ROOT_DIR"))
+    model = model_from_checkpoint(flag("MODEL.PRETRAIN_PATH")).to(device)
+    amp_dtype, _ = utils.amp_settings(device.type, flag("USE_MIXED_PRECISION") and device.type != "cpu",
+                                      flag("SOLVER.AMP_DTYPE"))
+    loaders = [build_test_loader(data[split], flag("INPUT.SIZE_TEST"), flag("TEST.IMS_PER_BATCH"),
+                                 flag("DATALOADER.NUM_WORKERS")) for split in ("query", "gallery")]
+    results = evaluate_model(model, *loaders, device, flip=flag("TEST.FLIP_FEATS"), feat_norm=flag("TEST.FEAT_NORM"),
+                             keep_camid_centroids=flag("MODEL.KEEP_CAMID_CENTROIDS") and data["has_cameras"],
+                             amp_dtype=amp_dtype, max_rank=flag("TEST.MAX_RANK"),
+                             camera_agnostic=flag("TEST.CAMERA_AGNOSTIC"))
+    if not flag("MODEL.USE_CENTROIDS"):
+        results.pop("centroid")
+    print(f"{data['name']}: {len(data['query'])} queries, {len(data['gallery'])} gallery images, "
+          f"checkpoint {flag('MODEL.PRETRAIN_PATH')}")
+    print(format_results(results))
+    return results
+
+
+def main(argv=None):
+    """`--benchmark [--device D] [--no-large]` runs the benchmark; anything else evaluates a checkpoint."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--benchmark" in argv:
+        parser = argparse.ArgumentParser(description="Time evaluate_rank against np.argsort.")
+        parser.add_argument("--benchmark", action="store_true")
+        parser.add_argument("--device", default="cpu", help="cpu | cuda | npu (default: cpu)")
+        parser.add_argument("--no-large", action="store_true", help="skip the 1,000,000-item gallery run")
+        opts = parser.parse_args(argv)
+        return run_benchmark(opts.device, large=not opts.no_large)
+    from data import DataError
+    from model import WeightError
+    try:
+        return evaluate_checkpoint(argv)
+    except (EvaluationError, DataError, WeightError) as err:  # user errors: the message, no traceback
+        raise SystemExit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
