@@ -147,3 +147,156 @@ def test_same_results_on_cuda():
     problem = random_problem(np.random.default_rng(3))
     cuda = [torch.as_tensor(x).cuda() for x in problem]
     assert_same(ev.evaluate_rank(*cuda), reference_rank(*problem))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Centroids
+
+def unit(*rows):
+    """Rows as a float32 tensor of unit vectors."""
+    x = torch.tensor(rows, dtype=torch.float32)
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def two_camera_gallery():
+    """q0 (pid 1, cam 0) equals its own-camera gallery image; q1 (pid 2, cam 1) is ordinary."""
+    q_feats = unit([1, 0, 0], [0.6, 0.8, 0])
+    g_feats = unit([0, 0, 1],      # pid 1, cam 1: far from q0
+                   [1, 0, 0],      # pid 1, cam 0: identical to q0, must not enter q0's centroid
+                   [0.6, 0.8, 0],  # pid 2, cam 1
+                   [0, 1, 0])      # pid 2, cam 0
+    return q_feats, np.array([1, 2]), np.array([0, 1]), g_feats, np.array([1, 1, 2, 2]), np.array([1, 0, 1, 0])
+
+
+def test_centroids_exclude_the_query_camera_at_the_right_offsets():
+    q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = two_camera_gallery()
+    res = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, max_rank=2)
+    # q0 (camera 0) sees pid 1's centroid from camera 1 only, [0, 0, 1] (distance 2), behind pid 2's,
+    # [0.6, 0.8, 0] (distance 0.8): its match ranks 2nd. q1 sees pid 2's [0, 1, 0] first.
+    assert res["mAP"] == pytest.approx((1 / 2 + 1) / 2)
+    np.testing.assert_allclose(res["cmc"], [0.5, 1.0])
+    # The original's bug: gallery camids read from [query camids, gallery camids] without the query
+    # offset. Here that puts q0's identical image into its centroid and changes the answer.
+    wrong_camids = np.concatenate([q_camids, g_camids])[:len(g_camids)]
+    wrong = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, wrong_camids, max_rank=2)
+    assert wrong["mAP"] == pytest.approx(1.0)
+    # Without cameras (fashion sets): one centroid per identity from all its images.
+    flat = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=False)
+    assert flat["mAP"] == pytest.approx(1.0)
+
+
+def test_distractors_and_unasked_identities_stay_in_the_centroid_gallery():
+    q_feats = unit([1, 0, 0])
+    g_feats = unit([0.5, 0.866, 0],   # pid 1 (the query's), cam 1: distance 1.0
+                   [0.9, 0.436, 0],   # distractor: distance ~0.2
+                   [0.9, -0.436, 0],  # distractor: ~0.2 (averaged with the first it would be [1, 0, 0])
+                   [0.8, 0, 0.6])     # pid 9, which no query asks for: distance 0.4
+    res = ev.evaluate_centroids(q_feats, np.array([1]), np.array([0]), g_feats, np.array([1, 0, 0, 9]),
+                                np.array([1, 0, 2, 1]), max_rank=4)
+    assert res["mAP"] == pytest.approx(1 / 4)  # both distractors and pid 9 rank before the match
+    np.testing.assert_allclose(res["cmc"], [0, 0, 0, 1])
+
+
+def reference_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=True):
+    """Per-query loop: build that query's centroid gallery explicitly, then the slow ranking reference."""
+    q, g = q_feats.double().numpy(), g_feats.double().numpy()
+    aps, firsts, skipped = [], [], 0
+    for i in range(len(q)):
+        feats, pids = list(g[g_pids == 0]), [0] * int((g_pids == 0).sum())
+        for pid in sorted(set(g_pids.tolist()) - {0}):
+            use = (g_pids == pid) & ((g_camids != q_camids[i]) if keep_camid_centroids else True)
+            if use.any():
+                c = g[use].mean(0)
+                feats.append(c / np.linalg.norm(c))
+                pids.append(pid)
+        dist = ((np.array(feats) - q[i]) ** 2).sum(1)
+        hits = np.array(pids)[np.argsort(dist, kind="stable")] == q_pids[i]
+        if not hits.any():
+            skipped += 1
+            continue
+        ranks = np.flatnonzero(hits) + 1
+        aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
+        firsts.append(ranks[0])
+    return np.mean(aps), np.mean(np.array(firsts) == 1), skipped
+
+
+@pytest.mark.parametrize("keep_camid_centroids", [True, False])
+def test_centroids_agree_with_a_per_query_reference(keep_camid_centroids):
+    gen = torch.Generator().manual_seed(0)
+    g_pids = torch.randint(0, 15, (200,), generator=gen).numpy()      # 0 = distractors
+    g_camids = torch.randint(0, 4, (200,), generator=gen).numpy()
+    q_pids = torch.randint(1, 18, (60,), generator=gen).numpy()       # 15..17: not in the gallery
+    q_camids = torch.randint(0, 4, (60,), generator=gen).numpy()
+    centres = torch.randn(18, 16, generator=gen)
+    g_feats = ev._normalize(centres[g_pids] + 1.5 * torch.randn(200, 16, generator=gen))
+    q_feats = ev._normalize(centres[q_pids] + 1.5 * torch.randn(60, 16, generator=gen))
+    res = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
+                                keep_camid_centroids=keep_camid_centroids, chunk_bytes=1)
+    m_ap, r1, skipped = reference_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
+                                            keep_camid_centroids)
+    assert 0.2 < m_ap < 0.95 and skipped > 0  # neither trivial nor hopeless
+    assert res["mAP"] == pytest.approx(m_ap, abs=1e-6)
+    assert res["cmc"][0] == pytest.approx(r1, abs=1e-9)
+    assert res["num_skipped_queries"] == skipped
+
+
+# ---------------------------------------------------------------------------------------------------
+# Features, model evaluation, the table, the benchmark
+
+def tiny_loader(num=12, batch_size=5):
+    """Images whose content depends on the pid, with pids and camids, in a fixed order."""
+    gen = torch.Generator().manual_seed(1)
+    pids = torch.arange(num) % 4 + 1
+    imgs = pids[:, None, None, None].float() + 0.3 * torch.randn(num, 3, 8, 4, generator=gen)
+    camids = torch.arange(num) % 3
+    dataset = torch.utils.data.TensorDataset(imgs, pids, camids)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size), imgs, pids, camids
+
+
+def tiny_model():
+    """A model that behaves differently in train mode (dropout), as a real one (BN) does."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(96, 6), torch.nn.Dropout(0.5))
+
+
+def test_extract_features_flip_norm_and_order():
+    loader, imgs, pids, camids = tiny_loader()
+    model = tiny_model().train()
+    feats, out_pids, out_camids = ev.extract_features(model, loader, torch.device("cpu"), flip=True, feat_norm=True)
+    assert not model.training and feats.dtype == torch.float32 and feats.shape == (12, 6)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize((model(imgs) + model(imgs.flip(-1))) / 2, dim=1)
+    torch.testing.assert_close(feats, expected)
+    np.testing.assert_array_equal(out_pids, pids.numpy())
+    np.testing.assert_array_equal(out_camids, camids.numpy())
+    raw, _, _ = ev.extract_features(model, loader, torch.device("cpu"), flip=False, feat_norm=False)
+    torch.testing.assert_close(raw, model(imgs).detach())
+
+
+def test_evaluate_model_returns_both_results_and_a_table():
+    loader, _, _, _ = tiny_loader()
+    results = ev.evaluate_model(tiny_model(), loader, loader, torch.device("cpu"))
+    assert set(results) == {"image", "centroid"}
+    for res in results.values():
+        assert 0 < res["mAP"] <= 1 and res["num_valid_queries"] == 12
+    table = ev.format_results(results)
+    lines = table.splitlines()
+    assert "mAP %" in lines[0] and "mINP %" in lines[0]
+    assert lines[1].startswith("per image") and lines[2].startswith("centroid")
+    assert f"{100 * results['centroid']['mAP']:.2f}" in lines[2]
+
+
+def test_large_gallery_memory_stays_bounded():
+    res = ev.benchmark_large_gallery(num_query=20, num_gallery=200_000, num_ids=20_000, dim=16,
+                                     chunk_bytes=16 * 2**20)
+    assert res["queries_per_chunk"] == 2 and res["num_query"] == 20
+    if res["peak_extra_mib"] == res["peak_extra_mib"]:  # measured (Linux)
+        assert res["peak_extra_mib"] < 1.5 * res["bound_mib"] + 32, res
+
+
+def test_benchmark_prints_the_ratio_to_argsort(capsys):
+    ev.main(["--benchmark", "--no-large"])
+    out = capsys.readouterr().out
+    assert "np.argsort" in out and "ratio" in out
+    with capsys.disabled():
+        print("\n" + out)
