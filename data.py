@@ -1,0 +1,794 @@
+"""Data: data-set readers, the PK identity sampler, transforms, loaders and a synthetic data set.
+
+    python data.py synthesize data/synthetic                  # write the synthetic data set
+    python data.py check data --dataset dukemtmcreid          # counts per split, decode every image
+    python data.py baseline data/synthetic                    # raw-pixel nearest-neighbour mAP
+    python data.py throughput data --dataset synthetic --workers 0 2
+
+Every reader returns train / query / gallery lists of (path, pid, camid). Train pids are relabelled
+0..N-1 in sorted order; query/gallery pids are >= 1 except distractors, which carry pid 0 (the
+evaluator's convention); camids are 0-based.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+MARKET_SPLITS = (('train', 'bounding_box_train'), ('query', 'query'), ('gallery', 'bounding_box_test'))
+MSMT_LISTS = (('train', 'list_train.txt'), ('train', 'list_val.txt'),
+              ('query', 'list_query.txt'), ('gallery', 'list_gallery.txt'))
+
+
+class DataError(Exception):
+    """Bad input data: the message names the path and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Data-set folders
+
+
+def _listing(folder, limit=8):
+    """A short 'a/, b.txt, ...' listing of a folder for error messages."""
+    names = sorted(os.listdir(folder))
+    shown = [n + '/' if os.path.isdir(os.path.join(folder, n)) else n for n in names[:limit]]
+    more = f', ... ({len(names)} entries)' if len(names) > limit else ''
+    return (', '.join(shown) + more) if names else 'nothing (empty folder)'
+
+
+def _require(path, what, kind='dir'):
+    """Raise DataError unless `path` exists; say what the parent folder holds instead."""
+    ok = os.path.isdir(path) if kind == 'dir' else os.path.isfile(path)
+    if not ok:
+        parent = os.path.dirname(path) or '.'
+        raise DataError(f'{what}: expected {path}{"/" if kind == "dir" else ""} but it is missing; '
+                        f'{parent} holds: {_listing(parent)}')
+    return path
+
+
+def find_dataset_folder(name, root):
+    """The data set folder of `name`: ROOT itself if it holds the layout, else ROOT/<known folder>."""
+    spec = DATASETS[name]
+    if not os.path.isdir(root):
+        raise DataError(f'data root {root} does not exist (--DATASETS.ROOT_DIR: the folder holding '
+                        f'{spec["folders"][0]}/ or that folder itself)')
+    if name == 'folder' or any(os.path.exists(os.path.join(root, p)) for p in spec['parts']):
+        return root
+    by_lower = {n.lower(): n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n))}
+    for folder in spec['folders']:
+        if folder.lower() in by_lower:
+            return os.path.join(root, by_lower[folder.lower()])
+    expected = ' or '.join(f'{root}/{f}/' for f in spec['folders'])
+    raise DataError(f'no {name} data set in {root}: expected {expected} holding '
+                    f'{", ".join(spec["parts"])}, or {root} itself holding them; '
+                    f'{root} holds: {_listing(root)}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers. Each returns {'train', 'query', 'gallery'} with data-set pids, and has_cameras.
+
+
+def _market_split(folder, sub, pattern, example):
+    """(path, pid, camid) of every image in folder/sub named by `pattern`; junk (pid -1) dropped."""
+    directory = _require(os.path.join(folder, sub), f'{sub}/ of {folder}')
+    files = sorted(f for f in os.listdir(directory) if f.lower().endswith('.jpg'))
+    if not files:
+        raise DataError(f'{directory} holds no .jpg images (holds: {_listing(directory)})')
+    items = []
+    for file in files:
+        match = pattern.fullmatch(file)
+        if match is None:
+            raise DataError(f'{os.path.join(directory, file)}: the file name does not match '
+                            f'{pattern.pattern} (a name that would: {example})')
+        pid, cam = int(match.group(1)), int(match.group(2))
+        if cam < 1:
+            raise DataError(f'{os.path.join(directory, file)}: cameras are numbered from c1')
+        if pid != -1:
+            items.append((os.path.join(directory, file), pid, cam - 1))
+    return items
+
+
+def read_market_style(folder, pattern, example):
+    """Market-1501 / DukeMTMC-reID layout: bounding_box_train/, query/, bounding_box_test/.
+
+    The file name gives the pid and the 1-based camera (`pattern` groups 1 and 2), e.g. Market
+    `0002_c1s1_000451_03.jpg`, Duke `0005_c2_f0046985.jpg`. pid -1 (junk) is dropped everywhere,
+    pid 0 (distractor) is kept in the gallery only."""
+    splits = {split: _market_split(folder, sub, pattern, example) for split, sub in MARKET_SPLITS}
+    splits['train'] = [item for item in splits['train'] if item[1] != 0]
+    splits['query'] = [item for item in splits['query'] if item[1] != 0]
+    return splits, True
+
+
+def _msmt_camera(path):
+    """1-based camera of an MSMT17 file name -> 0-based: `_c03_` if present, else the third
+    underscore field (the official `0000_000_01_0303morning_0015_0.jpg`: camera 01)."""
+    name = os.path.basename(path)
+    match = re.search(r'_c(\d+)', name)
+    fields = name.split('_')
+    if match is None and (len(fields) < 3 or not fields[2].isdigit()):
+        raise DataError(f'{path}: no camera in the file name (expected e.g. '
+                        f'0000_000_01_0303morning_0015_0.jpg, camera 01)')
+    return int(match.group(1) if match else fields[2]) - 1
+
+
+def read_msmt17(folder):
+    """MSMT17 list files `relative/path pid`: train = list_train.txt + list_val.txt (same pid
+    space, as the community trains), query/gallery = list_query.txt / list_gallery.txt. Paths are
+    relative to train/ and test/ (V1), mask_train_v2/ and mask_test_v2/ (V2) or the folder itself.
+    The camera comes from the file name (1-based -> 0-based, see _msmt_camera). Test pids start at
+    0 in the lists and are shifted by +1 here, since pid 0 means "distractor" to the evaluator."""
+    splits = {'train': [], 'query': [], 'gallery': []}
+    for split, list_name in MSMT_LISTS:
+        list_path = _require(os.path.join(folder, list_name), 'MSMT17 list file', kind='file')
+        with open(list_path) as f:
+            rows = [line.split() for line in f if line.strip()]
+        if not rows:
+            raise DataError(f'{list_path} is empty (expected lines of "relative/path pid")')
+        bad = next((i for i, r in enumerate(rows) if len(r) != 2 or not r[1].lstrip('-').isdigit()), None)
+        if bad is not None:
+            raise DataError(f'{list_path} line {bad + 1}: expected "relative/path pid", '
+                            f'got {" ".join(rows[bad])!r}')
+        subs = ('train', 'mask_train_v2', '') if split == 'train' else ('test', 'mask_test_v2', '')
+        base = next((os.path.join(folder, s) for s in subs
+                     if os.path.isfile(os.path.join(folder, s, rows[0][0]))), None)
+        if base is None:
+            raise DataError(f'{list_path} line 1: image {rows[0][0]} not found under '
+                            f'{", ".join(os.path.join(folder, s) for s in subs)}')
+        shift = 0 if split == 'train' else 1
+        splits[split] += [(os.path.join(base, p), int(pid) + shift, _msmt_camera(p)) for p, pid in rows]
+    return splits, True
+
+
+def _coco_json_paths(folder):
+    """train/query/gallery JSON files: `train*.json` in the folder (`train.json` preferred), query
+    and gallery named like it with 'train' replaced (the original's rule: train_128_256.json ->
+    query_128_256.json, gallery_128_256.json)."""
+    candidates = sorted(f for f in os.listdir(folder) if f.startswith('train') and f.endswith('.json'))
+    if not candidates:
+        raise DataError(f'{folder} holds no train*.json annotation file (expected train.json, '
+                        f'query.json, gallery.json; holds: {_listing(folder)})')
+    if len(candidates) > 1 and 'train.json' not in candidates:
+        raise DataError(f'{folder} holds several train*.json files ({", ".join(candidates)}): keep one')
+    train = 'train.json' if 'train.json' in candidates else candidates[0]
+    return {split: _require(os.path.join(folder, train.replace('train', split, 1)),
+                            f'{split} annotations', kind='file') for split in ('train', 'query', 'gallery')}
+
+
+def _read_coco_split(json_path, image_dir):
+    """(path, pair_id) per annotation of a COCO-style file (`images`: id, file_name;
+    `annotations`: image_id, pair_id, source)."""
+    try:
+        with open(json_path) as f:
+            coco = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f'{json_path}: not a readable JSON file ({e})') from None
+    if not isinstance(coco, dict) or 'images' not in coco or 'annotations' not in coco:
+        raise DataError(f'{json_path}: expected a COCO-style object with "images" and "annotations"')
+    try:
+        file_names = {image['id']: image['file_name'] for image in coco['images']}
+    except (KeyError, TypeError):
+        raise DataError(f'{json_path}: every entry of "images" needs "id" and "file_name"') from None
+    items = []
+    for i, ann in enumerate(coco['annotations']):
+        if 'pair_id' not in ann:
+            raise DataError(f'{json_path}: annotation {i} has no "pair_id" (keys: {", ".join(ann)}); '
+                            f'each annotation needs image_id, pair_id and source (user/shop)')
+        if ann.get('image_id') not in file_names:
+            raise DataError(f'{json_path}: annotation {i} refers to image_id {ann.get("image_id")!r}, '
+                            f'which is not in "images"')
+        if not isinstance(ann['pair_id'], int) or ann['pair_id'] < 0:
+            raise DataError(f'{json_path}: annotation {i} has pair_id {ann["pair_id"]!r}, expected an int >= 0')
+        items.append((os.path.join(image_dir, file_names[ann['image_id']]), ann['pair_id']))
+    return items
+
+
+def read_coco(folder):
+    """Fashion retrieval (DeepFashion consumer-to-shop `df1`, `street2shop`), the original's layout:
+    train/, query/, gallery/ image folders and train.json, query.json, gallery.json beside them.
+    No cameras: query cam 0, gallery cam 1 (train cam 0). Train pair_ids with fewer than 2 images
+    are dropped; query/gallery pids are pair_id + 1, since pid 0 means "distractor"."""
+    jsons = _coco_json_paths(folder)
+    splits = {}
+    for split, camid in (('train', 0), ('query', 0), ('gallery', 1)):
+        image_dir = _require(os.path.join(folder, split), f'{split} images')
+        pairs = _read_coco_split(jsons[split], image_dir)
+        shift = 0 if split == 'train' else 1
+        splits[split] = [(path, pair_id + shift, camid) for path, pair_id in pairs]
+    pair_ids, counts = np.unique([pid for _, pid, _ in splits['train']], return_counts=True)
+    keep = set(pair_ids[counts >= 2].tolist())
+    splits['train'] = [item for item in splits['train'] if item[1] in keep]
+    return splits, False
+
+
+def read_folder(folder):
+    """Users' own data: ROOT/{train,query,gallery}/<identity>/<image>. The camera is `_c<N>` in the
+    file name when every file has one (distinct N mapped in sorted order to 0..C-1), else the data is
+    camera-agnostic (query cam 0, gallery cam 1). Query/gallery identities get pids 1..M by sorted name."""
+    named = {}
+    for split in ('train', 'query', 'gallery'):
+        directory = _require(os.path.join(folder, split), f'{split} identities')
+        named[split] = []
+        for entry in sorted(os.listdir(directory)):
+            identity_dir = os.path.join(directory, entry)
+            if not os.path.isdir(identity_dir):
+                if entry.lower().endswith(IMAGE_EXTENSIONS):
+                    raise DataError(f'{identity_dir}: images go into {directory}/<identity>/, one '
+                                    f'folder per identity (e.g. {directory}/0001/{entry})')
+                continue
+            named[split] += [(os.path.join(identity_dir, f), entry) for f in sorted(os.listdir(identity_dir))
+                             if f.lower().endswith(IMAGE_EXTENSIONS)]
+    all_files = [path for items in named.values() for path, _ in items]
+    cams = [re.search(r'_c(\d+)', os.path.basename(p)) for p in all_files]
+    has_cameras = bool(all_files) and all(c is not None for c in cams)
+    if not has_cameras and any(c is not None for c in cams):
+        without = next(p for p, c in zip(all_files, cams) if c is None)
+        raise DataError(f'{without} has no _c<N> camera in its name while other files have one: '
+                        f'name every file with a camera (e.g. img_c1_0001.jpg) or none')
+    cam_of = {}
+    if has_cameras:
+        cam_ids = sorted({int(c.group(1)) for c in cams})
+        cam_of = {p: cam_ids.index(int(c.group(1))) for p, c in zip(all_files, cams)}
+    test_names = sorted({name for split in ('query', 'gallery') for _, name in named[split]})
+    test_pid = {name: i + 1 for i, name in enumerate(test_names)}
+    train_pid = {name: i for i, name in enumerate(sorted({name for _, name in named['train']}))}
+    splits = {}
+    for split, default_cam in (('train', 0), ('query', 0), ('gallery', 1)):
+        pid_of = train_pid if split == 'train' else test_pid
+        splits[split] = [(p, pid_of[name], cam_of.get(p, default_cam)) for p, name in named[split]]
+    return splits, has_cameras
+
+
+# canonical name -> reader, data set folder names tried under ROOT, layout parts, accepted spellings
+MARKET_PATTERN = re.compile(r'(-?\d+)_c(\d+)s\d+_\d+_\d+\.jpg')
+DUKE_PATTERN = re.compile(r'(-?\d+)_c(\d+)_f\d+\.jpg')
+_MARKET_PARTS = tuple(sub for _, sub in MARKET_SPLITS)
+_COCO_PARTS = ('train', 'query', 'gallery', 'train.json')
+DATASETS = {
+    'market1501': dict(read=lambda f: read_market_style(f, MARKET_PATTERN, '0002_c1s1_000451_03.jpg'),
+                       folders=('Market-1501-v15.09.15', 'market1501', 'Market-1501'), parts=_MARKET_PARTS,
+                       aliases=('market-1501-v15.09.15', 'market-1501', 'market')),
+    'dukemtmcreid': dict(read=lambda f: read_market_style(f, DUKE_PATTERN, '0005_c2_f0046985.jpg'),
+                         folders=('DukeMTMC-reID', 'dukemtmcreid'), parts=_MARKET_PARTS,
+                         aliases=('dukemtmc-reid', 'dukemtmc', 'duke')),
+    'msmt17': dict(read=read_msmt17, folders=('MSMT17', 'MSMT17_V1', 'MSMT17_V2'),
+                   parts=tuple(f for _, f in MSMT_LISTS), aliases=('msmt17_v1', 'msmt17_v2', 'msmt')),
+    'df1': dict(read=read_coco, folders=('df1', 'deepfashion', 'consumer_to_shop'), parts=_COCO_PARTS,
+                aliases=('deepfashion', 'deep_fashion')),
+    'street2shop': dict(read=read_coco, folders=('street2shop',), parts=_COCO_PARTS, aliases=()),
+    'folder': dict(read=read_folder, folders=('.',), parts=('train', 'query', 'gallery'), aliases=()),
+    'synthetic': dict(read=lambda f: read_market_style(f, MARKET_PATTERN, '0002_c1s1_000451_03.jpg'),
+                      folders=('synthetic',), parts=_MARKET_PARTS, aliases=()),
+}
+ALIASES = {alias: name for name, spec in DATASETS.items() for alias in (name,) + spec['aliases']}
+
+
+def canonical_name(name):
+    """The canonical data set name of a spelling (case-insensitive, e.g. DukeMTMC-reID -> dukemtmcreid)."""
+    key = name.strip().lower()
+    if key not in ALIASES:
+        raise DataError(f'unknown data set {name!r}: use one of {", ".join(DATASETS)}')
+    return ALIASES[key]
+
+
+def read_dataset(name, root):
+    """Read one data set: {'train', 'query', 'gallery', 'num_train_pids', 'has_cameras', 'name'}."""
+    name = canonical_name(name)
+    folder = find_dataset_folder(name, root)
+    splits, has_cameras = DATASETS[name]['read'](folder)
+    for split, items in splits.items():
+        if not items:
+            raise DataError(f'the {split} split of {name} in {folder} is empty (after dropping junk '
+                            f'pid -1{", distractors pid 0" if split != "gallery" else ""}'
+                            f'{" and pair_ids with one image" if DATASETS[name]["read"] is read_coco else ""})')
+    train_pids = sorted({pid for _, pid, _ in splits['train']})
+    relabel = {pid: label for label, pid in enumerate(train_pids)}
+    train = [(path, relabel[pid], camid) for path, pid, camid in splits['train']]
+    return dict(train=train, query=splits['query'], gallery=splits['gallery'],
+                num_train_pids=len(train_pids), has_cameras=has_cameras, name=name)
+
+
+def build_datasets(names, root):
+    """Train on the union of `names` (pids offset per set); query/gallery/has_cameras of the first."""
+    if isinstance(names, str):
+        names = [n for n in names.replace(',', ' ').split() if n]
+    if not names:
+        raise DataError('no data set name given (--DATASETS.NAMES)')
+    datasets = [read_dataset(name, root) for name in names]
+    train, offset = [], 0
+    for ds in datasets:
+        train += [(path, pid + offset, camid) for path, pid, camid in ds['train']]
+        offset += ds['num_train_pids']
+    first = datasets[0]
+    return dict(train=train, query=first['query'], gallery=first['gallery'], num_train_pids=offset,
+                has_cameras=first['has_cameras'], name='+'.join(ds['name'] for ds in datasets))
+
+
+def describe_dataset(dataset):
+    """A small table of images, identities and cameras per split."""
+    lines = [f'{dataset["name"]:<16} {"images":>8} {"ids":>6} {"cameras":>8}']
+    for split in ('train', 'query', 'gallery'):
+        items = dataset[split]
+        pids = {pid for _, pid, _ in items}
+        cams = len({camid for _, _, camid in items}) if dataset['has_cameras'] else '-'
+        distractors = sum(pid == 0 for _, pid, _ in items) if split != 'train' else 0
+        note = f'  (incl. {distractors} distractor images, pid 0)' if distractors else ''
+        lines.append(f'  {split:<14} {len(items):>8} {len(pids - {0} if split != "train" else pids):>6} '
+                     f'{cams:>8}{note}')
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images, transforms
+
+
+def load_image(path):
+    """Decode an image file to RGB PIL; DataError naming the path if it is missing or corrupt."""
+    try:
+        with Image.open(path) as image:
+            return image.convert('RGB')
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f'cannot read image {path}: {e} (python data.py check ROOT --dataset NAME '
+                        f'lists every bad file)') from None
+
+
+class ImageDataset(Dataset):
+    """(path, pid, camid) items -> (image tensor [3, H, W], pid, camid)."""
+
+    def __init__(self, items, transform):
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, pid, camid = self.items[index]
+        return self.transform(load_image(path)), pid, camid
+
+
+def build_train_transform(size=(256, 128), flip_prob=0.5, padding=10, re_prob=0.5):
+    """Resize, flip, pad + random crop, ImageNet normalisation, random erasing (filled with 0 = the mean)."""
+    return v2.Compose([
+        v2.ToImage(),  # uint8 tensor: the geometric ops below are cheaper on it than on PIL
+        v2.Resize(list(size), antialias=True),
+        v2.RandomHorizontalFlip(flip_prob),
+        v2.Pad(padding),
+        v2.RandomCrop(list(size)),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.RandomErasing(p=re_prob, scale=(0.02, 0.4), ratio=(0.3, 3.3), value=0),
+    ])
+
+
+def build_test_transform(size=(256, 128)):
+    """Resize + ImageNet normalisation."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(list(size), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+# ----------------------------------------------------------------------------------------------
+# The PK identity sampler
+
+
+def describe_batch(num_ids, num_instances, world_size=1):
+    """'P identities x K images = B images per device' (and the total over devices)."""
+    text = f'{num_ids} identities x {num_instances} images = {num_ids * num_instances} images per device'
+    if world_size > 1:
+        text += f' ({world_size} devices: {num_ids * num_instances * world_size} images per step)'
+    return text
+
+
+class PKSampler:
+    """Batch sampler: each batch is P distinct identities x K images, identity-major (K consecutive
+    indices per identity). An epoch is a pure function of (seed, epoch): each identity's images are
+    shuffled and cut into ceil(n/K) chunks of K (a short last chunk is topped up with the identity's
+    own images), and the chunks of all identities are laid out so that no batch holds an identity
+    twice. With world_size W every rank computes the same epoch and takes its own P columns of each
+    W*P-identity step, so ranks are disjoint at every step, run the same number of steps and together
+    cover the epoch once (fewer than W*P chunks are dropped per epoch)."""
+
+    def __init__(self, pids, num_ids, num_instances=4, seed=0, rank=0, world_size=1):
+        if num_instances < 2:
+            raise DataError(f'DATALOADER.NUM_INSTANCE (K) = {num_instances}: need K >= 2 images per identity')
+        if num_ids < 1 or not 0 <= rank < world_size:
+            raise DataError(f'bad sampler settings: P = {num_ids}, rank {rank} of world size {world_size}')
+        self.num_ids, self.num_instances = num_ids, num_instances
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.pids = torch.as_tensor(list(pids), dtype=torch.long)
+        _, self.identity, self.counts = torch.unique(self.pids, return_inverse=True, return_counts=True)
+        self.chunks, self.steps = self._plan()
+
+    def _plan(self):
+        """Chunks per identity and steps per epoch; an identity never gets more chunks than steps."""
+        per_step = self.num_ids * self.world_size
+        if len(self.counts) < per_step:
+            possible = len(self.counts) // self.world_size
+            raise DataError(
+                f'{describe_batch(self.num_ids, self.num_instances, self.world_size)} needs '
+                f'{per_step} identities per step, but the training set has {len(self.counts)} identities '
+                f'({len(self.pids)} images): use --SOLVER.IMS_PER_BATCH <= {possible}'
+                f'{f" with {self.world_size} devices" if self.world_size > 1 else ""}')
+        chunks = (self.counts + self.num_instances - 1) // self.num_instances  # [I]
+        steps = int(chunks.sum()) // per_step
+        while int(chunks.max()) > steps:  # a very large identity: cap it (few rounds, not per identity)
+            chunks = chunks.clamp(max=steps)
+            steps = int(chunks.sum()) // per_step
+        return chunks, steps
+
+    def set_epoch(self, epoch):
+        """Select the epoch (call before iterating, as with DistributedSampler)."""
+        self.epoch = int(epoch)
+
+    def state_dict(self):
+        """What a resumed run needs to continue the same sequence of epochs."""
+        return {'seed': self.seed, 'epoch': self.epoch}
+
+    def load_state_dict(self, state):
+        """Restore seed and epoch from state_dict()."""
+        self.seed, self.epoch = int(state['seed']), int(state['epoch'])
+
+    def __len__(self):
+        return self.steps
+
+    def epoch_batches(self):
+        """This rank's batches of the current epoch: LongTensor [steps, P*K] of dataset indices."""
+        seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        g = torch.Generator().manual_seed(seed)
+        K, per_step, num_images = self.num_instances, self.num_ids * self.world_size, len(self.pids)
+        # dataset indices grouped by identity, in random order within each identity
+        order = torch.randperm(num_images, generator=g)
+        order = order[torch.argsort(self.identity[order], stable=True)]  # [N]
+        starts = torch.cumsum(self.counts, 0) - self.counts  # [I]
+        # chunks of identities in random identity order, chunk j taking positions j*K .. j*K+K-1
+        identity_order = torch.randperm(len(self.counts), generator=g)  # [I]
+        chunks_per_id = self.chunks[identity_order]
+        ids = identity_order.repeat_interleave(chunks_per_id)  # [T_all]
+        first_chunk = (torch.cumsum(chunks_per_id, 0) - chunks_per_id).repeat_interleave(chunks_per_id)
+        chunk_index = torch.arange(len(ids)) - first_chunk  # j: the chunk's rank within its identity
+        # drop the last (< W*P) chunks so that every rank gets the same number of full steps
+        ids, chunk_index = ids[: self.steps * per_step], chunk_index[: self.steps * per_step]  # [T]
+        positions = chunk_index[:, None] * K + torch.arange(K)  # [T, K]
+        positions = positions % self.counts[ids][:, None]  # top-up wraps to the identity's other images
+        chunks = order[starts[ids][:, None] + positions]  # [T, K]
+        # column-major layout: an identity's consecutive chunks (<= steps of them) land in distinct steps
+        batches = chunks.view(per_step, self.steps, K).transpose(0, 1)  # [steps, W*P, K]
+        batches = batches[torch.randperm(self.steps, generator=g)]
+        mine = batches[:, self.rank * self.num_ids:(self.rank + 1) * self.num_ids]  # [steps, P, K]
+        return mine.reshape(self.steps, self.num_ids * K)
+
+    def __iter__(self):
+        yield from self.epoch_batches().tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders
+
+
+def _pin_memory():
+    """Pin host memory only when an accelerator will read it (pinning on a CPU-only run warns)."""
+    accelerator = getattr(torch, 'accelerator', None)
+    return bool(accelerator.is_available()) if accelerator else torch.cuda.is_available()
+
+
+def build_train_loader(items, num_ids, num_instances, size, num_workers, seed=0, rank=0, world_size=1,
+                       flip_prob=0.5, padding=10, re_prob=0.5):
+    """PK-sampled training loader -> (loader, sampler); call sampler.set_epoch(e) each epoch."""
+    dataset = ImageDataset(items, build_train_transform(size, flip_prob, padding, re_prob))
+    sampler = PKSampler([pid for _, pid, _ in items], num_ids, num_instances, seed, rank, world_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=_pin_memory(),
+                        persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed * 1000 + rank))  # worker seeds
+    return loader, sampler
+
+
+def build_test_loader(items, size, batch_size, num_workers):
+    """Loader in the items' order (no shuffle) with the test transform."""
+    dataset = ImageDataset(items, build_test_transform(size))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=_pin_memory(), persistent_workers=num_workers > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic data set: drawn people seen through cameras that differ in colour cast, background,
+# blur and viewpoint, with pose jitter and occlusion, written in the Market-1501 layout.
+
+CLOTHES = np.array([[0.85, 0.12, 0.12], [0.12, 0.35, 0.80], [0.15, 0.60, 0.20], [0.92, 0.85, 0.20],
+                    [0.92, 0.92, 0.90], [0.10, 0.10, 0.12], [0.55, 0.55, 0.58], [0.90, 0.50, 0.10],
+                    [0.50, 0.20, 0.60], [0.45, 0.30, 0.15], [0.10, 0.65, 0.70], [0.95, 0.60, 0.70]])
+SKIN = np.array([[0.96, 0.80, 0.69], [0.87, 0.67, 0.52], [0.68, 0.47, 0.33], [0.40, 0.27, 0.18]])
+HAIR = np.array([[0.08, 0.06, 0.05], [0.30, 0.18, 0.08], [0.75, 0.60, 0.30], [0.55, 0.55, 0.55]])
+VIEWS = ('front', 'back', 'side')
+BACKGROUND_JITTER = 0.15
+BODY_WIDTH = 1.5
+BG_CONTRAST = (0.3, 1.0)
+
+
+def _colour(rng, palette=CLOTHES):
+    """A palette colour with a little jitter: identities share colours, as real clothes do."""
+    return np.clip(palette[rng.integers(len(palette))] + rng.normal(0, 0.05, 3), 0, 1)
+
+
+def draw_identity(rng):
+    """The appearance of one synthetic person."""
+    return dict(skin=_colour(rng, SKIN), hair=_colour(rng, HAIR), long_hair=rng.random() < 0.3,
+                top=_colour(rng), top2=_colour(rng), pattern=int(rng.integers(4)),
+                long_sleeves=rng.random() < 0.5, bottom=_colour(rng), shorts=rng.random() < 0.25,
+                shoes=_colour(rng), bag=rng.random() < 0.4, bag_colour=_colour(rng),
+                height=rng.uniform(0.78, 0.92), width=rng.uniform(0.85, 1.15))
+
+
+def draw_camera(rng):
+    """A camera: colour cast, gamma, background texture, blur, squeeze/shear and preferred views."""
+    return dict(gain=rng.uniform(0.8, 1.2, 3), gamma=rng.uniform(0.85, 1.2), bg1=rng.uniform(0.15, 0.85, 3),
+                bg2=rng.uniform(0.15, 0.85, 3), floor=rng.uniform(0.2, 0.7, 3), texture=int(rng.integers(3)),
+                freq=rng.uniform(2, 7), floor_y=rng.uniform(0.72, 0.9), blur=rng.uniform(0.0, 1.3),
+                squeeze=rng.uniform(0.8, 1.0), shear=rng.uniform(-0.12, 0.12),
+                views=rng.dirichlet(np.full(3, 0.6)))
+
+
+def _background(rng, camera, yy, xx):
+    """The camera's scene, seen from a slightly different place each time: a textured wall, a
+    floor and a clutter patch, in the camera's colours with per-image variation. [h, w, 3]"""
+    phase, freq = rng.uniform(0, 2 * np.pi), camera['freq'] * rng.uniform(0.7, 1.4)
+    if camera['texture'] == 0:
+        wave = np.sin(2 * np.pi * freq * yy + phase)
+    elif camera['texture'] == 1:
+        wave = np.sin(4 * np.pi * freq * xx + phase)
+    else:
+        wave = np.sign(np.sin(2 * np.pi * freq * yy + phase) * np.sin(4 * np.pi * freq * xx))
+    mix = (wave[..., None] * rng.uniform(*BG_CONTRAST) + 1) / 2
+    bg1, bg2 = (np.clip(camera[k] + rng.normal(0, BACKGROUND_JITTER, 3), 0, 1) for k in ('bg1', 'bg2'))
+    image = mix * bg1 + (1 - mix) * bg2
+    cx, cy = rng.uniform(-0.3, 0.3), rng.uniform(0, 0.7)
+    clutter = (np.abs(xx - cx) < rng.uniform(0.05, 0.2)) & (np.abs(yy - cy) < rng.uniform(0.05, 0.3))
+    image = np.where(clutter[..., None], rng.uniform(0, 1, 3), image)
+    floor = yy[..., None] > camera['floor_y'] + rng.normal(0, 0.03)
+    return np.where(floor, camera['floor'] * (0.8 + 0.4 * yy[..., None]), image)
+
+
+def _person_masks(person, view, t, s, swing, spread):
+    """(mask, colour) layers of a person, back to front; t: 0 (top of head) .. 1 (feet), s: across."""
+    width = 0.65 if view == 'side' else 1.0
+    s = s / width
+    torso = (t > 0.15) & (t < 0.52) & (np.abs(s) < 0.10)
+    top = np.where(((person['pattern'] == 1) & (((t - 0.15) // 0.05) % 2 == 1))[..., None]
+                   | ((person['pattern'] == 2) & (s > 0))[..., None]
+                   | ((person['pattern'] == 3) & (view == 'front') & (t > 0.22) & (t < 0.32)
+                      & (np.abs(s) < 0.045))[..., None], person['top2'], person['top'])
+    arm_s = np.abs(np.abs(s) - 0.125 - swing * (t - 0.15)) if view != 'side' else np.abs(s - swing * (t - 0.15))
+    arms = (t > 0.16) & (t < 0.5) & (arm_s < 0.028)
+    leg_s = np.minimum(np.abs(s - 0.045 - spread * (t - 0.52)), np.abs(s + 0.045 + spread * (t - 0.52)))
+    legs = (t > 0.5) & (t < 0.95) & (leg_s < 0.04)
+    head = ((t - 0.075) / 0.07) ** 2 + (s / 0.055) ** 2 < 1
+    hair_long = (person['long_hair'] & (t > 0.01) & (t < 0.24) & (np.abs(s) < 0.065)
+                 & ((view != 'front') | (np.abs(s) > 0.04)))  # seen from the front: only beside the face
+    hair = (head & ((t < 0.045) | (view == 'back'))) | hair_long
+    layers = [
+        (legs, np.where(((t > 0.7) & person['shorts'])[..., None], person['skin'], person['bottom'])),
+        ((t >= 0.95) & (t < 1.0) & (leg_s < 0.05), person['shoes']),
+        (torso, top),
+        (arms, np.where(((t < 0.27) | ((t < 0.46) & person['long_sleeves']))[..., None], person['top'],
+                        person['skin'])),
+        ((t > 0.13) & (t < 0.16) & (np.abs(s) < 0.022), person['skin']),
+        (head, person['skin']),
+        (hair, person['hair']),
+    ]
+    if person['bag']:
+        bag = {'back': (t > 0.18) & (t < 0.45) & (np.abs(s) < 0.085),
+               'side': (t > 0.18) & (t < 0.45) & (s > -0.17) & (s < -0.09),
+               'front': (t > 0.15) & (t < 0.36) & (np.abs(np.abs(s) - 0.06) < 0.013)}[view]
+        layers.append((bag, person['bag_colour']))
+    return layers
+
+
+def render_image(rng, person, camera, size, fragment=False):
+    """One image of `person` through `camera` (None: background only): uint8 [h, w, 3]."""
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = (yy + 0.5) / h, (xx + 0.5 - w / 2) / h  # both in units of the image height
+    image = _background(rng, camera, yy, xx)
+    if person is not None:
+        height = person['height'] * rng.uniform(0.93, 1.05) * (rng.uniform(1.3, 2.2) if fragment else 1)
+        top = (1 - height) / 2 + rng.normal(0, 0.02) + (rng.uniform(-0.5, 0.3) if fragment else 0)
+        t = (yy - top) / height
+        flip = 1 if rng.random() < 0.5 else -1
+        s = flip * (xx - rng.normal(0, 0.03)) / (height * person['width'] * camera['squeeze'] * BODY_WIDTH)
+        s = s + camera['shear'] * (t - 0.5)
+        view = VIEWS[rng.choice(3, p=camera['views'])]
+        shade = 1 - 0.35 * np.clip(np.abs(s) / 0.13, 0, 1)[..., None] ** 2
+        for mask, colour in _person_masks(person, view, t, s, rng.normal(0, 0.15), rng.uniform(0, 0.15)):
+            image = np.where(mask[..., None], colour * shade, image)
+    if rng.random() < 0.3:  # an occluder entering from the bottom or a side
+        occluder = (yy > rng.uniform(0.6, 0.85)) if rng.random() < 0.5 else \
+            (np.abs(xx - rng.choice([-0.25, 0.25])) < rng.uniform(0.05, 0.15) * w / h * 2)
+        stripes = (np.sin(yy * rng.uniform(10, 40)) > 0)[..., None]
+        image = np.where(occluder[..., None], np.where(stripes, _colour(rng), _colour(rng)), image)
+    image = np.clip(image * rng.uniform(0.85, 1.15), 0, 1) ** camera['gamma'] * camera['gain']
+    image = image + rng.normal(0, 0.02, image.shape)
+    pil = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8))
+    return pil.filter(ImageFilter.GaussianBlur(camera['blur'] * h / 128)) if camera['blur'] > 0.2 else pil
+
+
+def _identity_images(rng, images_per_id, num_cameras):
+    """Cameras of one identity's images: >= 2 cameras, each seen at least once. [n]"""
+    n = int(rng.integers(max(2, images_per_id // 2), images_per_id * 3 // 2 + 1))
+    cams = rng.choice(num_cameras, size=int(rng.integers(2, num_cameras + 1)), replace=False)
+    return np.concatenate([cams, rng.choice(cams, size=max(0, n - len(cams)))])
+
+
+def _split_query(rng, cams):
+    """Query image positions of a test identity: one from each camera with >= 2 images (>= 1 query)."""
+    queries = [int(rng.choice(np.flatnonzero(cams == c))) for c in np.unique(cams) if (cams == c).sum() >= 2]
+    return queries or [0]
+
+
+def synthesize(out, ids=120, images_per_id=16, cameras=6, size=(128, 64), seed=0, junk=0.05,
+               distractors=0.1, quality=90, progress=True):
+    """Write a synthetic data set in the Market-1501 layout; returns the image count per folder.
+
+    Half of `ids` identities (pids 1..) train, the other half are query/gallery. Junk (pid -1,
+    `junk` x images in train and gallery) are fragments of unseen people; distractors (pid 0,
+    `distractors` x gallery images) are empty scenes or fragments."""
+    from tqdm import tqdm
+    if ids < 4 or images_per_id < 2 or cameras < 2:
+        raise DataError(f'synthesize needs --ids >= 4, --images-per-id >= 2, --cameras >= 2 '
+                        f'(got {ids}, {images_per_id}, {cameras})')
+    if os.path.isdir(out) and os.listdir(out):
+        raise DataError(f'{out} already holds files ({_listing(out)}): give a new folder or delete it')
+    cams = [draw_camera(np.random.default_rng([seed, 1, c])) for c in range(cameras)]
+    plan = []  # (folder, pid, camera, person, fragment)
+    num_train = ids // 2
+    for pid in range(1, ids + 1):
+        rng = np.random.default_rng([seed, 2, pid])
+        person, image_cams = draw_identity(rng), _identity_images(rng, images_per_id, cameras)
+        queries = set() if pid <= num_train else set(_split_query(rng, image_cams))
+        for i, c in enumerate(image_cams):
+            folder = 'bounding_box_train' if pid <= num_train else 'query' if i in queries else 'bounding_box_test'
+            plan.append((folder, pid, int(c), person, False))
+    rng = np.random.default_rng([seed, 3])
+    counts = {sub: sum(p[0] == sub for p in plan) for _, sub in MARKET_SPLITS}
+    for folder in ('bounding_box_train', 'bounding_box_test'):
+        plan += [(folder, -1, int(rng.integers(cameras)), draw_identity(rng), True)
+                 for _ in range(round(junk * counts[folder]))]
+    plan += [('bounding_box_test', 0, int(rng.integers(cameras)),  # empty scenes or fragments
+              draw_identity(rng) if rng.random() < 0.5 else None, True)
+             for _ in range(round(distractors * counts['bounding_box_test']))]
+    for _, sub in MARKET_SPLITS:
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    for frame, (folder, pid, c, person, fragment) in enumerate(tqdm(plan, 'synthesize', disable=not progress)):
+        image = render_image(np.random.default_rng([seed, 4, frame]), person, cams[c], size, fragment)
+        name = f'{pid:04d}_c{c + 1}s1_{frame:06d}_00.jpg' if pid >= 0 else f'-1_c{c + 1}s1_{frame:06d}_00.jpg'
+        image.save(os.path.join(out, folder, name), quality=quality)
+    return {sub: sum(p[0] == sub for p in plan) for _, sub in MARKET_SPLITS}
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw-pixel baseline, check, throughput and the command line
+
+
+def _mean_ap(distmat, q_pids, g_pids, q_camids, g_camids):
+    """mAP under the Market-1501 protocol (same pid + same camera removed; queries without a match
+    skipped). Only for the pixel baseline: evaluate.py holds the project's evaluator."""
+    order = np.argsort(distmat, axis=1, kind='stable')  # [Q, G]
+    keep = ~((g_pids[order] == q_pids[:, None]) & (g_camids[order] == q_camids[:, None]))
+    hits = (g_pids[order] == q_pids[:, None]) & keep
+    rank = np.cumsum(keep, axis=1)  # rank of each kept gallery item, 1-based
+    precision = np.cumsum(hits, axis=1) / np.maximum(rank, 1)
+    valid = hits.any(axis=1)
+    ap = (precision * hits).sum(axis=1)[valid] / hits.sum(axis=1)[valid]
+    return float(ap.mean())
+
+
+def pixel_baseline_map(root, name='synthetic', size=(32, 16)):
+    """mAP of nearest-neighbour retrieval on raw pixels (resized, L2-normalised, Euclidean)."""
+    ds = read_dataset(name, root)
+
+    def pixels(items):  # [N, h*w*3]
+        x = np.stack([np.asarray(load_image(p).resize(size[::-1], Image.BILINEAR), np.float32).ravel()
+                      for p, _, _ in items])
+        return torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
+
+    distmat = torch.cdist(pixels(ds['query']), pixels(ds['gallery'])).numpy()
+    info = [np.array([item[k] for item in ds[split]]) for split in ('query', 'gallery') for k in (1, 2)]
+    return _mean_ap(distmat, info[0], info[2], info[1], info[3])
+
+
+def check(root, name):
+    """Print each split's counts, decode every image and list the bad ones; returns their number."""
+    from tqdm import tqdm
+    ds = read_dataset(name, root)
+    print(describe_dataset(ds))
+    paths = sorted({path for split in ('train', 'query', 'gallery') for path, _, _ in ds[split]})
+    bad = []
+    for path in tqdm(paths, 'decode', unit='img'):
+        try:
+            load_image(path)
+        except DataError as e:
+            bad.append(str(e))
+    for message in bad:
+        print(message)
+    print(f'{len(paths)} images decoded, {len(bad)} bad')
+    return len(bad)
+
+
+def throughput(root, name, workers=(0, 2), size=(256, 128), num_ids=16, num_instances=4, batches=10):
+    """Decoded + augmented training images per second for each worker count: {workers: images/s}."""
+    train = read_dataset(name, root)['train']
+    results, threads = {}, torch.get_num_threads()
+    for num_workers in workers:
+        loader, _ = build_train_loader(train, num_ids, num_instances, size, num_workers)
+        torch.set_num_threads(1)  # as in a loader worker: the main process then measures one worker
+        iterator = iter(loader)
+        for _ in range(1 + 2 * num_workers):  # start-up and the prefetched batches are not throughput
+            next(iterator)
+        start, images = time.perf_counter(), 0
+        for _, (x, _, _) in zip(range(batches), iterator):
+            images += len(x)
+        results[num_workers] = images / (time.perf_counter() - start)
+        torch.set_num_threads(threads)
+        print(f'workers={num_workers}: {results[num_workers]:.0f} images/s '
+              f'({results[num_workers] / max(num_workers, 1):.0f} images/s per worker), '
+              f'{size[0]}x{size[1]}, {describe_batch(num_ids, num_instances)}')
+        del iterator, loader
+    return results
+
+
+def main(argv=None):
+    """The data CLI: synthesize, check, baseline, throughput."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest='command', required=True)
+    p = commands.add_parser('synthesize', help='write the synthetic data set (Market-1501 layout)')
+    p.add_argument('out')
+    p.add_argument('--ids', type=int, default=120, help='identities, half train, half query/gallery')
+    p.add_argument('--images-per-id', type=int, default=16, help='mean images per identity')
+    p.add_argument('--cameras', type=int, default=6)
+    p.add_argument('--size', type=int, nargs=2, default=[128, 64], metavar=('H', 'W'))
+    p.add_argument('--seed', type=int, default=0)
+    p = commands.add_parser('check', help='counts per split; decode every image and list bad ones')
+    p.add_argument('root')
+    p.add_argument('--dataset', required=True, help=f'one of {", ".join(DATASETS)}')
+    p = commands.add_parser('baseline', help='raw-pixel nearest-neighbour mAP')
+    p.add_argument('root')
+    p.add_argument('--dataset', default='synthetic')
+    p = commands.add_parser('throughput', help='decoded + augmented training images/s per worker')
+    p.add_argument('root')
+    p.add_argument('--dataset', default='synthetic')
+    p.add_argument('--workers', type=int, nargs='+', default=[0, 2])
+    p.add_argument('--size', type=int, nargs=2, default=[256, 128], metavar=('H', 'W'))
+    p.add_argument('--batches', type=int, default=10)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == 'synthesize':
+            start = time.perf_counter()
+            counts = synthesize(args.out, args.ids, args.images_per_id, args.cameras, tuple(args.size), args.seed)
+            print(f'{args.out}: ' + ', '.join(f'{sub}/ {n} images' for sub, n in counts.items())
+                  + f' ({time.perf_counter() - start:.1f} s)')
+        elif args.command == 'check':
+            return 1 if check(args.root, args.dataset) else 0
+        elif args.command == 'baseline':
+            print(f'raw-pixel nearest-neighbour mAP: {100 * pixel_baseline_map(args.root, args.dataset):.1f}%')
+        else:
+            throughput(args.root, args.dataset, args.workers, tuple(args.size), batches=args.batches)
+    except DataError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
