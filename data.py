@@ -681,19 +681,6 @@ def synthesize(out, ids=120, images_per_id=16, cameras=6, size=(128, 64), seed=0
 # Raw-pixel baseline, check, throughput and the command line
 
 
-def _mean_ap(distmat, q_pids, g_pids, q_camids, g_camids):
-    """mAP under the Market-1501 protocol (same pid + same camera removed; queries without a match
-    skipped). Only for the pixel baseline: evaluate.py holds the project's evaluator."""
-    order = np.argsort(distmat, axis=1, kind='stable')  # [Q, G]
-    keep = ~((g_pids[order] == q_pids[:, None]) & (g_camids[order] == q_camids[:, None]))
-    hits = (g_pids[order] == q_pids[:, None]) & keep
-    rank = np.cumsum(keep, axis=1)  # rank of each kept gallery item, 1-based
-    precision = np.cumsum(hits, axis=1) / np.maximum(rank, 1)
-    valid = hits.any(axis=1)
-    ap = (precision * hits).sum(axis=1)[valid] / hits.sum(axis=1)[valid]
-    return float(ap.mean())
-
-
 def pixel_baseline_map(root, name='synthetic', size=(32, 16)):
     """mAP of nearest-neighbour retrieval on raw pixels (resized, L2-normalised, Euclidean)."""
     ds = read_dataset(name, root)
@@ -703,9 +690,11 @@ def pixel_baseline_map(root, name='synthetic', size=(32, 16)):
                       for p, _, _ in items])
         return torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
 
-    distmat = torch.cdist(pixels(ds['query']), pixels(ds['gallery'])).numpy()
-    info = [np.array([item[k] for item in ds[split]]) for split in ('query', 'gallery') for k in (1, 2)]
-    return _mean_ap(distmat, info[0], info[2], info[1], info[3])
+    from evaluate import evaluate_rank  # the project's evaluator (Market-1501 protocol)
+    distmat = torch.cdist(pixels(ds['query']), pixels(ds['gallery']))
+    q_pids, q_camids = (np.array([item[k] for item in ds['query']]) for k in (1, 2))
+    g_pids, g_camids = (np.array([item[k] for item in ds['gallery']]) for k in (1, 2))
+    return evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids)['mAP']
 
 
 def check(root, name):
