@@ -13,6 +13,7 @@ query's (few, sorted) true-match distances.
 import argparse
 import concurrent.futures
 import contextlib
+import math
 import sys
 import time
 
@@ -20,8 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-CHUNK_BYTES = 32 * 2**20  # temporaries per query chunk; small chunks stay in cache (faster than big ones)
-BYTES_PER_ITEM = 32       # int64 keys + int64 positions + 4 bool masks + a float32 distance, per (query, item)
+CHUNK_BYTES = 32 * 2**20  # temporaries per chunk (and worker); small chunks stay in cache, reuse the heap
+BYTES_PER_ITEM = 16       # per (query, gallery item) of a chunk: at most 16 B live at once (distance and
+                          # sign fix, int64 key, int32 position)
+MIN_ROWS = 64             # below this many queries per chunk the gallery is split into blocks instead
+GALLERY_BYTES_PER_ITEM = 48  # once per call: the gallery sorted by pid (+ sort buffers), squared norms
 INT64_MAX = torch.iinfo(torch.int64).max
 
 
@@ -38,49 +42,79 @@ def _as_tensor(x, device, dtype=None):
     return x.to(device=device, dtype=dtype or x.dtype)
 
 
-def _order_keys(dist):
-    """[Q, N] distances -> int64 keys ordered like (float32 distance, gallery index): unique per row."""
-    bits = dist.float().contiguous().view(torch.int32)
-    sign = bits >> 31  # -1 for negative floats, whose bit patterns order backwards as integers: flip them
-    bits = (bits ^ (sign & 0x7FFFFFFF)) - sign  # and -0.0 -> 0, the key of +0.0: the two tie, as in numpy
-    keys = torch.empty(*bits.shape, 2, dtype=torch.int32, device=bits.device)
-    keys[..., 1] = bits  # high word (little endian): the distance
-    keys[..., 0] = torch.arange(bits.shape[1], dtype=torch.int32, device=bits.device)  # low word: the index
-    return keys.view(torch.int64).squeeze(-1)
-
-
-def rank_true_matches(dist, q_pids, g_pids, q_camids, g_camids, camera_agnostic=False):
-    """1-based ranks of each query's true matches among its kept gallery items, for one chunk of queries.
-
-    dist [Q, N]; pids/camids int64 tensors on dist's device. Returns (ranks [Q, M] int64, ascending per
-    row, valid in the first num_matches[q] columns; num_matches [Q] int64).
-    """
-    same_pid = q_pids[:, None] == g_pids[None, :]                                  # [Q, N] bool
-    if camera_agnostic:
-        removed, matches = None, same_pid
-    else:
-        removed = same_pid & (q_camids[:, None] == g_camids[None, :])              # same pid and camera
-        matches = same_pid ^ removed
-    if dist.numel() and torch.isnan(dist.max()):  # max propagates NaN, and is cheaper than isnan().any()
+def _order_keys(dist, index):
+    """Distances [..., n] and their gallery indices [n] -> int64 keys ordered like (float32 distance, index)."""
+    dist = dist.float()
+    lowest = dist.min() if dist.numel() else torch.zeros(())
+    if torch.isnan(lowest):  # min propagates NaN: one cheap reduction instead of isnan().any()
         raise EvaluationError("the distance matrix holds NaN: check the embeddings (a diverged model?)")
-    keys = _order_keys(dist)                                                       # [Q, N] int64
-    rows, cols = matches.nonzero(as_tuple=True)                                    # row-major order
-    num_matches = torch.bincount(rows, minlength=dist.shape[0])                    # [Q]
-    width = max(int(num_matches.max()), 1) if len(num_matches) else 1
-    starts = torch.cumsum(num_matches, 0) - num_matches
-    slots = torch.arange(len(rows), device=dist.device) - starts[rows]
-    match_keys = torch.full((dist.shape[0], width), INT64_MAX, dtype=torch.int64, device=dist.device)
-    match_keys[rows, slots] = keys[rows, cols]
+    bits = dist.view(torch.int32)  # for floats >= +0.0 the bit patterns order like the values
+    if lowest <= 0:  # negative floats (and -0.0) order backwards as integers: flip them, in place
+        bits = bits.clone()
+        sign = bits >> 31  # -1 or 0
+        bits ^= sign & 0x7FFFFFFF
+        bits -= sign  # and -0.0 -> 0, the key of +0.0: the two tie, as in numpy
+        del sign
+    keys = bits.to(torch.int64)
+    keys <<= 32  # the distance in the high 32 bits, the gallery index in the low 32 (no promotion temporaries)
+    keys |= index
+    return keys
+
+
+def gallery_by_pid(g_pids):
+    """(gallery indices sorted by pid, stably; the sorted pids): finds each query's same-pid items."""
+    g_pids = torch.as_tensor(g_pids)
+    order = torch.argsort(g_pids, stable=True)
+    return order, g_pids[order]
+
+
+def _same_pid_pairs(q_pids, by_pid):
+    """(rows, cols) of all (query, gallery item) pairs with the same pid, row-major, without a [Q, N] mask."""
+    order, sorted_pids = by_pid
+    starts = torch.searchsorted(sorted_pids, q_pids)                               # [Q]
+    counts = torch.searchsorted(sorted_pids, q_pids, right=True) - starts         # [Q]
+    rows = torch.repeat_interleave(torch.arange(len(q_pids), device=q_pids.device), counts)
+    offsets = torch.arange(len(rows), device=q_pids.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    return rows, order[starts[rows] + offsets]
+
+
+def rank_true_matches(source, start, stop, num_gallery, q_pids, q_camids, g_camids, by_pid,
+                      camera_agnostic=False, block=None):
+    """1-based ranks of the true matches of queries start..stop among their kept gallery items.
+
+    source = (block_distances(a, b, c0, c1) -> [b-a, c1-c0], pair_distances(rows, cols) -> [T]);
+    q_pids/q_camids [stop-start], g_camids [N] int64 on the source's device; by_pid = gallery_by_pid(g_pids).
+    The gallery is visited in blocks of `block` items, so memory does not grow with it. Returns
+    (ranks [Q, M] int64, ascending per row, valid in the first num_matches[q] columns; num_matches [Q]).
+    """
+    block_distances, pair_distances = source
+    num_query, device = stop - start, q_pids.device
+    rows, cols = _same_pid_pairs(q_pids, by_pid)                                   # few pairs per query
+    is_match = torch.ones_like(rows, dtype=torch.bool) if camera_agnostic else g_camids[cols] != q_camids[rows]
+    match_rows, match_cols = rows[is_match], cols[is_match]                        # row-major still
+    num_matches = torch.bincount(match_rows, minlength=num_query)                  # [Q]
+    width = max(int(num_matches.max()), 1) if num_query else 1
+    slots = torch.arange(len(match_rows), device=device) - (torch.cumsum(num_matches, 0) - num_matches)[match_rows]
+    match_keys = torch.full((num_query, width), INT64_MAX, dtype=torch.int64, device=device)
+    match_keys[match_rows, slots] = _order_keys(pair_distances(match_rows + start, match_cols), match_cols)
     match_keys = match_keys.sort(1).values                                         # [Q, M], pads last
-    if removed is not None:
-        keys.masked_fill_(removed, INT64_MAX)  # lands at position num_matches[q]: never before a match
-    # positions[q, i] = how many true matches of q come before item i; the histogram of positions,
-    # summed, gives for match j the number of kept items up to and including it: its rank.
-    positions = torch.searchsorted(match_keys, keys)                              # [Q, N] in 0..M
-    positions += torch.arange(dist.shape[0], device=dist.device)[:, None] * (width + 1)
-    counts = torch.bincount(positions.view(-1), minlength=dist.shape[0] * (width + 1))
-    ranks = counts.view(dist.shape[0], width + 1)[:, :width].cumsum(1)            # [Q, M]
-    return ranks, num_matches
+    # counts[q, j] = how many of q's other-identity items fall between its true matches j-1 and j;
+    # summed, plus the j matches themselves, that is the rank of match j. Same-identity items are left
+    # out of the counts: the matches are counted by their sorted order, the rest are removed.
+    counts = torch.zeros(num_query * (width + 1), dtype=torch.int64, device=device)
+    row_offsets = torch.arange(num_query, device=device, dtype=torch.int32)[:, None] * (width + 1)
+    block = block or num_gallery
+    for c0 in range(0, num_gallery, block):
+        c1 = min(c0 + block, num_gallery)
+        keys = _order_keys(block_distances(start, stop, c0, c1), torch.arange(c0, c1, device=device))
+        inside = (cols >= c0) & (cols < c1)
+        keys[rows[inside], cols[inside] - c0] = INT64_MAX                          # lands after every match
+        positions = torch.searchsorted(match_keys, keys, out_int32=True)          # [Q, c1-c0] in 0..M
+        del keys
+        positions += row_offsets
+        counts += torch.bincount(positions.view(-1), minlength=len(counts))
+    ranks = counts.view(num_query, width + 1)[:, :width].cumsum(1)
+    return ranks + torch.arange(1, width + 1, device=device), num_matches
 
 
 def _query_metrics(ranks, num_matches):
@@ -99,9 +133,12 @@ def _query_metrics(ranks, num_matches):
             "num_matches": num_matches}
 
 
-def _chunk_rows(num_gallery, chunk_bytes):
-    """Queries per chunk so that the temporaries of one chunk stay under chunk_bytes (at least 1)."""
-    return max(1, chunk_bytes // (BYTES_PER_ITEM * max(num_gallery, 1)))
+def _chunk_shape(num_gallery, chunk_bytes):
+    """(queries, gallery items) per chunk: whole rows while at least MIN_ROWS fit in chunk_bytes, else
+    gallery blocks of chunk_bytes / MIN_ROWS items (the memory then does not depend on the gallery)."""
+    items = max(chunk_bytes // BYTES_PER_ITEM, 1)
+    block = max(min(num_gallery, items // MIN_ROWS), 1)
+    return max(items // block, 1), block
 
 
 @contextlib.contextmanager
@@ -115,20 +152,27 @@ def _intra_op_threads(num):
         torch.set_num_threads(before)
 
 
-def _per_query(distances, num_query, num_gallery, q_pids, g_pids, q_camids, g_camids, device,
+def _workers(device, num_chunks):
+    """Chunks evaluated at once: torch's CPU thread count on the CPU, one on an accelerator."""
+    return max(1, min(torch.get_num_threads(), num_chunks)) if torch.device(device).type == "cpu" else 1
+
+
+def _per_query(source, num_query, num_gallery, q_pids, g_pids, q_camids, g_camids, device,
                camera_agnostic, chunk_bytes):
-    """Per-query metrics (CPU float64 / int64 tensors) for queries whose distance rows distances(a, b) gives."""
+    """Per-query metrics (CPU tensors) of queries 0..num_query whose distances `source` gives."""
     q_pids, q_camids = _as_tensor(q_pids, device, torch.int64), _as_tensor(q_camids, device, torch.int64)
-    g_pids, g_camids = _as_tensor(g_pids, device, torch.int64), _as_tensor(g_camids, device, torch.int64)
-    step = _chunk_rows(num_gallery, chunk_bytes)
+    by_pid = gallery_by_pid(_as_tensor(g_pids, device, torch.int64))
+    g_camids = _as_tensor(g_camids, device, torch.int64)
+    rows, block = _chunk_shape(num_gallery, chunk_bytes)
 
     def chunk(a):
-        ranks, num_matches = rank_true_matches(distances(a, a + step), q_pids[a:a + step], g_pids,
-                                               q_camids[a:a + step], g_camids, camera_agnostic)
+        b = min(a + rows, num_query)
+        ranks, num_matches = rank_true_matches(source, a, b, num_gallery, q_pids[a:b], q_camids[a:b], g_camids,
+                                               by_pid, camera_agnostic, block)
         return {k: v.cpu() for k, v in _query_metrics(ranks, num_matches).items()}
 
-    starts = range(0, num_query, step)
-    workers = min(torch.get_num_threads(), len(starts)) if torch.device(device).type == "cpu" else 1
+    starts = range(0, num_query, rows)
+    workers = _workers(device, len(starts))
     if workers > 1:
         # Chunks run in parallel Python threads, each op on one thread: with torch's intra-op threads
         # every small op ends in a barrier, and on a busy machine (data-loader workers, other jobs) a
@@ -188,7 +232,8 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, came
     """
     distmat = torch.as_tensor(distmat) if not torch.is_tensor(distmat) else distmat
     _check_lengths(distmat.shape, q_pids, g_pids, q_camids, g_camids)
-    per_query = _per_query(lambda a, b: distmat[a:b], distmat.shape[0], distmat.shape[1], q_pids, g_pids,
+    source = (lambda a, b, c0, c1: distmat[a:b, c0:c1], lambda rows, cols: distmat[rows, cols])
+    per_query = _per_query(source, distmat.shape[0], distmat.shape[1], q_pids, g_pids,
                            q_camids, g_camids, distmat.device, camera_agnostic, chunk_bytes)
     return _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids, camera_agnostic)
 
@@ -219,18 +264,22 @@ def squared_distances(q_feats, g_feats, g_sq=None):
     return dist.addmm_(q_feats, g_feats.t(), alpha=-2).clamp_(min=0)
 
 
-def _distance_rows(q_feats, g_feats):
-    """A function (a, b) -> squared distances of queries a..b to the whole gallery, on q_feats' device."""
+def _feature_source(q_feats, g_feats):
+    """Distances of query/gallery embeddings, as a source for rank_true_matches (on q_feats' device)."""
     q_feats, g_feats = q_feats.float(), g_feats.float().to(q_feats.device)
-    g_sq = (g_feats * g_feats).sum(1)
-    return lambda a, b: squared_distances(q_feats[a:b], g_feats, g_sq)
+    q_sq, g_sq = (q_feats * q_feats).sum(1), (g_feats * g_feats).sum(1)
+
+    def pairs(rows, cols):  # same formula as the blocks, one pair at a time
+        dots = (q_feats[rows] * g_feats[cols]).sum(1)
+        return (q_sq[rows] + g_sq[cols] - 2 * dots).clamp_(min=0)
+    return lambda a, b, c0, c1: squared_distances(q_feats[a:b], g_feats[c0:c1], g_sq[c0:c1]), pairs
 
 
 def evaluate_feature_ranks(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, max_rank=50,
                            camera_agnostic=False, chunk_bytes=CHUNK_BYTES, return_per_query=False):
     """evaluate_rank on embeddings, distances computed chunk by chunk: no [Q, N] matrix is ever held."""
     _check_lengths((len(q_feats), len(g_feats)), q_pids, g_pids, q_camids, g_camids)
-    per_query = _per_query(_distance_rows(q_feats, g_feats), len(q_feats), len(g_feats),
+    per_query = _per_query(_feature_source(q_feats, g_feats), len(q_feats), len(g_feats),
                            q_pids, g_pids, q_camids, g_camids, q_feats.device, camera_agnostic, chunk_bytes)
     return _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids, camera_agnostic)
 
@@ -287,8 +336,8 @@ def evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, kee
     for camid in groups:  # a loop over query cameras (at most ~15), each one vectorised
         rows = torch.arange(len(q_pids_t)) if camid is None else torch.nonzero(q_camids_t == camid)[:, 0]
         c_feats, c_pids, c_camids = _centroid_gallery(g_feats, g_pids, g_camids, camid, normalize_centroids)
-        distances = _distance_rows(q_feats[rows.to(q_feats.device)], c_feats)
-        part = _per_query(distances, len(rows), len(c_feats), q_pids_t[rows], c_pids, q_camids_t[rows], c_camids, q_feats.device,
+        source = _feature_source(q_feats[rows.to(q_feats.device)], c_feats)
+        part = _per_query(source, len(rows), len(c_feats), q_pids_t[rows], c_pids, q_camids_t[rows], c_camids, q_feats.device,
                           camera_agnostic, chunk_bytes)
         for key, values in part.items():
             per_query.setdefault(key, torch.zeros(len(q_pids_t), dtype=values.dtype))[rows] = values
@@ -350,7 +399,7 @@ def format_results(results):
 # ---------------------------------------------------------------------------------------------------
 # Benchmark: a Market-1501-sized problem against np.argsort, and a 1,000,000-item gallery
 
-def synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=64, noise=0.9, distractor_share=0.18,
+def synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=64, noise=0.95, distractor_share=0.18,
                       device="cpu", seed=0):
     """Random but Market-like embeddings: identity centre + camera bias + noise; 18% pid-0 distractors.
 
@@ -396,7 +445,7 @@ def benchmark_metrics(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6
     """
     q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = synthetic_problem(
         num_query, num_gallery, num_ids, num_cams, device=device, seed=seed)
-    distmat = _distance_rows(q_feats, g_feats)(0, num_query)                       # [Q, N] float32
+    distmat = _feature_source(q_feats, g_feats)[0](0, num_query, 0, num_gallery)                       # [Q, N] float32
     distmat_np = distmat.cpu().numpy()
     args = (q_pids, g_pids, q_camids, g_camids)
     evaluate_rank(distmat[:16], q_pids[:16], g_pids, q_camids[:16], g_camids)     # warm-up
@@ -456,10 +505,13 @@ def benchmark_large_gallery(num_query=200, num_gallery=1_000_000, num_ids=100_00
     result, seconds = _timed(lambda: evaluate_feature_ranks(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
                                                             chunk_bytes=chunk_bytes), device)
     peak = _peak_rss_mib() if on_cpu else getattr(torch, torch.device(device).type).max_memory_allocated() / 2**20
-    rows = _chunk_rows(num_gallery, chunk_bytes)
+    rows, block = _chunk_shape(num_gallery, chunk_bytes)
+    workers = _workers(device, math.ceil(num_query / rows))
     return {"device": str(device), "num_query": num_query, "num_gallery": num_gallery, "seconds": seconds,
             "peak_extra_mib": (peak - base) if measured else float("nan"),
-            "bound_mib": rows * num_gallery * BYTES_PER_ITEM / 2**20, "queries_per_chunk": rows,
+            "bound_mib": (workers * rows * block * BYTES_PER_ITEM + GALLERY_BYTES_PER_ITEM * num_gallery) / 2**20,
+            "queries_per_chunk": rows, "gallery_block": block,
+            "chunks_at_once": workers,
             "mAP": result["mAP"], "R1": float(result["cmc"][0])}
 
 
