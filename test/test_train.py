@@ -1,0 +1,186 @@
+"""train.py: flags, schedule, a tiny two-epoch run, resume, SIGTERM, distributed launchers, the wrappers."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from data import synthesize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    """A tiny synthetic Market-layout data set: 8 train identities, 8 query/gallery identities."""
+    root = tmp_path_factory.mktemp("data")
+    synthesize(str(root / "synthetic"), ids=16, images_per_id=6, cameras=3, size=(64, 32), progress=False)
+    return str(root)
+
+
+def tiny_flags(root, output_dir, *more):
+    """Flags for a few-second CPU run: resnet18 at 64x32, P=4 identities x K=2 images."""
+    return ["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", root, "--OUTPUT_DIR", str(output_dir),
+            "--MODEL.NAME", "resnet18", "--MODEL.PRETRAINED", "false", "--MODEL.DEVICE", "cpu",
+            "--INPUT.SIZE_TRAIN", "64", "32", "--INPUT.SIZE_TEST", "64", "32",
+            "--SOLVER.IMS_PER_BATCH", "4", "--DATALOADER.NUM_INSTANCE", "2", "--DATALOADER.NUM_WORKERS", "0",
+            "--TEST.IMS_PER_BATCH", "32", "--SOLVER.WARMUP_EPOCHS", "4", *more]
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_script(args, timeout=240, env=None):
+    """Run a command from the repository root; returns the CompletedProcess (text)."""
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+# ---------------------------------------------------------------------------------------------------
+# flags and schedule
+
+def test_booleans_lists_and_original_key_value_overrides():
+    args = train.parse_args(["--MODEL.PRETRAINED", "FALSE", "--TEST.FEAT_NORM=0", "--INPUT.SIZE_TRAIN", "[320,", "320]",
+                             "SOLVER.BASE_LR", "0.001", "DATASETS.NAMES", "dukemtmcreid", "--GPU_IDS", "0", "1"])
+    assert getattr(args, "MODEL.PRETRAINED") is False and getattr(args, "TEST.FEAT_NORM") is False
+    assert getattr(args, "INPUT.SIZE_TRAIN") == [320, 320]
+    assert getattr(args, "SOLVER.BASE_LR") == 0.001
+    assert getattr(args, "DATASETS.NAMES") == ["dukemtmcreid"] and getattr(args, "GPU_IDS") == [0, 1]
+    defaults = train.parse_args([])
+    assert getattr(defaults, "SOLVER.IMS_PER_BATCH") == 16 and getattr(defaults, "SOLVER.BASE_LR") == 3.5e-4
+    assert getattr(defaults, "SOLVER.STEPS") == [40, 70] and getattr(defaults, "SOLVER.MAX_EPOCHS") == 120
+
+
+def test_unknown_and_malformed_flags_name_the_closest_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--SOLVER.BASE_LRR", "0.1"])
+    assert "did you mean --SOLVER.BASE_LR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--MODEL.PRETRAINED", "maybe"])
+    assert "expected true/false/1/0" in capsys.readouterr().err
+
+
+def test_lr_schedule_is_warmup_then_steps():
+    factors = [train.lr_factor(e, 10, [40, 70], 0.1) for e in range(120)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[39] == 1.0 and factors[40] == pytest.approx(0.1) and factors[70] == pytest.approx(0.01)
+
+
+# ---------------------------------------------------------------------------------------------------
+# training runs
+
+@pytest.fixture(scope="module")
+def two_epoch_run(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert train.main(tiny_flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "2")) == 0
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return out
+
+
+def test_two_epochs_write_finite_metrics_and_both_checkpoints(two_epoch_run):
+    rows = read_metrics(two_epoch_run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("lr", "loss", "loss_centroid_triplet", "loss_triplet", "loss_xent", "loss_center",
+                    "images_per_s", "step_time_s", "mAP", "rank1", "rank5", "rank10", "mINP",
+                    "centroid_mAP", "centroid_rank1", "centroid_rank5", "centroid_rank10", "centroid_mINP"):
+            assert math.isfinite(row[key]), key
+        assert 0 < row["mAP"] <= 1 and 0 < row["centroid_mAP"] <= 1
+    for name in ("last.pth", "best.pth"):
+        state = torch.load(two_epoch_run / name, map_location="cpu", weights_only=True)
+        assert {"model", "center_loss", "optimizer", "center_optimizer", "scheduler", "scaler", "epoch",
+                "best_metric", "config", "sampler", "rng"} <= set(state)
+    last = torch.load(two_epoch_run / "last.pth", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 1 and last["next_epoch"] == 2 and last["config"]["MODEL.NAME"] == "resnet18"
+    assert last["best_metric"] == max(r["centroid_mAP"] for r in rows)
+
+
+def test_resume_auto_continues_at_the_next_epoch_with_the_right_lr(synthetic_root, two_epoch_run, tmp_path, capsys):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    for name in ("last.pth", "metrics.jsonl"):
+        (out / name).write_bytes((two_epoch_run / name).read_bytes())
+    assert train.main(tiny_flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "3", "--resume", "auto")) == 0
+    assert "resumed from" in capsys.readouterr().out
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[2]["lr"] == pytest.approx(3.5e-4 * 3 / 4)  # third warm-up epoch of four
+    assert rows[1]["lr"] == pytest.approx(3.5e-4 * 2 / 4)
+
+
+def test_sigterm_mid_epoch_leaves_a_loadable_last_checkpoint(synthetic_root, tmp_path):
+    # one identity per step and many images per identity: a long epoch to interrupt
+    flags = tiny_flags(synthetic_root, tmp_path, "--SOLVER.MAX_EPOCHS", "50", "--SOLVER.IMS_PER_BATCH", "1")
+    proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    for line in proc.stdout:  # the epoch-1 bar starts right after this line
+        lines.append(line)
+        if "steps per epoch" in line:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + rest
+    assert "saved" in rest
+    state = torch.load(tmp_path / "last.pth", map_location="cpu", weights_only=True)
+    assert state["next_step"] > 0 or state["next_epoch"] > 0
+
+
+@pytest.mark.parametrize("launcher", [["-m", "torch.distributed.run"], ["-m", "torch.distributed.launch"]])
+def test_two_process_cpu_runs_complete_with_disjoint_identities(synthetic_root, tmp_path, launcher):
+    flags = tiny_flags(synthetic_root, tmp_path, "--SOLVER.MAX_EPOCHS", "1", "--SOLVER.IMS_PER_BATCH", "2")
+    port = "29611" if "run" in launcher[1] else "29612"
+    result = run_script([sys.executable, *launcher, "--nproc_per_node=2", f"--master_port={port}", "train.py", *flags])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 device(s)" in result.stdout and "identities disjoint across 2 ranks" in result.stdout
+    rows = read_metrics(tmp_path)
+    assert len(rows) == 1 and math.isfinite(rows[0]["centroid_mAP"])
+
+
+def test_missing_data_set_and_bad_values_fail_with_clear_messages(tmp_path):
+    result = run_script([sys.executable, "train.py", "--DATASETS.NAMES", "market1501",
+                         "--DATASETS.ROOT_DIR", str(tmp_path / "nowhere"), "--MODEL.DEVICE", "cpu"])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "nowhere" in result.stderr
+    result = run_script([sys.executable, "train.py", "--SOLVER.IMS_PER_BATH", "16"])
+    assert result.returncode == 2 and "did you mean --SOLVER.IMS_PER_BATCH" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Ascend-style wrappers
+
+SUMMARY_KEYS = ("Network", "RankSize", "BatchSize", "DeviceType", "CaseName", "ActualFPS", "TrainingTime",
+                "TrainAccuracy", "ActualLoss", "E2ETrainingTime")
+
+
+@pytest.mark.parametrize("script,rank_size", [("train_performance_1p.sh", 1), ("train_full_1p.sh", 1),
+                                              ("train_performance_8p.sh", 2), ("train_full_8p.sh", 2)])
+def test_wrappers_run_on_the_cpu_and_fill_every_summary_key(synthetic_root, script, rank_size):
+    device_id = {"train_performance_1p.sh": 91, "train_full_1p.sh": 92,
+                 "train_performance_8p.sh": 93, "train_full_8p.sh": 94}[script]
+    tiny = tiny_flags(synthetic_root, "ignored")[6:]  # everything after data set and output flags
+    args = ["bash", f"test/{script}", f"--data_path={synthetic_root}/synthetic", f"--device_id={device_id}",
+            "--dataset=synthetic", *tiny, "--SOLVER.MAX_EPOCHS", "1", "--SOLVER.IMS_PER_BATCH", "2"]
+    if rank_size > 1:
+        args.append(f"--rank_size={rank_size}")
+    result = run_script(args, env={"MASTER_PORT": str(29620 + device_id)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Final Performance images/sec" in result.stdout
+    out_dir = os.path.join(ROOT, "test", "output", str(device_id))
+    case = f"CTL_ResNet50_bs2_{rank_size}p_acc"
+    with open(os.path.join(out_dir, f"{case}.log")) as f:
+        summary = dict(line.rstrip("\n").split(" = ", 1) for line in f)
+    assert set(SUMMARY_KEYS) <= set(summary) and all(summary[k] for k in SUMMARY_KEYS)
+    assert float(summary["ActualFPS"]) > 0 and 0 < float(summary["TrainAccuracy"]) <= 1
+    assert summary["RankSize"] == str(rank_size) and summary["DeviceType"] == "cpu"
+    assert os.path.exists(os.path.join(out_dir, f"train_{device_id}.log"))
