@@ -259,15 +259,20 @@ def _np(x):
 
 def squared_distances(q_feats, g_feats, g_sq=None):
     """[Q, D] x [N, D] -> [Q, N] float32 squared Euclidean distances (cosine order for unit vectors)."""
-    g_sq = (g_feats * g_feats).sum(1) if g_sq is None else g_sq                  # [N], reusable across chunks
+    g_sq = _squared_norms(g_feats) if g_sq is None else g_sq                      # [N], reusable across chunks
     dist = (q_feats * q_feats).sum(1, keepdim=True) + g_sq[None, :]
     return dist.addmm_(q_feats, g_feats.t(), alpha=-2).clamp_(min=0)
+
+
+def _squared_norms(feats):
+    """Squared L2 norm of each row [N] (a reduction: no temporary the size of feats, unlike (x * x).sum)."""
+    return torch.linalg.vector_norm(feats, dim=1).square()
 
 
 def _feature_source(q_feats, g_feats):
     """Distances of query/gallery embeddings, as a source for rank_true_matches (on q_feats' device)."""
     q_feats, g_feats = q_feats.float(), g_feats.float().to(q_feats.device)
-    q_sq, g_sq = (q_feats * q_feats).sum(1), (g_feats * g_feats).sum(1)
+    q_sq, g_sq = _squared_norms(q_feats), _squared_norms(g_feats)
 
     def pairs(rows, cols):  # same formula as the blocks, one pair at a time
         dots = (q_feats[rows] * g_feats[cols]).sum(1)
@@ -487,7 +492,7 @@ def _reset_peak_rss():
 
 
 def benchmark_large_gallery(num_query=200, num_gallery=1_000_000, num_ids=100_000, num_cams=6, dim=64,
-                            device="cpu", chunk_bytes=256 * 2**20, seed=0):
+                            device="cpu", chunk_bytes=CHUNK_BYTES, seed=0):
     """Evaluate queries against a 1,000,000-item gallery from embeddings, distances streamed per chunk.
 
     Returns seconds and the peak memory the evaluation added above its inputs (MiB), next to the bound.

@@ -291,10 +291,10 @@ def test_evaluate_model_returns_both_results_and_a_table():
 
 
 def test_large_gallery_memory_stays_bounded():
-    res = ev.benchmark_large_gallery(num_query=20, num_gallery=200_000, num_ids=20_000, dim=16,
-                                     chunk_bytes=16 * 2**20)
-    assert res["gallery_block"] < 200_000  # the gallery was visited in blocks
-    if res["peak_extra_mib"] == res["peak_extra_mib"]:  # measured (Linux)
+    # 200 x 200,000: a [Q, N] matrix of distances and int64 keys alone would take ~460 MiB
+    res = ev.benchmark_large_gallery(num_query=200, num_gallery=200_000, num_ids=20_000, dim=16)
+    assert res["gallery_block"] < 200_000 and res["bound_mib"] < 150  # visited in blocks
+    if res["peak_extra_mib"] == res["peak_extra_mib"]:  # measured (Linux); allowance for allocator slack
         assert res["peak_extra_mib"] < 1.5 * res["bound_mib"] + 32, res
 
 
