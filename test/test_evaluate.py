@@ -304,3 +304,19 @@ def test_benchmark_prints_the_ratio_to_argsort(capsys):
     assert "np.argsort" in out and "ratio" in out
     with capsys.disabled():
         print("\n" + out)
+
+
+def test_cli_evaluates_a_checkpoint_both_ways(tmp_path, capsys):
+    data, model = pytest.importorskip("data"), pytest.importorskip("model")
+    data.synthesize(str(tmp_path / "synthetic"), ids=8, images_per_id=6, cameras=3, size=(64, 32), progress=False)
+    net = model.build_model("resnet18", num_classes=4)
+    torch.save({"model": net.state_dict(), "model_name": "resnet18", "num_classes": 4, "last_stride": 1,
+                "stem_relu": True}, tmp_path / "ckpt.pth")
+    results = ev.main(["--MODEL.PRETRAIN_PATH", str(tmp_path / "ckpt.pth"), "--DATASETS.NAMES", "synthetic",
+                       "--DATASETS.ROOT_DIR", str(tmp_path), "--DATALOADER.NUM_WORKERS", "0",
+                       "--INPUT.SIZE_TEST", "64", "32", "--TEST.IMS_PER_BATCH", "16"])
+    out = capsys.readouterr().out
+    assert "per image" in out and "centroid" in out and "mAP %" in out
+    assert set(results) == {"image", "centroid"}
+    with pytest.raises(SystemExit, match="--MODEL.PRETRAIN_PATH is required"):
+        ev.main(["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", str(tmp_path)])
