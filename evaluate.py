@@ -121,7 +121,7 @@ def _query_metrics(ranks, num_matches):
     """Per-query AP, trapezoid AP (Market-1501 official), INP and first-hit rank from match ranks."""
     hits = torch.arange(1, ranks.shape[1] + 1, device=ranks.device, dtype=torch.float64)  # k = 1..M
     in_row = hits[None, :] <= num_matches[:, None]                                # [Q, M]
-    r = ranks.double().clamp(min=1)
+    r = ranks.double()                                                            # >= 1
     precision = hits / r                                                          # k / rank_k
     before = torch.where(r > 1, (hits - 1) / (r - 1).clamp(min=1), torch.ones_like(r))  # precision one rank earlier
     m = num_matches.double().clamp(min=1)
@@ -185,7 +185,7 @@ def _per_query(source, num_query, num_gallery, q_pids, g_pids, q_camids, g_camid
             ("ap", "ap_trapezoid", "inp", "first", "num_matches")}
 
 
-def _no_valid_query_message(q_pids, g_pids, q_camids, g_camids, camera_agnostic):
+def _no_valid_query_message(q_pids, g_pids, q_camids, g_camids):
     """Why no query kept a true match, and what to do about it."""
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
     if len(q_pids) == 0 or len(g_pids) == 0:
@@ -235,14 +235,13 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, came
     source = (lambda a, b, c0, c1: distmat[a:b, c0:c1], lambda rows, cols: distmat[rows, cols])
     per_query = _per_query(source, distmat.shape[0], distmat.shape[1], q_pids, g_pids,
                            q_camids, g_camids, distmat.device, camera_agnostic, chunk_bytes)
-    return _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids, camera_agnostic)
+    return _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids)
 
 
-def _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids, camera_agnostic):
+def _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids):
     """Summarise per-query metrics, raising the explanatory error when no query was valid."""
     if not bool((per_query["num_matches"] > 0).any()):
-        raise EvaluationError(_no_valid_query_message(_np(q_pids), _np(g_pids), _np(q_camids), _np(g_camids),
-                                                      camera_agnostic))
+        raise EvaluationError(_no_valid_query_message(_np(q_pids), _np(g_pids), _np(q_camids), _np(g_camids)))
     result = _summarise(per_query, max_rank)
     if return_per_query:
         result["per_query"] = per_query
@@ -257,10 +256,11 @@ def _np(x):
 # ---------------------------------------------------------------------------------------------------
 # Features, distances and centroids
 
-def squared_distances(q_feats, g_feats, g_sq=None):
+def squared_distances(q_feats, g_feats, q_sq=None, g_sq=None):
     """[Q, D] x [N, D] -> [Q, N] float32 squared Euclidean distances (cosine order for unit vectors)."""
+    q_sq = _squared_norms(q_feats) if q_sq is None else q_sq                      # [Q]
     g_sq = _squared_norms(g_feats) if g_sq is None else g_sq                      # [N], reusable across chunks
-    dist = (q_feats * q_feats).sum(1, keepdim=True) + g_sq[None, :]
+    dist = q_sq[:, None] + g_sq[None, :]
     return dist.addmm_(q_feats, g_feats.t(), alpha=-2).clamp_(min=0)
 
 
@@ -277,7 +277,7 @@ def _feature_source(q_feats, g_feats):
     def pairs(rows, cols):  # same formula as the blocks, one pair at a time
         dots = (q_feats[rows] * g_feats[cols]).sum(1)
         return (q_sq[rows] + g_sq[cols] - 2 * dots).clamp_(min=0)
-    return lambda a, b, c0, c1: squared_distances(q_feats[a:b], g_feats[c0:c1], g_sq[c0:c1]), pairs
+    return lambda a, b, c0, c1: squared_distances(q_feats[a:b], g_feats[c0:c1], q_sq[a:b], g_sq[c0:c1]), pairs
 
 
 def evaluate_feature_ranks(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, max_rank=50,
@@ -286,7 +286,7 @@ def evaluate_feature_ranks(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
     _check_lengths((len(q_feats), len(g_feats)), q_pids, g_pids, q_camids, g_camids)
     per_query = _per_query(_feature_source(q_feats, g_feats), len(q_feats), len(g_feats),
                            q_pids, g_pids, q_camids, g_camids, q_feats.device, camera_agnostic, chunk_bytes)
-    return _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids, camera_agnostic)
+    return _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids)
 
 
 def _normalize(x):
@@ -295,20 +295,20 @@ def _normalize(x):
 
 
 def identity_centroids(g_feats, g_pids, g_camids=None, exclude_camid=None, normalize=True):
-    """Mean embedding per gallery identity (pid > 0), from the images of cameras != exclude_camid.
+    """Mean embedding per gallery identity (pid > 0), from its images of cameras != exclude_camid.
 
-    Returns (centroids [P', D], pids [P']) for the identities that keep at least one image; one
-    index_add pass over the kept images, no loop over identities.
+    Returns (centroids [P', D], pids [P']) for the identities that keep at least one image. One
+    index_add over the gallery; excluded images go to a spare row that is dropped (no copy of feats).
     """
     g_feats = g_feats.float()
     g_pids = _as_tensor(g_pids, g_feats.device, torch.int64)
-    pids, inverse = torch.unique(g_pids, return_inverse=True)                      # [P], [N]
-    keep = torch.ones_like(g_pids, dtype=torch.bool) if exclude_camid is None else \
-        _as_tensor(g_camids, g_feats.device, torch.int64) != exclude_camid
-    sums = torch.zeros(len(pids), g_feats.shape[1], device=g_feats.device).index_add_(0, inverse[keep], g_feats[keep])
-    counts = torch.bincount(inverse[keep], minlength=len(pids))                    # [P]
+    pids, slot = torch.unique(g_pids, return_inverse=True)                         # [P], [N]
+    if exclude_camid is not None:
+        slot = slot.masked_fill(_as_tensor(g_camids, g_feats.device, torch.int64) == exclude_camid, len(pids))
+    sums = torch.zeros(len(pids) + 1, g_feats.shape[1], device=g_feats.device).index_add_(0, slot, g_feats)
+    counts = torch.bincount(slot, minlength=len(pids) + 1)[:-1]                    # [P]
     has_images = (counts > 0) & (pids > 0)  # pid 0 = distractors: never averaged into one "identity"
-    centroids = sums[has_images] / counts[has_images, None]
+    centroids = sums[:-1][has_images] / counts[has_images, None]
     return (_normalize(centroids) if normalize else centroids), pids[has_images]
 
 
@@ -342,11 +342,11 @@ def evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, kee
         rows = torch.arange(len(q_pids_t)) if camid is None else torch.nonzero(q_camids_t == camid)[:, 0]
         c_feats, c_pids, c_camids = _centroid_gallery(g_feats, g_pids, g_camids, camid, normalize_centroids)
         source = _feature_source(q_feats[rows.to(q_feats.device)], c_feats)
-        part = _per_query(source, len(rows), len(c_feats), q_pids_t[rows], c_pids, q_camids_t[rows], c_camids, q_feats.device,
-                          camera_agnostic, chunk_bytes)
+        part = _per_query(source, len(rows), len(c_feats), q_pids_t[rows], c_pids, q_camids_t[rows], c_camids,
+                          q_feats.device, camera_agnostic, chunk_bytes)
         for key, values in part.items():
             per_query.setdefault(key, torch.zeros(len(q_pids_t), dtype=values.dtype))[rows] = values
-    return _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids, camera_agnostic)
+    return _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids)
 
 
 def evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=True,
@@ -456,7 +456,8 @@ def benchmark_metrics(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6
     evaluate_rank(distmat[:16], q_pids[:16], g_pids, q_camids[:16], g_camids)     # warm-up
     _, argsort_s = _timed(lambda: np.argsort(distmat_np, axis=1), "cpu")
     result, evaluate_s = _timed(lambda: evaluate_rank(distmat, *args), device)
-    out = {"device": str(device), "num_query": num_query, "num_gallery": num_gallery, "threads": torch.get_num_threads(),
+    out = {"device": str(device), "num_query": num_query, "num_gallery": num_gallery,
+           "threads": torch.get_num_threads(),
            "argsort_s": argsort_s, "evaluate_s": evaluate_s, "ratio": evaluate_s / argsort_s,
            "mAP": result["mAP"], "R1": float(result["cmc"][0]), "mINP": result["mINP"]}
     if torch.device(device).type == "cpu":
@@ -552,7 +553,8 @@ def evaluate_checkpoint(argv):
     args = train.parse_args(argv, train.get_args_parser())
     flag = lambda name: getattr(args, name)  # noqa: E731  (dotted flag names are not identifiers)
     if not flag("MODEL.PRETRAIN_PATH"):
-        raise EvaluationError("--MODEL.PRETRAIN_PATH is required: the checkpoint to evaluate (ours or an original .ckpt)")
+        raise EvaluationError("--MODEL.PRETRAIN_PATH is required: the checkpoint to evaluate "
+                              "(ours or an original .ckpt)")
     device = torch.device(utils.pick_device_type(flag("MODEL.DEVICE")))
     data = build_datasets(flag("DATASETS.NAMES"), flag("DATASETS.ROOT_DIR"))
     model = model_from_checkpoint(flag("MODEL.PRETRAIN_PATH")).to(device)
