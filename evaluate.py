@@ -409,7 +409,7 @@ def synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=64, noise=0
     """Random but Market-like embeddings: identity centre + camera bias + noise; 18% pid-0 distractors.
 
     Returns (q_feats, q_pids, q_camids, g_feats, g_pids, g_camids), feats L2-normalised on device,
-    ids/camids int64 CPU tensors. The noise puts R1 near 95% and mAP near 85%, like a trained model.
+    ids/camids int64 CPU tensors. The default noise gives R1 ~97% and mAP ~84%, like a trained model.
     """
     gen = torch.Generator().manual_seed(seed)
     centres = torch.randn(num_ids + 1, dim, generator=gen)
