@@ -33,6 +33,14 @@ MSMT_LISTS = (('train', 'list_train.txt'), ('train', 'list_val.txt'),
 class DataError(Exception):
     """Bad input data: the message names the path and what was expected."""
 
+    def __init__(self, message):
+        # A loader worker's DataError is re-raised in the main process as DataError('Caught DataError
+        # in DataLoader worker ... Original Traceback ... data.DataError: <message>'): keep the message,
+        # bad data needs no traceback.
+        if 'Original Traceback' in message and 'DataError: ' in message:
+            message = message.rsplit('DataError: ', 1)[1].strip()
+        super().__init__(message)
+
 
 # ----------------------------------------------------------------------------------------------
 # Data-set folders
@@ -69,9 +77,10 @@ def find_dataset_folder(name, root):
         if folder.lower() in by_lower:
             return os.path.join(root, by_lower[folder.lower()])
     expected = ' or '.join(f'{root}/{f}/' for f in spec['folders'])
+    hint = f'; write it with: python data.py synthesize {root}/synthetic' if name == 'synthetic' else ''
     raise DataError(f'no {name} data set in {root}: expected {expected} holding '
                     f'{", ".join(spec["parts"])}, or {root} itself holding them; '
-                    f'{root} holds: {_listing(root)}')
+                    f'{root} holds: {_listing(root)}{hint}')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,8 +395,8 @@ def build_test_transform(size=(256, 128)):
 
 
 def describe_batch(num_ids, num_instances, world_size=1):
-    """'P identities x K images = B images per device' (and the total over devices)."""
-    text = f'{num_ids} identities x {num_instances} images = {num_ids * num_instances} images per device'
+    """'P identities × K images = B images per device' (and the total over devices)."""
+    text = f'{num_ids} identities × {num_instances} images = {num_ids * num_instances} images per device'
     if world_size > 1:
         text += f' ({world_size} devices: {num_ids * num_instances * world_size} images per step)'
     return text

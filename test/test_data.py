@@ -218,7 +218,7 @@ def test_impossible_batch_sizes_say_what_is_possible():
         PKSampler(pids, num_ids=4, num_instances=4, world_size=2)
     with pytest.raises(DataError, match='K >= 2'):
         PKSampler(pids, num_ids=2, num_instances=1)
-    assert data.describe_batch(16, 4) == '16 identities x 4 images = 64 images per device'
+    assert data.describe_batch(16, 4) == '16 identities × 4 images = 64 images per device'
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,6 +333,10 @@ def test_a_corrupt_image_names_its_path_at_load_time_and_check_lists_it(tmp_path
     ds = read_dataset('market1501', str(tmp_path))
     with pytest.raises(DataError, match=f'cannot read image {bad}'):
         data.ImageDataset(ds['query'], data.build_test_transform((16, 8)))[0]
+    loader = data.build_test_loader(ds['query'], (16, 8), 1, num_workers=1)  # raised in a worker
+    with pytest.raises(DataError, match=f'^cannot read image {bad}') as error:
+        next(iter(loader))
+    assert 'Traceback' not in str(error.value)
     run = subprocess.run([sys.executable, 'data.py', 'check', str(tmp_path), '--dataset', 'market1501'],
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 1 and str(bad) in run.stdout and '1 bad' in run.stdout
