@@ -291,11 +291,11 @@ def test_evaluate_model_returns_both_results_and_a_table():
 
 
 def test_large_gallery_memory_stays_bounded():
-    # 200 x 200,000: a [Q, N] matrix of distances and int64 keys alone would take ~460 MiB
-    res = ev.benchmark_large_gallery(num_query=200, num_gallery=200_000, num_ids=20_000, dim=16)
-    assert res["gallery_block"] < 200_000 and res["bound_mib"] < 150  # visited in blocks
-    if res["peak_extra_mib"] == res["peak_extra_mib"]:  # measured (Linux); allowance for allocator slack
-        assert res["peak_extra_mib"] < 1.5 * res["bound_mib"] + 32, res
+    res = ev.benchmark_large_gallery(num_query=400, num_gallery=200_000, num_ids=20_000, dim=16)
+    assert res["gallery_block"] < 200_000 and res["bound_mib"] < 100  # visited in blocks
+    if res["peak_extra_mib"] == res["peak_extra_mib"]:  # measured (Linux)
+        # the [Q, N] float32 distances alone (305 MiB) would not fit; allocator caches may double the bound
+        assert res["peak_extra_mib"] < min(2 * res["bound_mib"] + 32, res["distmat_mib"]), res
 
 
 def test_benchmark_prints_the_ratio_to_argsort(capsys):
