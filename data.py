@@ -417,7 +417,7 @@ class PKSampler:
         if num_ids < 1 or not 0 <= rank < world_size:
             raise DataError(f'bad sampler settings: P = {num_ids}, rank {rank} of world size {world_size}')
         self.num_ids, self.num_instances = num_ids, num_instances
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.seed, self.rank, self.world_size, self.epoch, self.start_step = seed, rank, world_size, 0, 0
         self.pids = torch.as_tensor(list(pids), dtype=torch.long)
         _, self.identity, self.counts = torch.unique(self.pids, return_inverse=True, return_counts=True)
         self.chunks, self.steps = self._plan()
@@ -439,9 +439,10 @@ class PKSampler:
             steps = int(chunks.sum()) // per_step
         return chunks, steps
 
-    def set_epoch(self, epoch):
-        """Select the epoch (call before iterating, as with DistributedSampler)."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch, start_step=0):
+        """Select the epoch (call before iterating, as with DistributedSampler); a resumed run starts
+        at start_step of it without loading the batches it already trained on."""
+        self.epoch, self.start_step = int(epoch), int(start_step)
 
     def state_dict(self):
         """What a resumed run needs to continue the same sequence of epochs."""
@@ -481,7 +482,7 @@ class PKSampler:
         return mine.reshape(self.steps, self.num_ids * K)
 
     def __iter__(self):
-        yield from self.epoch_batches().tolist()
+        yield from self.epoch_batches()[self.start_step:].tolist()
 
 
 # ----------------------------------------------------------------------------------------------

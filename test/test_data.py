@@ -174,6 +174,15 @@ def test_epochs_are_a_pure_function_of_seed_and_epoch():
     assert list(restored) == list(a)
 
 
+def test_a_resumed_epoch_continues_with_the_batches_it_had_not_seen():
+    pids = make_pids([5] * 20)
+    sampler = PKSampler(pids, 4, 4, seed=1)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, start_step=2)
+    assert list(sampler) == full[2:] and len(sampler) == len(full)
+
+
 def test_an_epoch_visits_every_image_about_once():
     counts = [4, 8, 12, 4, 8, 16, 4, 8, 4, 12] * 3  # multiples of K: no top-up needed
     pids = make_pids(counts)
