@@ -1,0 +1,822 @@
+"""Retrieval with a trained model: embed images, build a per-image or per-identity-centroid index, query it.
+
+    python retrieve.py embed CKPT photos/ -o gallery.pt                  # <identity>/ sub-folders = labels
+    python retrieve.py embed CKPT --dataset market1501 --root data --split gallery -o gallery.pt
+    python retrieve.py index gallery.pt -o index.pt --centroids [--camera-aware]
+    python retrieve.py query index.pt new_photos/ --checkpoint CKPT --top-k 5 --json out.json --visualize vis/
+    python retrieve.py bench                                           # gallery sizes and search times
+
+Embeddings are the model's eval-mode BNNeck output, L2-normalised, so the (Euclidean) distance of two
+images is sqrt(2 - 2 * cosine). Embeddings and index files are torch.save'd dicts of tensors, strings
+and numbers (torch.load(weights_only=True) reads them) carrying the model's fingerprint: a query
+embedded by another model than the index's is refused.
+"""
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import utils
+from data import IMAGE_EXTENSIONS, DataError, build_test_transform, load_image, read_dataset
+from evaluate import EvaluationError, extract_features, identity_centroids, synthetic_problem
+from model import BACKBONE_EMB_SIZES, WeightError, model_from_checkpoint
+
+DEFAULT_SIZE = (256, 128)
+SHARED = -2    # exclude_camids code: an entry every query sees (images, unlabelled images)
+ALL_CAMS = -1  # exclude_camids code: a centroid of all of an identity's images
+META_KEYS = ("fingerprint", "model_name", "feat_dim", "size", "flip", "checkpoint")
+
+
+class RetrievalError(Exception):
+    """Bad input to a retrieval command; the CLI prints the message without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model and its fingerprint
+
+def load_model(checkpoint, arch=None):
+    """model_from_checkpoint in eval mode; RetrievalError when the file holds another architecture than arch."""
+    try:
+        model = model_from_checkpoint(checkpoint)
+    except WeightError as err:
+        raise RetrievalError(str(err)) from None
+    if arch and model.name != arch:
+        wanted = BACKBONE_EMB_SIZES.get(arch, "?")
+        raise RetrievalError(f"{checkpoint} holds a {model.name} model ({model.feat_dim}-d embeddings), but "
+                             f"--arch asks for {arch} ({wanted}-d): pass the {arch} checkpoint, or drop --arch")
+    return model.eval()
+
+
+def model_fingerprint(model):
+    """'<name>-<dim>d-<hash>': sha256 of the architecture and every weight the embedding depends on."""
+    digest = hashlib.sha256(f"{model.name}|{model.feat_dim}|{model.last_stride}|{model.stem_relu}".encode())
+    for key, value in sorted(model.state_dict().items()):
+        if key.startswith("classifier.") or key.endswith("num_batches_tracked"):
+            continue  # neither changes the eval-mode embedding
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{model.name}-{model.feat_dim}d-{digest.hexdigest()[:12]}"
+
+
+def checkpoint_test_size(checkpoint):
+    """INPUT.SIZE_TEST recorded in our checkpoint's config, else None (original .ckpt files, plain weights)."""
+    try:
+        obj = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        size = obj["config"]["INPUT.SIZE_TEST"]
+        return (int(size[0]), int(size[1]))
+    except Exception:  # any file model_from_checkpoint read but without our config: the caller falls back
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images to embed: folders (identity = first-level sub-folder), files, or a data set split
+
+def camera_of(path):
+    """0-based camera from a `_c<N>` in the file name (Market/Duke style), -1 when there is none."""
+    found = re.search(r"_c(\d+)", os.path.basename(path))
+    return int(found.group(1)) - 1 if found else -1
+
+
+def collect_images(inputs):
+    """Image files of files/folders -> [(path, identity name or '', camid)], sorted within each folder."""
+    items = []
+    for source in inputs:
+        if os.path.isfile(source):
+            if not source.lower().endswith(IMAGE_EXTENSIONS):
+                raise RetrievalError(f"{source} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
+            items.append((source, "", camera_of(source)))
+            continue
+        if not os.path.isdir(source):
+            raise RetrievalError(f"{source}: no such file or folder")
+        found = []
+        for folder, subdirs, files in os.walk(source):
+            subdirs.sort()
+            relative = os.path.relpath(folder, source)
+            identity = "" if relative == "." else relative.split(os.sep)[0]  # images at the top: no identity
+            found += [(os.path.join(folder, f), identity, camera_of(f)) for f in sorted(files)
+                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not found:
+            raise RetrievalError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)}), in it or in "
+                                 f"its sub-folders")
+        items += found
+    return items
+
+
+def dataset_images(name, root, split):
+    """A data set split as [(path, identity name, camid)]: name str(pid), '' for distractors (pid 0)."""
+    if split not in ("train", "query", "gallery"):
+        raise RetrievalError(f"--split {split!r}: choose train, query or gallery")
+    data = read_dataset(name, root)
+    return [(path, str(pid) if pid > 0 else "", camid) for path, pid, camid in data[split]]
+
+
+def pids_of(identities):
+    """Integer pids of identity names: the number itself when every name is a positive integer
+    (Market-style folders, data sets), else 1.. in sorted name order; '' (no identity) -> 0."""
+    names = sorted({n for n in identities if n})
+    if all(n.isdigit() and int(n) > 0 for n in names):
+        return torch.tensor([int(n) if n else 0 for n in identities], dtype=torch.int64)
+    rank = {n: i + 1 for i, n in enumerate(names)}
+    return torch.tensor([rank.get(n, 0) for n in identities], dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Embedding
+
+class MarkedImages(Dataset):
+    """Paths -> (image, item position, 1), or (zeros, position, 0) for an unreadable file: extract_features'
+    pid and camid columns then carry each row's position and whether it decoded."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = list(paths), tuple(size)
+        self.transform = build_test_transform(self.size)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, position):
+        try:
+            return self.transform(load_image(self.paths[position])), position, 1
+        except DataError:
+            return torch.zeros(3, *self.size), position, 0
+
+
+def amp_dtype_for(device, fp32=False):
+    """fp16 autocast on accelerators (fp32 on the CPU, or when asked)."""
+    return None if fp32 or device.type == "cpu" else torch.float16
+
+
+def embed_chunks(model, paths, device, size, batch_size=128, num_workers=0, flip=False, amp_dtype=None,
+                 skip_bad=False, chunk_batches=10):
+    """Embed paths in chunks of chunk_batches batches; yields (feats [M, D], positions [M], bad positions)."""
+    loader = DataLoader(MarkedImages(paths, size), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type != "cpu")
+    batches = iter(loader)
+    with tqdm(total=len(paths), desc="embed", unit="img") as bar:
+        while (first := next(batches, None)) is not None:
+            chunk = itertools.chain([first], itertools.islice(batches, chunk_batches - 1))
+            feats, positions, decoded = extract_features(model, chunk, device, flip, True, amp_dtype)
+            bad = positions[decoded == 0]
+            if len(bad) and not skip_bad:
+                raise RetrievalError(f"cannot read image {paths[bad[0]]} ({len(bad)} unreadable in this "
+                                     f"batch): fix or delete it, or pass --skip-bad to skip unreadable images")
+            bar.update(len(positions))
+            yield feats[torch.from_numpy(decoded == 1)], positions[decoded == 1], bad
+
+
+def _empty_embeddings(meta):
+    """An embeddings dict with no rows yet."""
+    return {"kind": "embeddings", "complete": False, "feats": torch.zeros(0, meta["feat_dim"]), "paths": [],
+            "identities": [], "camids": torch.zeros(0, dtype=torch.int64), "skipped": [], **meta}
+
+
+def _resume_state(out, meta):
+    """The partial or finished embeddings at out (same model, size and flip), or a fresh one."""
+    if not os.path.exists(out):
+        return _empty_embeddings(meta)
+    old = load_embeddings(out, complete=False)
+    for key in ("fingerprint", "size", "flip"):
+        if old[key] != meta[key]:
+            raise RetrievalError(f"{out} already holds embeddings made with {key} {old[key]}, this run uses "
+                                 f"{meta[key]}: delete it or pass another -o to start afresh")
+    return old
+
+
+def embed_to_file(model, items, out, device, size, batch_size=128, num_workers=0, flip=False,
+                  amp_dtype=None, skip_bad=False, save_every=10, checkpoint=""):
+    """Embed items [(path, identity, camid)] into out, resuming: paths already in out are not redone."""
+    meta = {"fingerprint": model_fingerprint(model), "model_name": model.name, "feat_dim": model.feat_dim,
+            "size": list(size), "flip": bool(flip), "checkpoint": str(checkpoint)}
+    state = _resume_state(out, meta)
+    done = set(state["paths"])
+    todo = [item for item in items if item[0] not in done]
+    if done:
+        print(f"{out}: {len(done)} images already embedded, {len(todo)} to go")
+    model = model.to(device)
+    parts = [state["feats"]]
+    for feats, positions, bad in embed_chunks(model, [p for p, _, _ in todo], device, size, batch_size,
+                                              num_workers, flip, amp_dtype, skip_bad, save_every):
+        parts.append(feats)
+        state["paths"] += [todo[i][0] for i in positions]
+        state["identities"] += [todo[i][1] for i in positions]
+        state["camids"] = torch.cat([state["camids"], torch.tensor([todo[i][2] for i in positions], dtype=torch.int64)])
+        state["skipped"] += [todo[i][0] for i in bad]
+        state["feats"] = torch.cat(parts)
+        parts = [state["feats"]]
+        _save_embeddings(state, out)  # atomic: an interrupted run resumes from here
+    if not state["paths"]:
+        raise RetrievalError(f"no image could be read ({len(state['skipped'])} skipped): nothing to save")
+    state["complete"] = True
+    _save_embeddings(state, out)
+    return state
+
+
+def _save_embeddings(state, out):
+    """Recompute pids from identity names (new identities may appear on resume) and save atomically."""
+    state["pids"] = pids_of(state["identities"])
+    utils.save_atomic(state, out)
+
+
+def embed_in_memory(model, items, device, size, flip=False, batch_size=128, num_workers=0, amp_dtype=None,
+                    skip_bad=False):
+    """(feats [M, D], kept items, skipped paths) for a list of (path, identity, camid) items."""
+    model = model.to(device)
+    feats, kept, skipped = [], [], []
+    for chunk_feats, positions, bad in embed_chunks(model, [p for p, _, _ in items], device, size, batch_size,
+                                                    num_workers, flip, amp_dtype, skip_bad):
+        feats.append(chunk_feats)
+        kept += [items[i] for i in positions]
+        skipped += [items[i][0] for i in bad]
+    if not kept:
+        raise RetrievalError(f"no image could be read ({len(skipped)} skipped)")
+    return torch.cat(feats), kept, skipped
+
+
+def _load(path, kind):
+    """A retrieval file of the given kind ('embeddings' or 'index'), with a clear error otherwise."""
+    if not os.path.isfile(path):
+        raise RetrievalError(f"{path}: no such {kind} file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RetrievalError(f"{path}: not a retrieve.py {kind} file ({type(err).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("kind") != kind:
+        found = obj.get("kind", "unknown") if isinstance(obj, dict) else type(obj).__name__
+        raise RetrievalError(f"{path} is a {found} file, expected {kind} (made by `retrieve.py "
+                             f"{'embed' if kind == 'embeddings' else 'index'}`)")
+    return obj
+
+
+def load_embeddings(path, complete=True):
+    """An embeddings file; with complete=True an interrupted one is refused."""
+    obj = _load(path, "embeddings")
+    if complete and not obj["complete"]:
+        raise RetrievalError(f"{path} is incomplete ({len(obj['paths'])} images so far): run the same "
+                             f"`retrieve.py embed` command again to finish it")
+    return obj
+
+
+def load_index(path):
+    """An index file made by `retrieve.py index`."""
+    return _load(path, "index")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The index: one entry per image, or per identity centroid (optionally per identity and excluded camera)
+
+def _centroid_entries(feats, pids, camids, exclude_camid):
+    """Centroid entries of the identities with images outside exclude_camid (None: all images)."""
+    centroids, c_pids = identity_centroids(feats, pids, camids, exclude_camid)     # [P, D], [P] sorted
+    member = pids > 0
+    if exclude_camid is not None:
+        member &= camids != exclude_camid
+    rows = torch.nonzero(member)[:, 0]                                             # [M] member images
+    slot = torch.searchsorted(c_pids, pids[rows])                                  # [M] -> entry
+    counts = torch.bincount(slot, minlength=len(c_pids))
+    first = torch.full((len(c_pids),), len(pids)).scatter_reduce_(0, slot, rows, "amin")  # a shown image
+    code = ALL_CAMS if exclude_camid is None else exclude_camid
+    return {"feats": centroids, "pids": c_pids, "camids": torch.full_like(c_pids, -1), "image": first,
+            "counts": counts, "exclude_camids": torch.full_like(c_pids, code)}
+
+
+def _image_entries(feats, pids, camids, rows):
+    """One entry per image of rows, seen by every query."""
+    return {"feats": feats[rows], "pids": pids[rows], "camids": camids[rows], "image": rows,
+            "counts": torch.ones_like(rows), "exclude_camids": torch.full_like(rows, SHARED)}
+
+
+def build_index(feats, pids, camids, centroids=False, camera_aware=False):
+    """Index entries {feats [E, D], pids, camids, image (a member image), counts, exclude_camids}.
+
+    Per image: one entry per image. With centroids: one L2-normalised mean per identity (pid > 0),
+    and unlabelled images (pid 0) stay single entries, as the evaluator does with distractors. With
+    camera_aware too: in addition one centroid per (identity, camera c) made of the identity's images
+    from cameras other than c; a query from camera c searches those, so it never meets its own camera.
+    """
+    pids, camids = torch.as_tensor(pids, dtype=torch.int64), torch.as_tensor(camids, dtype=torch.int64)
+    if camera_aware and not centroids:
+        raise RetrievalError("--camera-aware builds camera-aware centroids: add --centroids")
+    if not centroids:
+        return _image_entries(feats, pids, camids, torch.arange(len(pids)))
+    if not bool((pids > 0).any()):
+        raise RetrievalError("no image has an identity, so there is nothing to average: put the images in "
+                             "<identity>/ sub-folders, or embed a data set with --dataset")
+    groups = [None]
+    if camera_aware:
+        groups += torch.unique(camids[camids >= 0]).tolist()
+        if len(groups) == 1:
+            raise RetrievalError("--camera-aware needs camera ids (`_c<N>` in the file names, or a data set "
+                                 "with cameras); these images have none")
+    parts = [_centroid_entries(feats, pids, camids, g) for g in groups]  # a loop over cameras, not identities
+    parts.append(_image_entries(feats, pids, camids, torch.nonzero(pids == 0)[:, 0]))
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def index_from_embeddings(emb, centroids=False, camera_aware=False, source=""):
+    """An index file's dict: build_index entries plus paths, identity names and the model's metadata."""
+    entries = build_index(emb["feats"], emb["pids"], emb["camids"], centroids, camera_aware)
+    name_of = dict(zip(emb["pids"].tolist(), emb["identities"]))
+    return {"kind": "index", "entry": "centroid" if centroids else "image", "camera_aware": bool(camera_aware),
+            **entries, "paths": [emb["paths"][i] for i in entries["image"].tolist()],
+            "identities": [name_of.get(p, "") for p in entries["pids"].tolist()], "source": str(source),
+            **{k: emb[k] for k in META_KEYS}}
+
+
+def describe_index(index):
+    """'E entries (P identity centroids + U unlabelled images), D-d, X MiB'."""
+    kinds = {"centroid": (index["exclude_camids"] != SHARED).sum().item(),
+             "image": (index["exclude_camids"] == SHARED).sum().item()}
+    size = f"{index['feats'].shape[1]}-d, {index['feats'].numel() * 4 / 2**20:.1f} MiB"
+    if index["entry"] == "image":
+        return f"{len(index['pids'])} image entries, {size}"
+    aware = " (one per identity and excluded camera, plus all-camera ones)" if index["camera_aware"] else ""
+    return (f"{len(index['pids'])} entries: {kinds['centroid']} identity centroids{aware} + {kinds['image']} "
+            f"unlabelled images, {size}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Search
+
+def search_exact(q_feats, g_feats, k, chunk=2**18):
+    """Top-k gallery rows by inner product (= smallest distance for unit vectors): (sims [Q, k], idx [Q, k]).
+
+    One matrix product per gallery chunk, a running top-k merged across chunks (bounded memory).
+    """
+    best_sims = q_feats.new_zeros(len(q_feats), 0)
+    best_idx = torch.zeros(len(q_feats), 0, dtype=torch.int64, device=q_feats.device)
+    for start in range(0, len(g_feats), chunk):
+        sims = q_feats @ g_feats[start:start + chunk].T                           # [Q, C]
+        top_sims, top_idx = sims.topk(min(k, sims.shape[1]), dim=1)
+        best_sims, best_idx = torch.cat([best_sims, top_sims], 1), torch.cat([best_idx, top_idx + start], 1)
+        best_sims, order = best_sims.topk(min(k, best_sims.shape[1]), dim=1)
+        best_idx = best_idx.gather(1, order)
+    return best_sims, best_idx
+
+
+def import_faiss():
+    """The faiss module, or a RetrievalError saying how to install the optional dependency."""
+    try:
+        import faiss
+        return faiss
+    except ImportError:
+        raise RetrievalError("--backend faiss needs the optional package faiss-cpu: pip install faiss-cpu "
+                             "(or use the default exact backend)") from None
+
+
+def search_faiss(q_feats, g_feats, k):
+    """Top-k by inner product with faiss' exact IndexFlatIP: (sims [Q, k], idx [Q, k]) CPU tensors."""
+    faiss = import_faiss()
+    flat = faiss.IndexFlatIP(g_feats.shape[1])
+    flat.add(np.ascontiguousarray(g_feats.float().cpu().numpy()))
+    sims, idx = flat.search(np.ascontiguousarray(q_feats.float().cpu().numpy()), k)
+    return torch.from_numpy(sims), torch.from_numpy(idx).long()
+
+
+def query_groups(index, q_camids):
+    """Which centroids each query searches: its camera when the index has centroids without that camera, else
+    ALL_CAMS. [Q]"""
+    cameras = torch.unique(index["exclude_camids"][index["exclude_camids"] >= 0])
+    q_camids = torch.as_tensor(q_camids, dtype=torch.int64)
+    return torch.where(torch.isin(q_camids, cameras), q_camids, torch.full_like(q_camids, ALL_CAMS))
+
+
+def search_index(index, q_feats, q_camids, k=5, backend="torch", device="cpu"):
+    """(distances [Q, k], entry indices [Q, k]); -1 / nan pad when a query's group has fewer than k entries."""
+    groups = query_groups(index, q_camids)
+    dist = torch.full((len(q_feats), k), float("nan"))
+    idx = torch.full((len(q_feats), k), -1, dtype=torch.int64)
+    for group in torch.unique(groups).tolist():  # a loop over query cameras (few), each one batched
+        rows = torch.nonzero(groups == group)[:, 0]
+        entries = torch.nonzero((index["exclude_camids"] == group) | (index["exclude_camids"] == SHARED))[:, 0]
+        width = min(k, len(entries))
+        if backend == "faiss":
+            sims, found = search_faiss(q_feats[rows], index["feats"][entries], width)
+        elif backend == "torch":
+            sims, found = search_exact(q_feats[rows].float().to(device), index["feats"][entries].float().to(device), width)
+        else:
+            raise RetrievalError(f"--backend {backend!r}: choose torch (exact, default) or faiss")
+        # unit vectors: |q - g|^2 = 2 - 2 q.g
+        dist[rows, :width] = (2 - 2 * sims.float().cpu()).clamp(min=0).sqrt()
+        idx[rows, :width] = entries[found.cpu()]
+    return dist, idx
+
+
+def query_results(index, q_items, dist, idx):
+    """[{query, identity, camid, results: [{rank, identity, distance, path, images}]}] for JSON/CSV/tables."""
+    out = []
+    for (path, identity, camid), row_dist, row_idx in zip(q_items, dist.tolist(), idx.tolist()):
+        hits = [{"rank": r + 1, "identity": index["identities"][e], "distance": round(d, 6),
+                 "path": index["paths"][e], "images": int(index["counts"][e])}
+                for r, (d, e) in enumerate(zip(row_dist, row_idx)) if e >= 0]
+        out.append({"query": path, "identity": identity, "camid": camid, "results": hits})
+    return out
+
+
+def top1_accuracy(results):
+    """(correct, labelled): queries with an identity whose first result has that identity."""
+    labelled = [r for r in results if r["identity"]]
+    correct = sum(bool(r["results"]) and r["results"][0]["identity"] == r["identity"] for r in labelled)
+    return correct, len(labelled)
+
+
+def format_table(results, limit=20):
+    """One line per query: its identity, then identity (distance) of each of the top-k."""
+    k = max((len(r["results"]) for r in results), default=0)
+    lines = [f"{'query':<32} {'identity':<10} " + " ".join(f"{'#' + str(i + 1) + ' id (dist)':<18}" for i in range(k))]
+    for r in results[:limit]:
+        name = os.path.basename(r["query"])[-32:]
+        hits = " ".join(f"{(h['identity'] or '-') + ' (' + format(h['distance'], '.3f') + ')':<18}"
+                        for h in r["results"])
+        lines.append(f"{name:<32} {r['identity'] or '-':<10} {hits}")
+    if len(results) > limit:
+        lines.append(f"... {len(results) - limit} more queries (all of them in --json / --csv)")
+    return "\n".join(lines)
+
+
+def write_json(results, path, info):
+    """Write {'info': ..., 'queries': results} as JSON."""
+    with open(path, "w") as f:
+        json.dump({"info": info, "queries": results}, f, indent=1)
+
+
+def write_csv(results, path):
+    """Write one row per (query, rank): query, query_identity, rank, identity, distance, path, images."""
+    import csv
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["query", "query_identity", "rank", "identity", "distance", "path", "images"])
+        for r in results:
+            for h in r["results"]:
+                writer.writerow([r["query"], r["identity"], h["rank"], h["identity"], h["distance"], h["path"],
+                                 h["images"]])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pictures: ranked lists and CMC curves (PIL only)
+
+GREEN, RED, GREY = (0, 170, 0), (215, 25, 25), (150, 150, 150)
+
+
+def _font(size=11):
+    """PIL's built-in font (scalable in recent Pillow, the bitmap one otherwise)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def draw_ranked_list(query_path, result_paths, out_path, query_label="", result_labels=(), distances=(),
+                     tile=(128, 64)):
+    """PNG: the query, then its top-k left to right; a result is framed green when its label is the
+    query's, red when not, grey when the query has no label."""
+    h, w = tile
+    pad, border, caption = 8, 4, 30
+    font = _font()
+    canvas = Image.new("RGB", (pad + (len(result_paths) + 1) * (w + pad) + pad, h + 2 * pad + caption), "white")
+    draw = ImageDraw.Draw(canvas)
+    tiles = [(query_path, "query", query_label or "?", (40, 40, 40))]
+    for rank, path in enumerate(result_paths):
+        label = result_labels[rank] if rank < len(result_labels) else ""
+        colour = GREY if not query_label else GREEN if label == query_label else RED
+        dist = f" {distances[rank]:.3f}" if rank < len(distances) else ""
+        tiles.append((path, f"#{rank + 1}{dist}", label or "-", colour))
+    for i, (path, line1, line2, colour) in enumerate(tiles):
+        x = pad + i * (w + pad) + (pad if i else 0)  # a wider gap after the query
+        try:
+            image = load_image(path).resize((w - 2 * border, h - 2 * border))
+        except DataError:
+            image = Image.new("RGB", (w - 2 * border, h - 2 * border), (230, 230, 230))
+        draw.rectangle([x, pad, x + w - 1, pad + h - 1], fill=colour)
+        canvas.paste(image, (x + border, pad + border))
+        draw.text((x, pad + h + 3), line1, fill="black", font=font)
+        draw.text((x, pad + h + 16), line2[:12], fill=colour if i else "black", font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    canvas.save(out_path, format="PNG")
+    return out_path
+
+
+def draw_query_results(results, out_dir, limit=50):
+    """One ranked-list PNG per query (the first `limit`) from query_results(); returns the paths."""
+    paths = []
+    for i, r in enumerate(results[:limit]):
+        stem = os.path.splitext(os.path.basename(r["query"]))[0]
+        paths.append(draw_ranked_list(r["query"], [h["path"] for h in r["results"]],
+                                      os.path.join(out_dir, f"query_{i:04d}_{stem}.png"), r["identity"],
+                                      [h["identity"] for h in r["results"]], [h["distance"] for h in r["results"]]))
+    return paths
+
+
+def draw_cmc_curve(curves, out_path, title="CMC", size=(640, 420)):
+    """PNG line plot of CMC curves {label: cmc array (fractions, rank 1 first)}, y in %."""
+    width, height = size
+    left, right, top, bottom = 56, 16, 30, 44
+    font = _font(12)
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    curves = {label: np.asarray(cmc, dtype=float) * 100 for label, cmc in curves.items()}
+    max_rank = max(len(c) for c in curves.values())
+    low = min(90.0, np.floor(min(c.min() for c in curves.values()) / 10) * 10)  # y from low to 100 %
+    x_of = lambda r: left + (r - 1) / max(max_rank - 1, 1) * (width - left - right)  # noqa: E731
+    y_of = lambda v: top + (100 - v) / (100 - low) * (height - top - bottom)  # noqa: E731
+    step = 2 if 100 - low <= 10 else 10
+    for v in np.arange(low, 100.001, step):
+        draw.line([x_of(1), y_of(v), x_of(max_rank), y_of(v)], fill=(225, 225, 225))
+        draw.text((8, y_of(v) - 7), f"{v:.0f}%", fill="black", font=font)
+    for r in sorted({1, 5, 10, 20, 30, 40, 50, max_rank} & set(range(1, max_rank + 1))):
+        draw.text((x_of(r) - 4, height - bottom + 6), str(r), fill="black", font=font)
+    draw.rectangle([x_of(1), y_of(100), x_of(max_rank), y_of(low)], outline="black")
+    draw.text((width // 2 - 20, height - 18), "rank", fill="black", font=font)
+    draw.text((left, 8), title, fill="black", font=font)
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+    # the legend sits bottom right, where a rising CMC curve rarely is
+    legend_x, legend_y = x_of(max_rank) - 190, y_of(low) - 8 - 16 * len(curves)
+    draw.rectangle([legend_x - 6, legend_y - 4, x_of(max_rank) - 6, y_of(low) - 6], fill="white", outline=GREY)
+    for i, (label, cmc) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        draw.line([(x_of(r + 1), y_of(v)) for r, v in enumerate(cmc)], fill=colour, width=2)
+        draw.text((legend_x, legend_y + 16 * i), f"{label}: R1 {cmc[0]:.1f}%", fill=colour, font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    canvas.save(out_path, format="PNG")
+    return out_path
+
+
+def visualize_evaluation(q_feats, q_items, g_feats, g_items, out_dir, results=None, top_k=5, limit=50,
+                         camera_agnostic=False):
+    """evaluate.py --visualize: ranked lists of the first `limit` queries over the gallery (same identity and
+    camera removed, the protocol's rule) and, given evaluate_features' results, cmc.png."""
+    q_feats, g_feats = q_feats[:limit].float(), g_feats.float()
+    q_pids = torch.tensor([pid for _, pid, _ in q_items[:limit]])
+    q_cams = torch.tensor([cam for _, _, cam in q_items[:limit]])
+    g_pids, g_cams = torch.tensor([pid for _, pid, _ in g_items]), torch.tensor([cam for _, _, cam in g_items])
+    sims = q_feats @ g_feats.T                                                     # [q, N], q <= limit
+    if not camera_agnostic:
+        removed = (q_pids[:, None] == g_pids[None, :]) & (q_cams[:, None] == g_cams[None, :])
+        sims.masked_fill_(removed, float("-inf"))
+    top_sims, top_idx = sims.topk(min(top_k, sims.shape[1]), dim=1)
+    paths = []
+    for i, (path, pid, _) in enumerate(q_items[:limit]):
+        kept = top_idx[i][top_sims[i] > float("-inf")].tolist()
+        dists = (2 - 2 * top_sims[i][:len(kept)]).clamp(min=0).sqrt().tolist()
+        paths.append(draw_ranked_list(path, [g_items[j][0] for j in kept],
+                                      os.path.join(out_dir, f"query_{i:04d}_{os.path.splitext(os.path.basename(path))[0]}.png"),
+                                      str(pid) if pid > 0 else "", [str(g_items[j][1]) if g_items[j][1] > 0 else "" for j in kept], dists))
+    if results is not None:
+        curves = {label: results[kind]["cmc"] for kind, label in (("image", "per image"), ("centroid", "centroid"))
+                  if kind in results}
+        paths.append(draw_cmc_curve(curves, os.path.join(out_dir, "cmc.png"), "CMC: share of queries with a hit in the top r"))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measured: gallery size and query time per image vs per centroid; a 1,000,000-vector gallery
+
+def _timed(fn, device, repeats=1):
+    """(result, best seconds over repeats) of fn() with the device synchronised around each run."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        utils.synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        utils.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
+def bench_centroids(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, dim=2048, k=10, device="cpu"):
+    """Market-1501-sized synthetic embeddings: entries, MiB, exact query time and top-1 per index kind."""
+    q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = synthetic_problem(
+        num_query, num_gallery, num_ids, num_cams, dim=dim)
+    device = torch.device(device)
+    rows = []
+    for label, centroids in (("per image", False), ("per centroid", True)):
+        index = build_index(g_feats, g_pids, g_camids, centroids)
+        search_index(index, q_feats[:8], q_camids[:8], k, "torch", device)  # warm-up
+        (_, idx), seconds = _timed(lambda: search_index(index, q_feats, q_camids, k, "torch", device), device)
+        rows.append({"index": label, "entries": len(index["pids"]),
+                     "centroids": int((index["exclude_camids"] != SHARED).sum()),
+                     "mib": index["feats"].numel() * 4 / 2**20, "seconds": seconds,
+                     "ms_per_query": 1000 * seconds / num_query,
+                     "top1": float((index["pids"][idx[:, 0]] == q_pids).float().mean())})
+    return rows
+
+
+def bench_large(num_gallery=1_000_000, dim=256, batch=100, k=10, device="cpu", backends=("torch", "faiss"), seed=0):
+    """Exact matrix-product search vs faiss IndexFlatIP on a random unit-vector gallery, per query batch."""
+    gen = torch.Generator().manual_seed(seed)
+    g_feats = torch.randn(num_gallery, dim, generator=gen)
+    g_feats.div_(g_feats.norm(dim=1, keepdim=True))                                # in place: 1 copy in memory
+    picked = torch.randint(0, num_gallery, (batch,), generator=gen)
+    q_feats = torch.nn.functional.normalize(g_feats[picked] + 0.05 * torch.randn(batch, dim, generator=gen), dim=1)
+    out = {"num_gallery": num_gallery, "dim": dim, "batch": batch, "k": k, "gallery_mib": g_feats.numel() * 4 / 2**20}
+    device = torch.device(device)
+    if "torch" in backends:
+        g_dev, q_dev = g_feats.to(device), q_feats.to(device)
+        (_, exact_idx), out["torch_s"] = _timed(lambda: search_exact(q_dev, g_dev, k), device, repeats=3)
+        exact_idx = exact_idx.cpu()
+        out["torch_found_own"] = float((exact_idx[:, 0] == picked).float().mean())
+        del g_dev
+    if "faiss" in backends:
+        faiss = import_faiss()
+        flat = faiss.IndexFlatIP(dim)
+        _, out["faiss_add_s"] = _timed(lambda: flat.add(g_feats.numpy()), "cpu")
+        q_np = np.ascontiguousarray(q_feats.numpy())
+        (_, faiss_idx), out["faiss_s"] = _timed(lambda: flat.search(q_np, k), "cpu", repeats=3)
+        if "torch" in backends:
+            out["same_topk"] = float((torch.from_numpy(faiss_idx) == exact_idx).all(1).float().mean())
+    return out
+
+
+def run_bench(args):
+    """Print the two measurements of `retrieve.py bench`."""
+    print(f"Market-1501-sized synthetic embeddings: {args.queries} queries, gallery {args.gallery_images} images "
+          f"of {args.ids} identities (+18% unlabelled distractors), 6 cameras, {args.dim}-d, top-{args.k}, "
+          f"exact search on {args.device}, {torch.get_num_threads()} threads")
+    for row in bench_centroids(args.queries, args.gallery_images, args.ids, 6, args.dim, args.k, args.device):
+        print(f"  {row['index']:<13} {row['entries']:>7,} entries ({row['centroids']:,} centroids) "
+              f"{row['mib']:8.1f} MiB   {row['seconds']:7.3f} s for all queries = {row['ms_per_query']:.3f} ms/query"
+              f"   top-1 identity {100 * row['top1']:.1f}%")
+    if args.large:
+        backends = ("torch",) + (("faiss",) if not args.no_faiss else ())
+        res = bench_large(args.large, args.large_dim, args.batch, args.k, args.device, backends)
+        print(f"Synthetic gallery of {res['num_gallery']:,} unit vectors x {res['dim']}-d "
+              f"({res['gallery_mib']:,.0f} MiB), query batch {res['batch']}, top-{res['k']}, best of 3:")
+        print(f"  exact (matrix product, chunked) on {args.device}: {1000 * res['torch_s']:8.1f} ms per batch "
+              f"= {1000 * res['torch_s'] / res['batch']:.2f} ms/query")
+        if "faiss_s" in res:
+            print(f"  faiss IndexFlatIP (exact, CPU):        {1000 * res['faiss_s']:8.1f} ms per batch "
+                  f"= {1000 * res['faiss_s'] / res['batch']:.2f} ms/query (add: {res['faiss_add_s']:.2f} s); "
+                  f"same top-{res['k']} as exact for {100 * res['same_topk']:.0f}% of queries")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+def _device(name):
+    """torch.device of --device auto|cuda|npu|cpu."""
+    return torch.device(utils.pick_device_type(name))
+
+
+def cmd_embed(args):
+    """retrieve.py embed: a checkpoint and images (or a data set split) -> an embeddings file."""
+    if bool(args.inputs) == bool(args.dataset):
+        raise RetrievalError("give image files/folders or --dataset NAME (with --root and --split), not both or neither")
+    items = dataset_images(args.dataset, args.root, args.split) if args.dataset else collect_images(args.inputs)
+    model = load_model(args.checkpoint, args.arch)
+    size = tuple(args.size or checkpoint_test_size(args.checkpoint) or DEFAULT_SIZE)
+    device = _device(args.device)
+    labelled = len({name for _, name, _ in items if name})
+    print(f"{len(items)} images ({labelled} identities), {model.name} at {size[0]}x{size[1]} on {device}")
+    state = embed_to_file(model, items, args.out, device, size, args.batch_size, args.workers, args.flip,
+                          amp_dtype_for(device, args.fp32), args.skip_bad, args.save_every, args.checkpoint)
+    skipped = f"; skipped {len(state['skipped'])} unreadable: {', '.join(state['skipped'][:3])}" if state["skipped"] else ""
+    print(f"wrote {args.out}: {len(state['paths'])} embeddings x {state['feats'].shape[1]}-d, fingerprint "
+          f"{state['fingerprint']}{skipped}")
+    return state
+
+
+def cmd_index(args):
+    """retrieve.py index: embeddings -> a per-image or per-centroid index file."""
+    emb = load_embeddings(args.embeddings)
+    index = index_from_embeddings(emb, args.centroids, args.camera_aware, args.embeddings)
+    utils.save_atomic(index, args.out)
+    print(f"wrote {args.out}: {describe_index(index)}, from {len(emb['paths'])} images; fingerprint {index['fingerprint']}")
+    return index
+
+
+def _query_embeddings(args, index, device):
+    """(feats, items, skipped) of the query inputs: an embeddings file, or images embedded by --checkpoint."""
+    if len(args.inputs) == 1 and args.inputs[0].endswith(".pt"):
+        emb = load_embeddings(args.inputs[0])
+        _check_fingerprint(index, args.index, emb["fingerprint"], f"the embeddings {args.inputs[0]}")
+        items = list(zip(emb["paths"], emb["identities"], emb["camids"].tolist()))
+        return emb["feats"], items, emb["skipped"]
+    if not args.checkpoint:
+        raise RetrievalError("embedding query images needs --checkpoint CKPT (the model that built the index)")
+    items = collect_images(args.inputs)
+    model = load_model(args.checkpoint, args.arch)
+    _check_fingerprint(index, args.index, model_fingerprint(model), f"--checkpoint {args.checkpoint}")
+    return embed_in_memory(model, items, device, index["size"], index["flip"], args.batch_size, args.workers,
+                           amp_dtype_for(device, args.fp32), args.skip_bad)
+
+
+def _check_fingerprint(index, index_path, fingerprint, what):
+    """RetrievalError naming both models when the query side was not made by the index's model."""
+    if fingerprint != index["fingerprint"]:
+        raise RetrievalError(f"{index_path} was built by model {index['fingerprint']} (checkpoint "
+                             f"{index['checkpoint'] or '?'}), but {what} is model {fingerprint}: embeddings of "
+                             f"different models cannot be compared; query with the index's checkpoint, or "
+                             f"rebuild the index (retrieve.py embed + index) with this one")
+
+
+def cmd_query(args):
+    """retrieve.py query: images (or a query embeddings file) against an index -> top-k table, JSON, CSV, PNGs."""
+    index = load_index(args.index)
+    device = _device(args.device)
+    q_feats, items, skipped = _query_embeddings(args, index, device)
+    q_camids = torch.tensor([camid for _, _, camid in items], dtype=torch.int64)
+    dist, idx = search_index(index, q_feats, q_camids, args.top_k, args.backend, device)
+    results = query_results(index, items, dist, idx)
+    print(f"{args.index}: {describe_index(index)}; {len(results)} queries, top-{args.top_k} "
+          f"{'identities' if index['entry'] == 'centroid' else 'images'}, backend {args.backend}")
+    print(format_table(results, args.show))
+    correct, labelled = top1_accuracy(results)
+    if labelled:
+        print(f"top-1 identity correct for {correct} of {labelled} labelled queries ({100 * correct / labelled:.1f}%)")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images: {', '.join(skipped[:3])}")
+    info = {"index": args.index, "entry": index["entry"], "backend": args.backend, "top_k": args.top_k,
+            "fingerprint": index["fingerprint"], "skipped": list(skipped)}
+    for path, write in ((args.json, lambda p: write_json(results, p, info)), (args.csv, lambda p: write_csv(results, p))):
+        if path:
+            write(path)
+            print(f"wrote {path}")
+    if args.visualize:
+        pngs = draw_query_results(results, args.visualize, args.visualize_limit)
+        print(f"wrote {len(pngs)} ranked lists to {args.visualize}/")
+    return results
+
+
+def _common(parser, model=True):
+    """Flags shared by embed and query."""
+    if model:
+        parser.add_argument("--arch", default=None, help="refuse a checkpoint of another architecture (e.g. resnet50)")
+    parser.add_argument("--device", default="auto", help="auto | cuda | npu | cpu (default: auto, the best one)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="loader processes")
+    parser.add_argument("--fp32", action="store_true", help="no fp16 autocast on accelerators")
+    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted) instead of stopping")
+
+
+def get_parser():
+    """The retrieve.py parser with its sub-commands."""
+    parser = argparse.ArgumentParser(description="Embed images, build a gallery index, query it; `bench` measures.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("embed", help="checkpoint + images or a data set -> embeddings file (resumable)")
+    p.add_argument("checkpoint", help="our checkpoint (train.py) or an original centroids-reid .ckpt")
+    p.add_argument("inputs", nargs="*", help="image files or folders; images in <identity>/ sub-folders get that identity")
+    p.add_argument("-o", "--out", required=True, help="embeddings file to write (an unfinished one is resumed)")
+    p.add_argument("--dataset", help="embed a data set split instead (market1501, dukemtmcreid, msmt17, folder, ...)")
+    p.add_argument("--root", default="data", help="folder holding the data set (default: data)")
+    p.add_argument("--split", default="gallery", help="train | query | gallery (default: gallery)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the checkpoint's test size, else 256 128)")
+    p.add_argument("--flip", action="store_true", help="average each embedding with its mirror image's")
+    p.add_argument("--save-every", type=int, default=10, help="batches between partial saves (default: 10)")
+    _common(p)
+    p = sub.add_parser("index", help="embeddings -> per-image or per-identity-centroid index")
+    p.add_argument("embeddings")
+    p.add_argument("-o", "--out", required=True, help="index file to write")
+    p.add_argument("--centroids", action="store_true",
+                   help="one entry per identity: the L2-normalised mean of its embeddings (unlabelled images stay single entries)")
+    p.add_argument("--camera-aware", action="store_true",
+                   help="with --centroids, also one entry per (identity, camera c) averaging its images from cameras "
+                        "other than c: a query from camera c searches those (the evaluator's rule)")
+    p = sub.add_parser("query", help="images (or a query embeddings .pt) against an index -> top-k")
+    p.add_argument("index")
+    p.add_argument("inputs", nargs="+", help="image files or folders, or one embeddings file from `embed`")
+    p.add_argument("--checkpoint", help="the model that built the index (needed to embed images)")
+    p.add_argument("--top-k", type=int, default=5, help="results per query (default: 5)")
+    p.add_argument("--backend", default="torch", choices=("torch", "faiss"),
+                   help="torch: exact matrix product on --device (default); faiss: IndexFlatIP (pip install faiss-cpu)")
+    p.add_argument("--json", help="write the results as JSON")
+    p.add_argument("--csv", help="write the results as CSV (one row per query and rank)")
+    p.add_argument("--visualize", metavar="DIR", help="write a ranked-list PNG per query (green/red frames by label)")
+    p.add_argument("--visualize-limit", type=int, default=50, help="PNGs for at most this many queries (default: 50)")
+    p.add_argument("--show", type=int, default=20, help="queries printed in the table (default: 20)")
+    _common(p)
+    p = sub.add_parser("bench", help="gallery size and query time per image vs per centroid; 1,000,000-vector search")
+    p.add_argument("--queries", type=int, default=3368)
+    p.add_argument("--gallery-images", type=int, default=15913)
+    p.add_argument("--ids", type=int, default=751)
+    p.add_argument("--dim", type=int, default=2048, help="embedding size of the Market-sized run (resnet50: 2048)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--large", type=int, default=1_000_000, help="synthetic gallery size (0: skip)")
+    p.add_argument("--large-dim", type=int, default=256, help="embedding size of the large gallery (default: 256)")
+    p.add_argument("--batch", type=int, default=100, help="queries per batch against the large gallery")
+    p.add_argument("--no-faiss", action="store_true", help="skip the faiss timing")
+    p.add_argument("--device", default="cpu", help="device of the exact search (default: cpu)")
+    return parser
+
+
+def main(argv=None):
+    """Run a sub-command; user errors end with `error: ...` and exit status 1, no traceback."""
+    args = get_parser().parse_args(argv)
+    commands = {"embed": cmd_embed, "index": cmd_index, "query": cmd_query, "bench": run_bench}
+    try:
+        return commands[args.command](args)
+    except (RetrievalError, DataError, WeightError, EvaluationError) as err:
+        raise SystemExit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
