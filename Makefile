@@ -1,9 +1,12 @@
 # make test: create .venv if missing, install requirements, run the test suite.
-# make demo: the same set-up, then generate the synthetic data set and train on it on the CPU.
+# make demo: the same set-up, then generate the synthetic data set and train on it (CPU here).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_FLAGS := --DATASETS.NAMES synthetic --DATASETS.ROOT_DIR data --OUTPUT_DIR output/demo \
+	--MODEL.NAME resnet18 --MODEL.PRETRAINED false --INPUT.SIZE_TRAIN 128 64 --INPUT.SIZE_TEST 128 64 \
+	--SOLVER.MAX_EPOCHS 6 --SOLVER.WARMUP_EPOCHS 2 --SOLVER.BASE_LR 1e-3 --DATALOADER.NUM_WORKERS 2
 
 .PHONY: test demo clean
 
@@ -15,9 +18,13 @@ $(STAMP): requirements.txt requirements-test.txt
 test: $(STAMP)
 	$(PY) -m pytest -q test
 
-demo: $(STAMP)
-	test -d data/synthetic || $(PY) data.py synthesize data/synthetic
-	$(PY) data.py check data/synthetic --dataset synthetic
+data/synthetic: | $(STAMP)
+	$(PY) data.py synthesize data/synthetic
+
+demo: $(STAMP) data/synthetic
+	$(PY) data.py baseline data/synthetic
+	rm -rf output/demo
+	$(PY) train.py $(DEMO_FLAGS)
 
 clean:
 	rm -rf output test/output .pytest_cache

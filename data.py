@@ -495,11 +495,17 @@ def _pin_memory():
     return bool(accelerator.is_available()) if accelerator else torch.cuda.is_available()
 
 
+def _usable_workers(num_workers):
+    """No more loader processes than cores: extra ones only compete with the training process."""
+    return max(0, min(int(num_workers), os.cpu_count() or 1))
+
+
 def build_train_loader(items, num_ids, num_instances, size, num_workers, seed=0, rank=0, world_size=1,
                        flip_prob=0.5, padding=10, re_prob=0.5):
     """PK-sampled training loader -> (loader, sampler); call sampler.set_epoch(e) each epoch."""
     dataset = ImageDataset(items, build_train_transform(size, flip_prob, padding, re_prob))
     sampler = PKSampler([pid for _, pid, _ in items], num_ids, num_instances, seed, rank, world_size)
+    num_workers = _usable_workers(num_workers)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=_pin_memory(),
                         persistent_workers=num_workers > 0,
                         generator=torch.Generator().manual_seed(seed * 1000 + rank))  # worker seeds
@@ -509,6 +515,7 @@ def build_train_loader(items, num_ids, num_instances, size, num_workers, seed=0,
 def build_test_loader(items, size, batch_size, num_workers):
     """Loader in the items' order (no shuffle) with the test transform."""
     dataset = ImageDataset(items, build_test_transform(size))
+    num_workers = _usable_workers(num_workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=_pin_memory(), persistent_workers=num_workers > 0)
 

@@ -323,7 +323,7 @@ def extract_sharded(model, items, args, device, rank, world_size, amp_dtype):
                                getattr(args, "TEST.IMS_PER_BATCH"), getattr(args, "DATALOADER.NUM_WORKERS"))
     feats, _, _ = extract_features(model, loader, device, flip=getattr(args, "TEST.FLIP_FEATS"),
                                    feat_norm=getattr(args, "TEST.FEAT_NORM"), amp_dtype=amp_dtype)
-    return utils.gather_rows(feats.to(device), len(items)).cpu()
+    return utils.gather_rows(feats.to(device), len(items))  # metrics then run on the device too
 
 
 def evaluate_epoch(model, data, args, device, rank, world_size, amp_dtype):
