@@ -486,12 +486,14 @@ def main(argv=None):
     resume_path = resolve_resume(args.resume, output_dir)
     if resume_path:
         next_epoch, next_step, best_metric = resume(resume_path, model, center_loss, optimizers, scheduler, scaler, sampler)
-    train_model = model
+    train_model, train_center_loss = model, center_loss
     if world_size > 1:
         if getattr(args, "SOLVER.SYNC_BN"):
             train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type != "cpu" else None)
+        device_ids = [device.index] if device.type != "cpu" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
+        # the centers are learned too: their gradients must be averaged over the ranks like the model's
+        train_center_loss = torch.nn.parallel.DistributedDataParallel(center_loss, device_ids=device_ids)
     if getattr(args, "SOLVER.COMPILE"):
         train_model = torch.compile(train_model)
     signal.signal(signal.SIGINT, request_stop)
@@ -501,7 +503,7 @@ def main(argv=None):
     for epoch in range(next_epoch, max_epochs):
         sampler.set_epoch(epoch, start_step=next_step)
         try:
-            stats, stopped_at = train_one_epoch(train_model, center_loss, loader, optimizers, scaler, apex_amp, args,
+            stats, stopped_at = train_one_epoch(train_model, train_center_loss, loader, optimizers, scaler, apex_amp, args,
                                                 device, epoch, next_step, amp_dtype, world_size)
         except NonFiniteLoss as err:
             raise SystemExit(f"error: {err}")
