@@ -564,7 +564,11 @@ def evaluate_checkpoint(argv):
     model = model_from_checkpoint(flag("MODEL.PRETRAIN_PATH")).to(device)
     amp_dtype, _ = utils.amp_settings(device.type, flag("USE_MIXED_PRECISION") and device.type != "cpu",
                                       flag("SOLVER.AMP_DTYPE"))
-    loaders = [build_test_loader(data[split], flag("INPUT.SIZE_TEST"), flag("TEST.IMS_PER_BATCH"),
+    # the size the model was trained for, unless --INPUT.SIZE_TEST is given
+    given = any(a.upper().lstrip("-").startswith("INPUT.SIZE_TEST") for a in argv)
+    size = flag("INPUT.SIZE_TEST") if given or model.input_size is None else model.input_size
+    print(f"input size {size[0]}x{size[1]}")
+    loaders = [build_test_loader(data[split], size, flag("TEST.IMS_PER_BATCH"),
                                  flag("DATALOADER.NUM_WORKERS")) for split in ("query", "gallery")]
     results = evaluate_model(model, *loaders, device, flip=flag("TEST.FLIP_FEATS"), feat_norm=flag("TEST.FEAT_NORM"),
                              keep_camid_centroids=flag("MODEL.KEEP_CAMID_CENTROIDS") and data["has_cameras"],

@@ -312,4 +312,15 @@ def model_from_checkpoint(path, center_loss=None):
     built = (f"built {name}, {num_classes} identities, last stride {last_stride}, "
              f"stem {'with' if model.stem_relu else 'without'} ReLU")
     _apply_state(model, state, centers, kind, path, dropped, center_loss, notes=[built])
+    model.input_size = _trained_input_size(obj)
     return model.eval()
+
+
+def _trained_input_size(obj):
+    """[H, W] the checkpoint's model was tested at (ours: config, original: hyper_parameters), or None."""
+    try:
+        if isinstance(obj.get("config"), dict):
+            return [int(v) for v in obj["config"]["INPUT.SIZE_TEST"]]
+        return [int(v) for v in obj["hyper_parameters"]["INPUT"]["SIZE_TEST"]]
+    except (KeyError, TypeError, ValueError):
+        return None
