@@ -1,0 +1,606 @@
+"""Measured speed of every stage: loader, training step (vs the bare backbone step), end to end, feature
+extraction and the evaluator. Prints one table (stage | figure | value | unit | device | dtype | batch | input)
+and, with --json, writes the same rows.
+
+    python bench.py                               # CPU preset, < 5 minutes on 2 cores
+    python bench.py --device cuda --json b.json   # accelerator preset: 256x128, fp32/bf16/fp16, compile, big batch
+    python bench.py --tiny                        # seconds (the test's mode)
+    python bench.py --device cuda --gpu-augment   # also decode + augment on the device (workers read bytes)
+
+Every training figure runs train.py's own code: train.build_optimizers, train.train_one_epoch (compute_losses,
+backward_and_step) on a batch already on the device (the step) or on the real loader (end to end).
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+
+import train
+import utils
+from data import (IMAGENET_MEAN, IMAGENET_STD, DataError, PKSampler, build_test_loader, read_dataset,
+                  synthesize, throughput)
+from evaluate import benchmark_metrics, extract_features
+from loss import CenterLoss
+from model import build_model
+
+# Defaults of each preset; any flag given on the command line wins.
+PRESETS = {
+    "tiny": dict(model="resnet18", size=[64, 32], loader_size=[64, 32], ids=4, instances=4, large_ids=0,
+                 dtypes=["fp32"], compile_dtypes=[], warmup=1, rounds=3, steps=1, synth_ids=40,
+                 images_per_id=8, epochs=2, feature_images=64, metrics_size=[200, 1000, 100],
+                 loader_batches=3, e2e_dtype="fp32"),
+    "cpu": dict(model="resnet50", size=[64, 32], loader_size=[256, 128], ids=16, instances=4, large_ids=0,
+                dtypes=["fp32"], compile_dtypes=[], warmup=1, rounds=7, steps=1, synth_ids=80,
+                images_per_id=16, epochs=2, feature_images=256, metrics_size=[3368, 15913, 751],
+                loader_batches=10, e2e_dtype="fp32"),
+    "device": dict(model="resnet50", size=[256, 128], loader_size=[256, 128], ids=16, instances=4, large_ids=64,
+                   dtypes=["fp32", "bf16", "fp16"], compile_dtypes=["bf16"], warmup=10, rounds=7, steps=20,
+                   synth_ids=600, images_per_id=16, epochs=3, feature_images=0, metrics_size=[3368, 15913, 751],
+                   loader_batches=20, e2e_dtype="bf16"),
+}
+STAGES = ("loader", "step", "e2e", "features", "metrics")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def get_args_parser():
+    """bench.py flags; None means 'the preset's value'."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | npu (default auto)")
+    p.add_argument("--preset", choices=list(PRESETS), help="default: cpu on the CPU, device on an accelerator")
+    p.add_argument("--tiny", action="store_true", help="same as --preset tiny (seconds; used by the test)")
+    p.add_argument("--json", default="", help="also write the rows to this JSON file (rewritten after each stage)")
+    p.add_argument("--data", default="", help="synthetic data set folder: reused if it exists, else written there "
+                   "(default: a temporary folder, deleted afterwards)")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run (default all)")
+    p.add_argument("--model", help="backbone (resnet50 on cpu/device, resnet18 tiny)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="training/feature input size")
+    p.add_argument("--loader-size", type=int, nargs=2, metavar=("H", "W"), help="loader stage output size")
+    p.add_argument("--ids", type=int, help="P: identities per batch (default 16)")
+    p.add_argument("--instances", type=int, help="K: images per identity (default 4)")
+    p.add_argument("--large-ids", type=int, help="P of the larger-batch step run (0: none)")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, help="step precisions (fp32 = no autocast)")
+    p.add_argument("--compile-dtypes", nargs="*", choices=DTYPES, help="precisions also timed with torch.compile")
+    p.add_argument("--e2e-dtype", choices=DTYPES, help="precision of the end-to-end epochs")
+    p.add_argument("--e2e-compile", action="store_true", help="torch.compile the end-to-end model")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="loader workers N (default: all cores)")
+    p.add_argument("--warmup", type=int, help="untimed steps of each variant before timing")
+    p.add_argument("--rounds", type=int, help="alternating full/bare rounds (medians are reported)")
+    p.add_argument("--steps", type=int, help="steps per round")
+    p.add_argument("--epochs", type=int, help="end-to-end epochs (the first is warm-up, not counted)")
+    p.add_argument("--synth-ids", type=int, help="identities of the synthetic data set (half train)")
+    p.add_argument("--images-per-id", type=int, help="mean images per identity of the synthetic data set")
+    p.add_argument("--feature-images", type=int, help="images embedded in the feature stage (0: all)")
+    p.add_argument("--gpu-augment", action="store_true",
+                   help="also measure the loader that decodes (torchvision.io.decode_jpeg) and augments on the device")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of the main process (default: torch's choice; 1 on a busy shared CPU)")
+    p.add_argument("--note", default="", help="a line printed above the table and stored in the JSON")
+    return p
+
+
+def resolve_config(args):
+    """Fill every None flag from the preset (tiny, or cpu/device by the device type)."""
+    device_type = utils.pick_device_type(args.device)
+    preset = "tiny" if args.tiny else args.preset or ("cpu" if device_type == "cpu" else "device")
+    for key, value in PRESETS[preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.preset, args.device = preset, torch.device(device_type)
+    if device_type != "cpu":
+        args.device = torch.device(device_type, getattr(torch, device_type).current_device())
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows and the table
+
+def device_name(device):
+    """'cpu (2 cores, 1 thread)' or 'cuda:0 NVIDIA H200'."""
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        return f"cpu ({len(os.sched_getaffinity(0))} cores, {threads} thread{'s' if threads > 1 else ''})"
+    return f"{device} {getattr(torch, device.type).get_device_name(device)}"
+
+
+def device_label(device):
+    """The table's device column: 'cpu 2thr' or the accelerator's name."""
+    if device.type == "cpu":
+        return f"cpu {torch.get_num_threads()}thr"
+    return getattr(torch, device.type).get_device_name(device)
+
+
+def make_row(stage, figure, value, unit, device, dtype="-", batch="-", size="-"):
+    """One result: what was measured, its value and unit, and the conditions it was measured under."""
+    return {"stage": stage, "figure": figure, "value": float(value), "unit": unit, "device": device_label(device),
+            "dtype": dtype, "batch": batch, "input": "x".join(map(str, size)) if size != "-" else "-"}
+
+
+def plural(count, word):
+    """'1 worker', '2 workers'."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def batch_text(num_ids, num_instances):
+    """'16x4=64' (identities x images per identity = images)."""
+    return f"{num_ids}x{num_instances}={num_ids * num_instances}"
+
+
+def format_value(value, unit):
+    """Numbers as people read them: 3 significant digits, thousands separated."""
+    if unit == "x":
+        return f"{value:.3f}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def format_table(rows):
+    """The rows as an aligned text table (also valid markdown)."""
+    head = ["stage", "figure", "value", "unit", "device", "dtype", "batch", "input"]
+    cells = [[r["stage"], r["figure"], format_value(r["value"], r["unit"]), r["unit"], r["device"], r["dtype"],
+              r["batch"], r["input"]] for r in rows]
+    widths = [max(len(str(c[i])) for c in [head] + cells) for i in range(len(head))]
+    line = lambda c: "| " + " | ".join(str(x).rjust(w) if i == 2 else str(x).ljust(w)  # noqa: E731
+                                       for i, (x, w) in enumerate(zip(c, widths))) + " |"
+    sep = "|" + "|".join("-" * (w + 1) + (":" if i == 2 else "-") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(head), sep] + [line(c) for c in cells])
+
+
+def write_json(path, meta, rows, notes):
+    """Rows, notes and the conditions (device, versions, date) as JSON."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "notes": notes}, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+def prepare_data(args, tmp):
+    """The synthetic data set folder: --data if it already holds one, else written (128x64 JPEGs, Market-sized)."""
+    root = args.data or os.path.join(tmp, "synthetic")
+    if not (os.path.isdir(root) and os.listdir(root)):
+        start = time.perf_counter()
+        counts = synthesize(root, ids=args.synth_ids, images_per_id=args.images_per_id, size=(128, 64))
+        print(f"synthetic data set {root}: {sum(counts.values())} images 128x64 "
+              f"({time.perf_counter() - start:.1f} s)", flush=True)
+    return root
+
+
+def channels_last(device):
+    """The memory format train.py uses: channels-last on accelerators, unchanged on the CPU."""
+    return torch.channels_last if device.type != "cpu" else torch.preserve_format
+
+
+def precision_text(dtype, device, compiled=False):
+    """'fp32', 'bf16 cl compiled' ...: the precision plus channels-last (accelerators) and torch.compile."""
+    return dtype + (" cl" if device.type != "cpu" else "") + (" compiled" if compiled else "")
+
+
+def amp_for(dtype, device):
+    """(autocast dtype or None, GradScaler) for fp32 / bf16 / fp16, made by train.py's helpers."""
+    amp_dtype, needs_scaler = utils.amp_settings(device.type, dtype != "fp32", "fp16" if dtype == "fp32" else dtype)
+    return amp_dtype, utils.make_grad_scaler(device, needs_scaler)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding and augmentation on the device (--gpu-augment): workers only read the JPEG bytes
+
+class EncodedImages(Dataset):
+    """(path, pid, camid) items -> (JPEG bytes as a uint8 tensor, pid, camid)."""
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, pid, camid = self.items[index]
+        return torchvision.io.read_file(path), pid, camid
+
+
+def collate_encoded(batch):
+    """(all files' bytes in one tensor, their lengths [B], pids [B], camids [B]): one shared buffer per batch
+    (a tensor per image would pass a file descriptor per image between processes)."""
+    data, pids, camids = zip(*batch)
+    return torch.cat(data), torch.tensor([len(d) for d in data]), torch.tensor(pids), torch.tensor(camids)
+
+
+def random_erasing_boxes(batch, height, width, device, prob=0.5, scale=(0.02, 0.4), ratio=(0.3, 3.3), tries=10):
+    """Per image: whether to erase and the box (top, left, h, w), drawn as torchvision's RandomErasing does:
+    up to `tries` draws of area and log-uniform aspect, the first that fits wins, none fits -> no erasing."""
+    area = height * width * torch.empty(batch, tries, device=device).uniform_(*scale)        # [B, T]
+    aspect = torch.exp(torch.empty(batch, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    h = torch.sqrt(area * aspect).round().long()
+    w = torch.sqrt(area / aspect).round().long()
+    fits = (h < height) & (w < width)                                                         # [B, T]
+    first = fits.long().argmax(dim=1, keepdim=True)                                           # [B, 1]
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]                                 # [B]
+    erase = (torch.rand(batch, device=device) < prob) & fits.any(dim=1)
+    top = (torch.rand(batch, device=device) * (height - h + 1)).long()
+    left = (torch.rand(batch, device=device) * (width - w + 1)).long()
+    return erase, top, left, h, w
+
+
+def augment_batch(images, size, flip_prob=0.5, padding=10, re_prob=0.5):
+    """data.build_train_transform on a whole batch on its device: uint8 [3, h, w] list -> float [B, 3, H, W].
+
+    Resize (bilinear, antialiased), flip, zero pad + random crop, ImageNet normalisation, random erasing
+    with 0: the same draws and distributions as the per-image torchvision pipeline."""
+    height, width = size
+    device = images[0].device
+    x = torch.cat([F.interpolate(img[None].float(), size=(height, width), mode="bilinear", antialias=True,
+                                 align_corners=False) for img in images]) / 255  # [B, 3, H, W]
+    batch = len(x)
+    flip = torch.rand(batch, device=device) < flip_prob
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    # pad + crop = shift by (padding - offset) with zeros coming in; offsets uniform in 0..2*padding
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, batch, 1), device=device)
+    rows = torch.arange(height, device=device) + dy - padding                               # [B, H]
+    cols = torch.arange(width, device=device) + dx - padding                                # [B, W]
+    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+    b = torch.arange(batch, device=device)[:, None, None]
+    x = x[b, :, rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]]  # [B, H, W, 3]
+    x = (x * inside[..., None]).permute(0, 3, 1, 2)
+    mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
+    x = (x - mean) / std
+    erase, top, left, h, w = random_erasing_boxes(batch, height, width, device, re_prob)
+    r = torch.arange(height, device=device)[None, :, None]
+    c = torch.arange(width, device=device)[None, None, :]
+    box = ((r >= top[:, None, None]) & (r < (top + h)[:, None, None]) & (c >= left[:, None, None])
+           & (c < (left + w)[:, None, None]) & erase[:, None, None])                      # [B, H, W]
+    return x.masked_fill(box[:, None], 0).contiguous()
+
+
+class DeviceAugmentLoader:
+    """The PK training loader with JPEG decoding (torchvision.io.decode_jpeg) and augmentation on `device`.
+
+    Yields (images [B, 3, H, W] float32 on device, pids, camids) like data.build_train_loader's loader;
+    `batch_sampler` is the PKSampler (train.train_one_epoch reads its length)."""
+
+    def __init__(self, items, num_ids, num_instances, size, num_workers, device, seed=0):
+        self.size, self.device = tuple(size), device
+        self.batch_sampler = PKSampler([pid for _, pid, _ in items], num_ids, num_instances, seed)
+        self.loader = DataLoader(EncodedImages(items), batch_sampler=self.batch_sampler, num_workers=num_workers,
+                                 collate_fn=collate_encoded, persistent_workers=num_workers > 0)
+
+    def __iter__(self):
+        decode_device = self.device if self.device.type == "cuda" else "cpu"  # nvjpeg on CUDA only
+        for data, lengths, pids, camids in self.loader:
+            files = list(data.split(lengths.tolist()))
+            images = torchvision.io.decode_jpeg(files, mode=torchvision.io.ImageReadMode.RGB, device=decode_device)
+            yield augment_batch([img.to(self.device) for img in images], self.size), pids, camids
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 1: the loader
+
+def loader_batches(args, num_steps, workers):
+    """How many batches to time: the epoch must also cover start-up and the workers' prefetched batches."""
+    batches = min(args.loader_batches, num_steps - 1 - 2 * workers)
+    if batches < 1:
+        raise DataError(f"the synthetic set gives {num_steps} batches of {batch_text(args.ids, args.instances)} per "
+                        f"epoch, too few to time {workers} workers: raise --synth-ids or --images-per-id")
+    return batches
+
+
+def bench_loader(args, root):
+    """Decoded + augmented images/s of data.build_train_loader for 0 workers and N workers (data.throughput)."""
+    items = read_dataset("synthetic", root)["train"]
+    num_steps = len(PKSampler([pid for _, pid, _ in items], args.ids, args.instances))
+    batch, size, rows = batch_text(args.ids, args.instances), args.loader_size, []
+    for workers in sorted({0, args.workers}):
+        ips = throughput(root, "synthetic", [workers], tuple(size), args.ids, args.instances,
+                         loader_batches(args, num_steps, workers))[workers]
+        if workers == 0:
+            rows.append(make_row("loader", "decode+augment, 1 process (1 thread)", ips, "images/s", args.device,
+                                 "uint8->fp32", batch, size))
+        else:
+            rows.append(make_row("loader", f"decode+augment, {plural(workers, 'worker')}", ips, "images/s", args.device,
+                                 "uint8->fp32", batch, size))
+            rows.append(make_row("loader", f"per worker ({plural(workers, 'worker')})", ips / workers, "images/s/worker",
+                                 args.device, "uint8->fp32", batch, size))
+    if args.gpu_augment:
+        loader = DeviceAugmentLoader(items, args.ids, args.instances, size, args.workers, args.device)
+        batches = loader_batches(args, num_steps, args.workers)
+        iterator = iter(loader)
+        for _ in range(1 + 2 * args.workers):
+            next(iterator)
+        utils.synchronize(args.device)
+        start, images = time.perf_counter(), 0
+        for _, (x, _, _) in zip(range(batches), iterator):
+            images += len(x)
+        utils.synchronize(args.device)
+        rows.append(make_row("loader", f"read bytes ({plural(args.workers, 'worker')}) + decode+augment on {args.device.type}",
+                             images / (time.perf_counter() - start), "images/s", args.device, "uint8->fp32", batch, size))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 2: the training step against the bare backbone step
+
+class RepeatedBatch:
+    """A loader stand-in for train.train_one_epoch: one device-resident batch, `steps` times."""
+
+    def __init__(self, batch, steps):
+        self.batch, self.batch_sampler = batch, range(steps)
+
+    def __iter__(self):
+        return (self.batch for _ in self.batch_sampler)
+
+
+def train_flags(args, num_ids, dtype, compiled, extra=()):
+    """train.py's own flags for a run of this bench (everything else at train.py's defaults)."""
+    return train.parse_args([
+        "--MODEL.NAME", args.model, "--MODEL.PRETRAINED", "false", "--MODEL.DEVICE", args.device.type,
+        "--SOLVER.IMS_PER_BATCH", str(num_ids), "--DATALOADER.NUM_INSTANCE", str(args.instances),
+        "--INPUT.SIZE_TRAIN", *map(str, args.size), "--INPUT.SIZE_TEST", *map(str, args.size),
+        "--USE_MIXED_PRECISION", str(dtype != "fp32"), "--SOLVER.AMP_DTYPE", "fp16" if dtype == "fp32" else dtype,
+        "--SOLVER.COMPILE", str(compiled), "--DATALOADER.NUM_WORKERS", str(args.workers), *extra])
+
+
+def bare_round(forward, optimizer, scaler, images, device, amp_dtype, steps):
+    """(wall, process CPU) seconds per bare step: backbone + pooling forward, mean as the loss, backward, Adam."""
+    utils.synchronize(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        with utils.autocast(device, amp_dtype):
+            feat = forward(images)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(feat.float().mean()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    utils.synchronize(device)
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
+
+
+def full_round(train_model, center_loss, batch, optimizers, scaler, targs, device, amp_dtype, steps):
+    """(wall, process CPU) seconds per full step, run by train.train_one_epoch on a repeated device-resident batch."""
+    utils.synchronize(device)  # no earlier work may still be queued when the clock starts
+    start, cpu_start = time.perf_counter(), time.process_time()
+    train.train_one_epoch(train_model, center_loss, RepeatedBatch(batch, steps), optimizers, scaler, None, targs,
+                          device, 0, 0, amp_dtype, 1)  # ends with a device synchronisation
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
+
+
+def bench_step(args, dtype, compiled, num_ids, notes, num_classes=751):
+    """Full training step vs bare backbone step on one batch, alternating rounds: images/s and the ratio."""
+    device, K = args.device, args.instances
+    targs = train_flags(args, num_ids, dtype, compiled)
+    torch.manual_seed(0)
+    model = build_model(args.model, num_classes, getattr(targs, "MODEL.LAST_STRIDE"))
+    center_loss = CenterLoss(num_classes, model.feat_dim).to(device)
+    model.to(device, memory_format=channels_last(device))
+    optimizers = list(train.build_optimizers(targs, model, center_loss)[:2])
+    bare_optimizer = train.build_optimizers(targs, model.backbone, center_loss)[0]  # the same Adam, backbone only
+    amp_dtype, full_scaler = amp_for(dtype, device)
+    _, bare_scaler = amp_for(dtype, device)
+    images = torch.randn(num_ids * K, 3, *args.size, device=device).contiguous(memory_format=channels_last(device))
+    pids = torch.arange(num_ids, device=device).repeat_interleave(K)  # identity-major, as the PK sampler gives
+    batch = (images, pids, torch.zeros_like(pids))
+    train_model = torch.compile(model) if compiled else model
+
+    def pooled(x):  # the backbone and global average pooling: [B, 3, H, W] -> [B, D]
+        return model.backbone(x).mean(dim=(2, 3))
+    bare_forward = torch.compile(pooled) if compiled else pooled
+    run_full = lambda n: full_round(train_model, center_loss, batch, optimizers, full_scaler, targs,  # noqa: E731
+                                    device, amp_dtype, n)
+    run_bare = lambda n: bare_round(bare_forward, bare_optimizer, bare_scaler, images, device, amp_dtype, n)  # noqa: E731
+    run_full(args.warmup), run_bare(args.warmup)
+    scales = full_scaler.get_scale(), bare_scaler.get_scale()
+    full_s, bare_s = [], []
+    for r in range(args.rounds):  # alternate which goes first, so that a drifting load hits both alike
+        if r % 2:
+            bare_s.append(run_bare(args.steps))
+            full_s.append(run_full(args.steps))
+        else:
+            full_s.append(run_full(args.steps))
+            bare_s.append(run_bare(args.steps))
+    skipped = [round(math.log2(before / max(s.get_scale(), 1e-30)))
+               for before, s in zip(scales, (full_scaler, bare_scaler)) if s.is_enabled()]
+    if any(skipped):
+        notes.append(f"{dtype}: the loss scaler skipped {skipped} (full, bare) optimizer steps while timing "
+                     f"(non-finite fp16 gradients); those steps did less work")
+    precision, batch_name, images_per_step = precision_text(dtype, device, compiled), batch_text(num_ids, K), num_ids * K
+    row = lambda figure, value, unit: make_row("step", figure, value, unit, device, precision,  # noqa: E731
+                                               batch_name, args.size)
+    rows = [row("full step: fwd, 4 losses, bwd, Adam + center SGD",
+                images_per_step / statistics.median(f[0] for f in full_s), "images/s"),
+            row("bare step: backbone fwd + pool, bwd, Adam", images_per_step / statistics.median(b[0] for b in bare_s),
+                "images/s"),
+            row("full / bare step time (median of rounds)",
+                statistics.median(f[0] / b[0] for f, b in zip(full_s, bare_s)), "x")]
+    if device.type == "cpu":  # CPU seconds do not grow when other processes share the cores
+        rows.append(row("full / bare step CPU time (median of rounds)",
+                        statistics.median(f[1] / b[1] for f, b in zip(full_s, bare_s)), "x"))
+    return rows
+
+
+def release(device):
+    """Free cached device memory and compiled graphs between configurations."""
+    torch._dynamo.reset()
+    if device.type != "cpu":
+        getattr(torch, device.type).empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 3: real epochs with the loader
+
+def bench_end_to_end(args, root, device_augment=False):
+    """Images/s of real train.py epochs (train.build_everything + train.train_one_epoch), first epoch not counted."""
+    device, dtype = args.device, args.e2e_dtype
+    targs = train_flags(args, args.ids, dtype, args.e2e_compile,
+                        ["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", root])
+    torch.manual_seed(0)
+    data, loader, sampler, model, center_loss, optimizers, _ = train.build_everything(targs, device, 0, 1)
+    if device_augment:
+        loader = DeviceAugmentLoader(data["train"], args.ids, args.instances, args.size, args.workers, device)
+        sampler = loader.batch_sampler
+    amp_dtype, scaler = amp_for(dtype, device)
+    train_model = torch.compile(model) if args.e2e_compile else model
+    seconds = waiting = steps = 0.0
+    for epoch in range(max(2, args.epochs)):
+        sampler.set_epoch(epoch)
+        stats, _ = train.train_one_epoch(train_model, center_loss, loader, optimizers, scaler, None, targs, device,
+                                         epoch, 0, amp_dtype, 1)
+        if epoch:  # the first epoch starts the workers (and compiles): not counted
+            seconds += stats["step_time_s"] * len(sampler)
+            waiting += stats["data_time_s"] * len(sampler)
+            steps += len(sampler)
+    where = f"decode+augment on {device.type}" if device_augment else plural(args.workers, "loader worker")
+    precision, batch = precision_text(dtype, device, args.e2e_compile), batch_text(args.ids, args.instances)
+    return [make_row("e2e", f"training epochs, {where}", steps * args.ids * args.instances / seconds, "images/s",
+                     device, precision, batch, args.size),
+            make_row("e2e", f"share of step time waiting for data ({where})", 100 * waiting / seconds, "%",
+                     device, precision, batch, args.size)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages 4 and 5: feature extraction and the evaluator
+
+def bench_features(args, root):
+    """Images/s of evaluate.extract_features over the query + gallery images with the test loader."""
+    device, data = args.device, read_dataset("synthetic", root)
+    items = data["query"] + data["gallery"]
+    items = items[:args.feature_images] if args.feature_images else items
+    batch_size = getattr(train.parse_args([]), "TEST.IMS_PER_BATCH")
+    amp_dtype, _ = amp_for(args.e2e_dtype, device)
+    model = build_model(args.model, data["num_train_pids"]).to(device, memory_format=channels_last(device))
+    extract_features(model, build_test_loader(items[:batch_size], args.size, batch_size, 0), device,
+                     amp_dtype=amp_dtype)  # warm-up: first-call allocations and kernel choices
+    loader = build_test_loader(items, args.size, batch_size, args.workers)
+    utils.synchronize(device)
+    start = time.perf_counter()
+    extract_features(model, loader, device, amp_dtype=amp_dtype)
+    utils.synchronize(device)
+    seconds = time.perf_counter() - start
+    return [make_row("features", f"extract_features, {len(items)} images, {plural(args.workers, 'worker')}",
+                     len(items) / seconds, "images/s", device, precision_text(args.e2e_dtype, device),
+                     str(batch_size), args.size)]
+
+
+def bench_metrics(args):
+    """evaluate.benchmark_metrics: the evaluator's time vs np.argsort of the same distance matrix."""
+    num_query, num_gallery, num_ids = args.metrics_size
+    res = benchmark_metrics(num_query, num_gallery, num_ids, device=str(args.device))
+    size, device = (num_query, num_gallery), args.device
+    threads = plural(res["threads"], "thread")
+    rows = [make_row("metrics", f"evaluate_rank (mAP, CMC, mINP), {threads}", res["evaluate_s"], "s",
+                     device, "fp32", "-", size),
+            make_row("metrics", "np.argsort(distmat, axis=1) on the CPU", res["argsort_s"], "s", device, "fp32", "-", size),
+            make_row("metrics", "evaluate_rank / np.argsort", res["ratio"], "x", device, "fp32", "-", size)]
+    if "evaluate_1thread_s" in res and res["threads"] > 1:
+        rows.append(make_row("metrics", "evaluate_rank, 1 thread / np.argsort", res["ratio_1thread"], "x", device,
+                             "fp32", "-", size))
+    if "device_argsort_s" in res:
+        rows.append(make_row("metrics", f"torch.argsort on {device.type}", res["device_argsort_s"], "s", device,
+                             "fp32", "-", size))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Main
+
+def step_configs(args):
+    """(dtype, compiled, P) of every training-step measurement."""
+    configs = [(dtype, False, args.ids) for dtype in args.dtypes]
+    configs += [(dtype, True, args.ids) for dtype in args.compile_dtypes]
+    if args.large_ids:
+        configs.append((args.e2e_dtype, False, args.large_ids))
+    return configs
+
+
+def run_stages(args, root, meta, rows, notes):
+    """Run the chosen stages in order, printing each row as it comes and rewriting the JSON after each stage."""
+    def add(new_rows):
+        rows.extend(new_rows)
+        for r in new_rows:
+            print(f"  {r['stage']}: {r['figure']}: {format_value(r['value'], r['unit'])} {r['unit']} "
+                  f"({r['dtype']}, batch {r['batch']}, input {r['input']})", flush=True)
+        write_json(args.json, meta, rows, notes)
+
+    if "loader" in args.stages:
+        print("== loader", flush=True)
+        add(bench_loader(args, root))
+    if "step" in args.stages:
+        for dtype, compiled, num_ids in step_configs(args):
+            print(f"== training step: {precision_text(dtype, args.device, compiled)}, "
+                  f"{batch_text(num_ids, args.instances)} images", flush=True)
+            add(bench_step(args, dtype, compiled, num_ids, notes))
+            release(args.device)
+    if "e2e" in args.stages:
+        print("== end to end", flush=True)
+        add(bench_end_to_end(args, root))
+        release(args.device)
+        if args.gpu_augment:
+            add(bench_end_to_end(args, root, device_augment=True))
+            release(args.device)
+    if "features" in args.stages:
+        print("== feature extraction", flush=True)
+        add(bench_features(args, root))
+    if "metrics" in args.stages:
+        print("== evaluator", flush=True)
+        add(bench_metrics(args))
+
+
+def describe_run(args):
+    """The conditions every figure shares: device, versions, threads, date."""
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "device": device_name(args.device), "preset": args.preset, "model": args.model,
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
+            "cpu_cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "loader_workers": args.workers, "note": args.note, "load_average": os.getloadavg()[0],
+            "command": "python bench.py " + " ".join(sys.argv[1:])}
+
+
+def main(argv=None):
+    """Run the bench; print the table (and write the JSON)."""
+    args = resolve_config(get_args_parser().parse_args(argv))
+    if args.ids < 1 or args.instances < 2:
+        raise SystemExit(f"error: --ids {args.ids} --instances {args.instances}: need P >= 1 and K >= 2")
+    meta, rows, notes = describe_run(args), [], []
+    load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    if args.device.type == "cpu" and load > cores / 2:
+        notes.append(f"the CPU was busy when the bench started (load average {load:.1f} on {cores} cores): "
+                     "CPU figures are lower than on an idle machine")
+    print(f"bench: {meta['device']}, preset {args.preset}, {args.model}, torch {meta['torch']}"
+          + (f"\n{args.note}" if args.note else ""), flush=True)
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+            needs_data = {"loader", "e2e", "features"} & set(args.stages)
+            run_stages(args, prepare_data(args, tmp) if needs_data else None, meta, rows, notes)
+    except DataError as err:
+        raise SystemExit(f"error: {err}")
+    meta["seconds"] = time.perf_counter() - start
+    write_json(args.json, meta, rows, notes)
+    print(f"\n{meta['device']}, {args.model}, torch {meta['torch']}, {meta['date']}, "
+          f"{meta['seconds']:.0f} s" + (f" — {args.note}" if args.note else ""))
+    print(format_table(rows))
+    for note in notes:
+        print(f"note: {note}")
+    if args.json:
+        print(f"JSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
