@@ -12,12 +12,13 @@ and numbers (torch.load(weights_only=True) reads them) carrying the model's fing
 embedded by another model than the index's is refused.
 """
 import argparse
+import glob
 import hashlib
 import itertools
 import json
 import os
 import re
-import sys
+import shutil
 import time
 
 import numpy as np
@@ -174,57 +175,64 @@ def embed_chunks(model, paths, device, size, batch_size=128, num_workers=0, flip
             yield feats[torch.from_numpy(decoded == 1)], positions[decoded == 1], bad
 
 
-def _empty_embeddings(meta):
-    """An embeddings dict with no rows yet."""
-    return {"kind": "embeddings", "complete": False, "feats": torch.zeros(0, meta["feat_dim"]), "paths": [],
-            "identities": [], "camids": torch.zeros(0, dtype=torch.int64), "skipped": [], **meta}
+def _rows(feats, items, skipped, meta):
+    """An embeddings dict of rows feats [M, D] for (path, identity, camid) items, and the skipped paths."""
+    return {"kind": "embeddings", "feats": feats, "paths": [p for p, _, _ in items],
+            "identities": [name for _, name, _ in items],
+            "camids": torch.tensor([c for _, _, c in items], dtype=torch.int64), "skipped": list(skipped), **meta}
 
 
-def _resume_state(out, meta):
-    """The partial or finished embeddings at out (same model, size and flip), or a fresh one."""
-    if not os.path.exists(out):
-        return _empty_embeddings(meta)
-    old = load_embeddings(out, complete=False)
-    for key in ("fingerprint", "size", "flip"):
-        if old[key] != meta[key]:
-            raise RetrievalError(f"{out} already holds embeddings made with {key} {old[key]}, this run uses "
-                                 f"{meta[key]}: delete it or pass another -o to start afresh")
-    return old
+def _saved_parts(out, meta):
+    """What earlier runs saved for out (the finished file, the chunks of an interrupted run); same model only."""
+    paths = ([out] if os.path.exists(out) else []) + sorted(glob.glob(os.path.join(out + ".partial", "chunk_*.pt")))
+    parts = [_load(path, "embeddings") for path in paths]
+    for path, part in zip(paths, parts):
+        for key in ("fingerprint", "size", "flip"):
+            if part[key] != meta[key]:
+                raise RetrievalError(f"{path} holds embeddings made with {key} {part[key]}, this run uses "
+                                     f"{meta[key]}: delete it (and {out}.partial/) or pass another -o")
+    return parts
+
+
+def _merge(parts):
+    """One complete embeddings dict from parts: each path once, pids from the identity names."""
+    paths = [p for part in parts for p in part["paths"]]
+    keep = sorted({p: i for i, p in reversed(list(enumerate(paths)))}.values())  # first copy of each path
+    identities = [name for part in parts for name in part["identities"]]
+    embedded = set(paths)
+    skipped = list(dict.fromkeys(p for part in parts for p in part["skipped"] if p not in embedded))
+    if not keep:
+        raise RetrievalError(f"no image could be read ({len(skipped)} skipped): nothing to save")
+    merged = {**parts[-1], "complete": True, "feats": torch.cat([part["feats"] for part in parts])[keep],
+              "paths": [paths[i] for i in keep], "identities": [identities[i] for i in keep],
+              "camids": torch.cat([part["camids"] for part in parts])[keep], "skipped": skipped}
+    merged["pids"] = pids_of(merged["identities"])
+    return merged
 
 
 def embed_to_file(model, items, out, device, size, batch_size=128, num_workers=0, flip=False,
                   amp_dtype=None, skip_bad=False, save_every=10, checkpoint=""):
-    """Embed items [(path, identity, camid)] into out, resuming: paths already in out are not redone."""
+    """Embed items [(path, identity, camid)] into out, resumable: each chunk of save_every batches is saved
+    to out.partial/ as it is done, and paths already saved (there or in out) are not embedded again."""
     meta = {"fingerprint": model_fingerprint(model), "model_name": model.name, "feat_dim": model.feat_dim,
             "size": list(size), "flip": bool(flip), "checkpoint": str(checkpoint)}
-    state = _resume_state(out, meta)
-    done = set(state["paths"])
+    parts = _saved_parts(out, meta)
+    done = {p for part in parts for p in part["paths"]}
     todo = [item for item in items if item[0] not in done]
     if done:
-        print(f"{out}: {len(done)} images already embedded, {len(todo)} to go")
-    model = model.to(device)
-    parts = [state["feats"]]
-    for feats, positions, bad in embed_chunks(model, [p for p, _, _ in todo], device, size, batch_size,
-                                              num_workers, flip, amp_dtype, skip_bad, save_every):
-        parts.append(feats)
-        state["paths"] += [todo[i][0] for i in positions]
-        state["identities"] += [todo[i][1] for i in positions]
-        state["camids"] = torch.cat([state["camids"], torch.tensor([todo[i][2] for i in positions], dtype=torch.int64)])
-        state["skipped"] += [todo[i][0] for i in bad]
-        state["feats"] = torch.cat(parts)
-        parts = [state["feats"]]
-        _save_embeddings(state, out)  # atomic: an interrupted run resumes from here
-    if not state["paths"]:
-        raise RetrievalError(f"no image could be read ({len(state['skipped'])} skipped): nothing to save")
-    state["complete"] = True
-    _save_embeddings(state, out)
-    return state
-
-
-def _save_embeddings(state, out):
-    """Recompute pids from identity names (new identities may appear on resume) and save atomically."""
-    state["pids"] = pids_of(state["identities"])
-    utils.save_atomic(state, out)
+        print(f"{out}: {len(done)} images embedded by an earlier run, {len(todo)} to go")
+    partial = out + ".partial"
+    os.makedirs(partial, exist_ok=True)
+    first_chunk = len(glob.glob(os.path.join(partial, "chunk_*.pt")))
+    for n, (feats, positions, bad) in enumerate(embed_chunks(model.to(device), [p for p, _, _ in todo], device, size,
+                                                             batch_size, num_workers, flip, amp_dtype, skip_bad,
+                                                             save_every)):
+        parts.append(_rows(feats, [todo[i] for i in positions], [todo[i][0] for i in bad], meta))
+        utils.save_atomic(parts[-1], os.path.join(partial, f"chunk_{first_chunk + n:06d}.pt"))
+    merged = _merge(parts)
+    utils.save_atomic(merged, out)
+    shutil.rmtree(partial, ignore_errors=True)  # after the merged file is in place: nothing is lost
+    return merged
 
 
 def embed_in_memory(model, items, device, size, flip=False, batch_size=128, num_workers=0, amp_dtype=None,
@@ -257,13 +265,12 @@ def _load(path, kind):
     return obj
 
 
-def load_embeddings(path, complete=True):
-    """An embeddings file; with complete=True an interrupted one is refused."""
-    obj = _load(path, "embeddings")
-    if complete and not obj["complete"]:
-        raise RetrievalError(f"{path} is incomplete ({len(obj['paths'])} images so far): run the same "
+def load_embeddings(path):
+    """An embeddings file written by `retrieve.py embed` (an interrupted run's is refused)."""
+    if not os.path.exists(path) and os.path.isdir(path + ".partial"):
+        raise RetrievalError(f"{path} is incomplete (an interrupted run left {path}.partial/): run the same "
                              f"`retrieve.py embed` command again to finish it")
-    return obj
+    return _load(path, "embeddings")
 
 
 def load_index(path):
@@ -582,7 +589,7 @@ def visualize_evaluation(q_feats, q_items, g_feats, g_items, out_dir, results=No
 
 def _timed(fn, device, repeats=1):
     """(result, best seconds over repeats) of fn() with the device synchronised around each run."""
-    best, out = float("inf"), None
+    best, out, device = float("inf"), None, torch.device(device)
     for _ in range(repeats):
         utils.synchronize(device)
         start = time.perf_counter()
