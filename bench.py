@@ -20,8 +20,8 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -83,6 +83,8 @@ def get_args_parser():
     p.add_argument("--synth-ids", type=int, help="identities of the synthetic data set (half train)")
     p.add_argument("--images-per-id", type=int, help="mean images per identity of the synthetic data set")
     p.add_argument("--feature-images", type=int, help="images embedded in the feature stage (0: all)")
+    p.add_argument("--metrics-size", type=int, nargs=3, metavar=("QUERIES", "GALLERY", "IDS"),
+                   help="evaluator problem (default Market-1501's 3368 15913 751)")
     p.add_argument("--gpu-augment", action="store_true",
                    help="also measure the loader that decodes (torchvision.io.decode_jpeg) and augments on the device")
     p.add_argument("--threads", type=int, default=0,
@@ -246,8 +248,12 @@ def augment_batch(images, size, flip_prob=0.5, padding=10, re_prob=0.5):
     with 0: the same draws and distributions as the per-image torchvision pipeline."""
     height, width = size
     device = images[0].device
-    x = torch.cat([F.interpolate(img[None].float(), size=(height, width), mode="bilinear", antialias=True,
-                                 align_corners=False) for img in images]) / 255  # [B, 3, H, W]
+    resize = lambda x: F.interpolate(x.float(), size=(height, width), mode="bilinear", antialias=True,  # noqa: E731
+                                     align_corners=False)
+    if all(img.shape == images[0].shape for img in images):  # one kernel for the batch (Market: all 128x64)
+        x = resize(torch.stack(images)) / 255  # [B, 3, H, W]
+    else:
+        x = torch.cat([resize(img[None]) for img in images]) / 255
     batch = len(x)
     flip = torch.rand(batch, device=device) < flip_prob
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -302,35 +308,39 @@ def loader_batches(args, num_steps, workers):
     return batches
 
 
+def time_loader(loader, skip, batches, device):
+    """Images/s of `batches` batches after `skip` (start-up and the batches the workers prefetched)."""
+    iterator = iter(loader)
+    for _ in range(skip):
+        next(iterator)
+    utils.synchronize(device)
+    start, images = time.perf_counter(), 0
+    for _, (x, _, _) in zip(range(batches), iterator):
+        images += len(x)
+    utils.synchronize(device)
+    return images / (time.perf_counter() - start)
+
+
 def bench_loader(args, root):
-    """Decoded + augmented images/s of data.build_train_loader for 0 workers and N workers (data.throughput)."""
+    """Decoded + augmented images/s of data.build_train_loader for 0 and N workers (data.throughput), and of the
+    device-side loader with --gpu-augment."""
     items = read_dataset("synthetic", root)["train"]
     num_steps = len(PKSampler([pid for _, pid, _ in items], args.ids, args.instances))
     batch, size, rows = batch_text(args.ids, args.instances), args.loader_size, []
+    row = lambda figure, value, unit="images/s": make_row("loader", figure, value, unit, args.device,  # noqa: E731
+                                                          "uint8->fp32", batch, size)
     for workers in sorted({0, args.workers}):
         ips = throughput(root, "synthetic", [workers], tuple(size), args.ids, args.instances,
                          loader_batches(args, num_steps, workers))[workers]
         if workers == 0:
-            rows.append(make_row("loader", "decode+augment, 1 process (1 thread)", ips, "images/s", args.device,
-                                 "uint8->fp32", batch, size))
+            rows.append(row("decode+augment, 1 process (1 thread)", ips))
         else:
-            rows.append(make_row("loader", f"decode+augment, {plural(workers, 'worker')}", ips, "images/s", args.device,
-                                 "uint8->fp32", batch, size))
-            rows.append(make_row("loader", f"per worker ({plural(workers, 'worker')})", ips / workers, "images/s/worker",
-                                 args.device, "uint8->fp32", batch, size))
+            rows.append(row(f"decode+augment, {plural(workers, 'worker')}", ips))
+            rows.append(row(f"per worker ({plural(workers, 'worker')})", ips / workers, "images/s/worker"))
     if args.gpu_augment:
         loader = DeviceAugmentLoader(items, args.ids, args.instances, size, args.workers, args.device)
-        batches = loader_batches(args, num_steps, args.workers)
-        iterator = iter(loader)
-        for _ in range(1 + 2 * args.workers):
-            next(iterator)
-        utils.synchronize(args.device)
-        start, images = time.perf_counter(), 0
-        for _, (x, _, _) in zip(range(batches), iterator):
-            images += len(x)
-        utils.synchronize(args.device)
-        rows.append(make_row("loader", f"read bytes ({plural(args.workers, 'worker')}) + decode+augment on {args.device.type}",
-                             images / (time.perf_counter() - start), "images/s", args.device, "uint8->fp32", batch, size))
+        ips = time_loader(loader, 1 + 2 * args.workers, loader_batches(args, num_steps, args.workers), args.device)
+        rows.append(row(f"read bytes ({plural(args.workers, 'worker')}) + decode+augment on {args.device.type}", ips))
     return rows
 
 
@@ -403,7 +413,8 @@ def bench_step(args, dtype, compiled, num_ids, notes, num_classes=751):
     bare_forward = torch.compile(pooled) if compiled else pooled
     run_full = lambda n: full_round(train_model, center_loss, batch, optimizers, full_scaler, targs,  # noqa: E731
                                     device, amp_dtype, n)
-    run_bare = lambda n: bare_round(bare_forward, bare_optimizer, bare_scaler, images, device, amp_dtype, n)  # noqa: E731
+    run_bare = lambda n: bare_round(bare_forward, bare_optimizer, bare_scaler, images, device,  # noqa: E731
+                                    amp_dtype, n)
     run_full(args.warmup), run_bare(args.warmup)
     scales = full_scaler.get_scale(), bare_scaler.get_scale()
     full_s, bare_s = [], []
@@ -419,7 +430,8 @@ def bench_step(args, dtype, compiled, num_ids, notes, num_classes=751):
     if any(skipped):
         notes.append(f"{dtype}: the loss scaler skipped {skipped} (full, bare) optimizer steps while timing "
                      f"(non-finite fp16 gradients); those steps did less work")
-    precision, batch_name, images_per_step = precision_text(dtype, device, compiled), batch_text(num_ids, K), num_ids * K
+    precision, batch_name = precision_text(dtype, device, compiled), batch_text(num_ids, K)
+    images_per_step = num_ids * K
     row = lambda figure, value, unit: make_row("step", figure, value, unit, device, precision,  # noqa: E731
                                                batch_name, args.size)
     rows = [row("full step: fwd, 4 losses, bwd, Adam + center SGD",
@@ -505,7 +517,8 @@ def bench_metrics(args):
     threads = plural(res["threads"], "thread")
     rows = [make_row("metrics", f"evaluate_rank (mAP, CMC, mINP), {threads}", res["evaluate_s"], "s",
                      device, "fp32", "-", size),
-            make_row("metrics", "np.argsort(distmat, axis=1) on the CPU", res["argsort_s"], "s", device, "fp32", "-", size),
+            make_row("metrics", "np.argsort(distmat, axis=1) on the CPU", res["argsort_s"], "s", device, "fp32", "-",
+                     size),
             make_row("metrics", "evaluate_rank / np.argsort", res["ratio"], "x", device, "fp32", "-", size)]
     if "evaluate_1thread_s" in res and res["threads"] > 1:
         rows.append(make_row("metrics", "evaluate_rank, 1 thread / np.argsort", res["ratio_1thread"], "x", device,
@@ -522,43 +535,57 @@ def bench_metrics(args):
 def step_configs(args):
     """(dtype, compiled, P) of every training-step measurement."""
     configs = [(dtype, False, args.ids) for dtype in args.dtypes]
-    configs += [(dtype, True, args.ids) for dtype in args.compile_dtypes]
     if args.large_ids:
         configs.append((args.e2e_dtype, False, args.large_ids))
-    return configs
+    return configs + [(dtype, True, args.ids) for dtype in args.compile_dtypes]
+
+
+def planned_runs(args, root, notes):
+    """(title, function returning rows) of every measurement the chosen stages make, in order."""
+    runs = []
+    if "loader" in args.stages:
+        runs.append(("loader", lambda: bench_loader(args, root)))
+    steps = [(f"training step: {precision_text(dtype, args.device, compiled)}, {batch_text(num_ids, args.instances)} "
+              "images", lambda d=dtype, c=compiled, n=num_ids: bench_step(args, d, c, n, notes))
+             for dtype, compiled, num_ids in step_configs(args)] if "step" in args.stages else []
+    runs += steps[:len(args.dtypes)]  # the rest (compiled, larger batch) are slow: they go last
+    if "e2e" in args.stages:
+        runs.append(("end to end, CPU loader", lambda: bench_end_to_end(args, root)))
+        if args.gpu_augment:
+            runs.append((f"end to end, decode+augment on {args.device.type}",
+                         lambda: bench_end_to_end(args, root, device_augment=True)))
+    if "features" in args.stages:
+        runs.append(("feature extraction", lambda: bench_features(args, root)))
+    if "metrics" in args.stages:
+        runs.append(("evaluator", lambda: bench_metrics(args)))
+    return runs + steps[len(args.dtypes):]
 
 
 def run_stages(args, root, meta, rows, notes):
-    """Run the chosen stages in order, printing each row as it comes and rewriting the JSON after each stage."""
-    def add(new_rows):
+    """Run every measurement, printing rows as they come and rewriting the JSON after each one.
+
+    A measurement that fails (out of memory, torch.compile without a working compiler ...) becomes a note,
+    and the others still run: returns the number of failures."""
+    failures = 0
+    for title, measure in planned_runs(args, root, notes):
+        print(f"== {title}", flush=True)
+        start = time.perf_counter()
+        try:
+            new_rows = measure()
+        except (RuntimeError, DataError, OSError, ValueError, AssertionError) as err:
+            traceback.print_exc()
+            notes.append(f"{title}: failed after {time.perf_counter() - start:.0f} s: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}")
+            print(f"  FAILED: {notes[-1]}", flush=True)
+            failures, new_rows = failures + 1, []
+        release(args.device)
         rows.extend(new_rows)
         for r in new_rows:
-            print(f"  {r['stage']}: {r['figure']}: {format_value(r['value'], r['unit'])} {r['unit']} "
+            print(f"  {r['figure']}: {format_value(r['value'], r['unit'])} {r['unit']} "
                   f"({r['dtype']}, batch {r['batch']}, input {r['input']})", flush=True)
+        print(f"  ({time.perf_counter() - start:.1f} s)", flush=True)
         write_json(args.json, meta, rows, notes)
-
-    if "loader" in args.stages:
-        print("== loader", flush=True)
-        add(bench_loader(args, root))
-    if "step" in args.stages:
-        for dtype, compiled, num_ids in step_configs(args):
-            print(f"== training step: {precision_text(dtype, args.device, compiled)}, "
-                  f"{batch_text(num_ids, args.instances)} images", flush=True)
-            add(bench_step(args, dtype, compiled, num_ids, notes))
-            release(args.device)
-    if "e2e" in args.stages:
-        print("== end to end", flush=True)
-        add(bench_end_to_end(args, root))
-        release(args.device)
-        if args.gpu_augment:
-            add(bench_end_to_end(args, root, device_augment=True))
-            release(args.device)
-    if "features" in args.stages:
-        print("== feature extraction", flush=True)
-        add(bench_features(args, root))
-    if "metrics" in args.stages:
-        print("== evaluator", flush=True)
-        add(bench_metrics(args))
+    return failures
 
 
 def describe_run(args):
@@ -580,16 +607,22 @@ def main(argv=None):
     load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
     if args.device.type == "cpu" and load > cores / 2:
         notes.append(f"the CPU was busy when the bench started (load average {load:.1f} on {cores} cores): "
-                     "CPU figures are lower than on an idle machine")
+                     "CPU figures are lower than on an idle machine, and several threads per process slow down "
+                     "far more than one (each parallel op waits for descheduled threads): --threads 1 is steadier")
     print(f"bench: {meta['device']}, preset {args.preset}, {args.model}, torch {meta['torch']}"
           + (f"\n{args.note}" if args.note else ""), flush=True)
     start = time.perf_counter()
+    status = 0
     try:
         with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
             needs_data = {"loader", "e2e", "features"} & set(args.stages)
-            run_stages(args, prepare_data(args, tmp) if needs_data else None, meta, rows, notes)
+            status = 1 if run_stages(args, prepare_data(args, tmp) if needs_data else None, meta, rows, notes) else 0
     except DataError as err:
         raise SystemExit(f"error: {err}")
+    except KeyboardInterrupt:  # e.g. a time limit: report what was measured
+        notes.append(f"interrupted after {time.perf_counter() - start:.0f} s: the stages not in the table were not run")
+        status = 130
+    rows.sort(key=lambda r: STAGES.index(r["stage"]))  # stable: each stage's rows in the order measured
     meta["seconds"] = time.perf_counter() - start
     write_json(args.json, meta, rows, notes)
     print(f"\n{meta['device']}, {args.model}, torch {meta['torch']}, {meta['date']}, "
@@ -599,7 +632,7 @@ def main(argv=None):
         print(f"note: {note}")
     if args.json:
         print(f"JSON: {args.json}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

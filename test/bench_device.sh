@@ -31,19 +31,23 @@ if [ -n "$gpu" ]; then
   bench_args=(--device cuda --preset device --gpu-augment)
   note="GPU run: $gpu"
 else
-  echo "FELL BACK TO THE CPU: torch sees no CUDA GPU here; running the CPU preset (the GPU figures are still to be measured)"
+  echo "FELL BACK TO THE CPU: torch sees no CUDA GPU here; running the CPU preset" \
+       "(the GPU figures are still to be measured)"
   bench_args=(--device cpu --preset cpu)
   note="CPU fallback: no CUDA GPU visible, GPU figures still to be measured"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/nvidia-smi: /'
 
 start=$(date +%s)
-timeout --signal=INT --kill-after=30 "$LIMIT_S" "$PYTHON" bench.py "${bench_args[@]}" --data "$work/synthetic" \
-  --json "$out_dir/bench_device.json" --note "$note" "$@" 2>"$out_dir/bench_device.err" | tee "$out_dir/bench_device.log"
+timeout --signal=INT --kill-after=30 "$LIMIT_S" \
+  "$PYTHON" bench.py "${bench_args[@]}" --data "$work/synthetic" --json "$out_dir/bench_device.json" --note "$note" "$@" \
+  2>"$out_dir/bench_device.err" | tee "$out_dir/bench_device.log"
 status=${PIPESTATUS[0]}
 if [ "$status" -ne 0 ]; then
   tail -n 20 "$out_dir/bench_device.err" >&2
-  [ "$status" -eq 124 ] || [ "$status" -eq 130 ] && echo "error: stopped after ${LIMIT_S} s; the finished stages are in $out_dir/bench_device.json" >&2
+  if [ "$status" -eq 124 ] || [ "$status" -eq 130 ]; then
+    echo "error: stopped after ${LIMIT_S} s; the finished stages are in $out_dir/bench_device.json" >&2
+  fi
   echo "error: bench.py exited with $status; stderr: $out_dir/bench_device.err" >&2
   exit "$status"
 fi
