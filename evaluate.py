@@ -554,7 +554,10 @@ def evaluate_checkpoint(argv):
     import utils
     from data import build_datasets, build_test_loader
     from model import model_from_checkpoint
-    args = train.parse_args(argv, train.get_args_parser())
+    parser = train.get_args_parser()
+    parser.add_argument("--visualize", metavar="DIR", default="",
+                        help="write ranked lists of the first 50 queries and the CMC curves as PNG files to DIR")
+    args = train.parse_args(argv, parser)
     flag = lambda name: getattr(args, name)  # noqa: E731  (dotted flag names are not identifiers)
     if not flag("MODEL.PRETRAIN_PATH"):
         raise EvaluationError("--MODEL.PRETRAIN_PATH is required: the checkpoint to evaluate "
@@ -568,12 +571,22 @@ def evaluate_checkpoint(argv):
     given = any(a.upper().lstrip("-").startswith("INPUT.SIZE_TEST") for a in argv)
     size = flag("INPUT.SIZE_TEST") if given or model.input_size is None else model.input_size
     print(f"input size {size[0]}x{size[1]}")
-    loaders = [build_test_loader(data[split], size, flag("TEST.IMS_PER_BATCH"),
-                                 flag("DATALOADER.NUM_WORKERS")) for split in ("query", "gallery")]
-    results = evaluate_model(model, *loaders, device, flip=flag("TEST.FLIP_FEATS"), feat_norm=flag("TEST.FEAT_NORM"),
-                             keep_camid_centroids=flag("MODEL.KEEP_CAMID_CENTROIDS") and data["has_cameras"],
-                             amp_dtype=amp_dtype, max_rank=flag("TEST.MAX_RANK"),
-                             camera_agnostic=flag("TEST.CAMERA_AGNOSTIC"))
+    feats = {}
+    for split in ("query", "gallery"):
+        loader = build_test_loader(data[split], size, flag("TEST.IMS_PER_BATCH"), flag("DATALOADER.NUM_WORKERS"))
+        feats[split] = extract_features(model, loader, device, flag("TEST.FLIP_FEATS"), flag("TEST.FEAT_NORM"),
+                                        amp_dtype)[0].to(device)
+    info = {split: [np.array([item[k] for item in data[split]]) for k in (1, 2)] for split in ("query", "gallery")}
+    results = evaluate_features(feats["query"], *info["query"], feats["gallery"], *info["gallery"],
+                                keep_camid_centroids=flag("MODEL.KEEP_CAMID_CENTROIDS") and data["has_cameras"],
+                                max_rank=flag("TEST.MAX_RANK"), camera_agnostic=flag("TEST.CAMERA_AGNOSTIC"),
+                                normalize_centroids=flag("TEST.FEAT_NORM"))
+    if args.visualize:
+        from retrieve import visualize_evaluation
+        written = visualize_evaluation(feats["query"].cpu(), data["query"], feats["gallery"].cpu(), data["gallery"],
+                                       args.visualize, results, top_k=10, limit=50,
+                                       camera_agnostic=flag("TEST.CAMERA_AGNOSTIC"))
+        print(f"wrote {len(written)} pictures to {args.visualize} (ranked lists of the first 50 queries, cmc.png)")
     if not flag("MODEL.USE_CENTROIDS"):
         results.pop("centroid")
     print(f"{data['name']}: {len(data['query'])} queries, {len(data['gallery'])} gallery images, "

@@ -16,7 +16,7 @@ import torch
 
 from data import DataError, build_test_transform, load_image, synthesize
 from model import WeightError
-from retrieve import DEFAULT_SIZE, RetrievalError, checkpoint_test_size, collect_images, load_model
+from retrieve import DEFAULT_SIZE, RetrievalError, collect_images, input_size_for, load_model
 
 INSTALL_HINT = "pip install onnx onnxscript onnxruntime"
 
@@ -101,7 +101,7 @@ def main(argv=None):
         if not args.no_check:
             _require("onnxruntime")  # fail before the (slow) export
         model = load_model(args.checkpoint, args.arch)
-        size = tuple(args.size or checkpoint_test_size(args.checkpoint) or DEFAULT_SIZE)
+        size = input_size_for(model, args.size)
         export_onnx(model, args.out, size, args.opset)
         print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB): {model.name}, input images "
               f"[batch, 3, {size[0]}, {size[1]}] -> embeddings [batch, {model.feat_dim}]")

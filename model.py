@@ -104,6 +104,7 @@ class CTLModel(nn.Module):
         self.bn.bias.requires_grad_(False)  # BNNeck: the bias stays 0
         self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)
+        self.input_size = None  # [H, W] it was tested at, when read from a checkpoint
 
     @property
     def stem_relu(self):

@@ -69,14 +69,9 @@ def model_fingerprint(model):
     return f"{model.name}-{model.feat_dim}d-{digest.hexdigest()[:12]}"
 
 
-def checkpoint_test_size(checkpoint):
-    """INPUT.SIZE_TEST recorded in our checkpoint's config, else None (original .ckpt files, plain weights)."""
-    try:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-        size = obj["config"]["INPUT.SIZE_TEST"]
-        return (int(size[0]), int(size[1]))
-    except Exception:  # any file model_from_checkpoint read but without our config: the caller falls back
-        return None
+def input_size_for(model, size=None):
+    """--size when given, else the input size the checkpoint was tested at, else 256x128."""
+    return tuple(size or model.input_size or DEFAULT_SIZE)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -684,7 +679,7 @@ def cmd_embed(args):
                              "not both or neither")
     items = dataset_images(args.dataset, args.root, args.split) if args.dataset else collect_images(args.inputs)
     model = load_model(args.checkpoint, args.arch)
-    size = tuple(args.size or checkpoint_test_size(args.checkpoint) or DEFAULT_SIZE)
+    size = input_size_for(model, args.size)
     device = _device(args.device)
     labelled = len({name for _, name, _ in items if name})
     print(f"{len(items)} images ({labelled} identities), {model.name} at {size[0]}x{size[1]} on {device}")

@@ -314,9 +314,14 @@ def test_cli_evaluates_a_checkpoint_both_ways(tmp_path, capsys):
                 "stem_relu": True}, tmp_path / "ckpt.pth")
     results = ev.main(["--MODEL.PRETRAIN_PATH", str(tmp_path / "ckpt.pth"), "--DATASETS.NAMES", "synthetic",
                        "--DATASETS.ROOT_DIR", str(tmp_path), "--DATALOADER.NUM_WORKERS", "0",
-                       "--INPUT.SIZE_TEST", "64", "32", "--TEST.IMS_PER_BATCH", "16"])
+                       "--INPUT.SIZE_TEST", "64", "32", "--TEST.IMS_PER_BATCH", "16",
+                       "--visualize", str(tmp_path / "pictures")])
     out = capsys.readouterr().out
     assert "per image" in out and "centroid" in out and "mAP %" in out
     assert set(results) == {"image", "centroid"}
+    pictures = sorted((tmp_path / "pictures").glob("*.png"))
+    assert (tmp_path / "pictures" / "cmc.png") in pictures and len(pictures) > 1
+    for picture in pictures:
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="--MODEL.PRETRAIN_PATH is required"):
         ev.main(["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", str(tmp_path)])
