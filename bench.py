@@ -33,7 +33,7 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, DataError, PKSampler, build_test_
                   synthesize, throughput)
 from evaluate import benchmark_metrics, extract_features
 from loss import CenterLoss
-from model import build_model
+from model import ARCHS, build_model
 
 # Defaults of each preset; any flag given on the command line wins.
 PRESETS = {
@@ -88,18 +88,24 @@ def get_args_parser():
     p.add_argument("--gpu-augment", action="store_true",
                    help="also measure the loader that decodes (torchvision.io.decode_jpeg) and augments on the device")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads of the main process (default: torch's choice; 1 on a busy shared CPU)")
+                   help="torch threads of the main process (default: torch's choice, or 1 when the CPU is busy)")
     p.add_argument("--note", default="", help="a line printed above the table and stored in the JSON")
     return p
 
 
 def resolve_config(args):
     """Fill every None flag from the preset (tiny, or cpu/device by the device type)."""
-    device_type = utils.pick_device_type(args.device)
+    try:
+        device_type = utils.pick_device_type(args.device)
+    except SystemExit as err:  # train.py's message names its own flag
+        raise SystemExit("error: " + str(err).replace("--MODEL.DEVICE", "--device")) from None
     preset = "tiny" if args.tiny else args.preset or ("cpu" if device_type == "cpu" else "device")
     for key, value in PRESETS[preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    args.busy = device_type == "cpu" and os.getloadavg()[0] > len(os.sched_getaffinity(0)) / 2
+    if args.busy and not args.threads:
+        args.threads = 1  # on shared cores every multi-threaded op waits for descheduled threads: 4-8x slower
     if args.threads:
         torch.set_num_threads(args.threads)
     args.preset, args.device = preset, torch.device(device_type)
@@ -603,12 +609,16 @@ def main(argv=None):
     args = resolve_config(get_args_parser().parse_args(argv))
     if args.ids < 1 or args.instances < 2:
         raise SystemExit(f"error: --ids {args.ids} --instances {args.instances}: need P >= 1 and K >= 2")
+    if args.model not in ARCHS:
+        raise SystemExit(f"error: --model {args.model}: choose one of {', '.join(ARCHS)}")
+    if min(args.size + args.loader_size) < 16 or args.rounds < 1 or args.steps < 1:
+        raise SystemExit("error: --size/--loader-size need at least 16 pixels a side, --rounds and --steps >= 1")
     meta, rows, notes = describe_run(args), [], []
-    load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
-    if args.device.type == "cpu" and load > cores / 2:
-        notes.append(f"the CPU was busy when the bench started (load average {load:.1f} on {cores} cores): "
-                     "CPU figures are lower than on an idle machine, and several threads per process slow down "
-                     "far more than one (each parallel op waits for descheduled threads): --threads 1 is steadier")
+    if args.busy:
+        notes.append(f"the CPU was busy when the bench started (load average {meta['load_average']:.1f} on "
+                     f"{meta['cpu_cores']} cores): figures are lower than on an idle machine; the main process used "
+                     f"{plural(torch.get_num_threads(), 'torch thread')} (--threads sets it; on busy cores several "
+                     "threads make every parallel op wait for descheduled threads)")
     print(f"bench: {meta['device']}, preset {args.preset}, {args.model}, torch {meta['torch']}"
           + (f"\n{args.note}" if args.note else ""), flush=True)
     start = time.perf_counter()
