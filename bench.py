@@ -298,8 +298,9 @@ class DeviceAugmentLoader:
         decode_device = self.device if self.device.type == "cuda" else "cpu"  # nvjpeg on CUDA only
         for data, lengths, pids, camids in self.loader:
             files = list(data.split(lengths.tolist()))
-            images = torchvision.io.decode_jpeg(files, mode=torchvision.io.ImageReadMode.RGB, device=decode_device)
-            yield augment_batch([img.to(self.device) for img in images], self.size), pids, camids
+            images = torchvision.io.decode_jpeg(files, device=decode_device)  # as stored: RGB, or grey [1, h, w]
+            images = [img.to(self.device).expand(3, -1, -1) for img in images]
+            yield augment_batch(images, self.size), pids, camids
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -328,8 +329,7 @@ def time_loader(loader, skip, batches, device):
 
 
 def bench_loader(args, root):
-    """Decoded + augmented images/s of data.build_train_loader for 0 and N workers (data.throughput), and of the
-    device-side loader with --gpu-augment."""
+    """Decoded + augmented images/s of data.build_train_loader for 0 and N workers (data.throughput)."""
     items = read_dataset("synthetic", root)["train"]
     num_steps = len(PKSampler([pid for _, pid, _ in items], args.ids, args.instances))
     batch, size, rows = batch_text(args.ids, args.instances), args.loader_size, []
@@ -343,11 +343,18 @@ def bench_loader(args, root):
         else:
             rows.append(row(f"decode+augment, {plural(workers, 'worker')}", ips))
             rows.append(row(f"per worker ({plural(workers, 'worker')})", ips / workers, "images/s/worker"))
-    if args.gpu_augment:
-        loader = DeviceAugmentLoader(items, args.ids, args.instances, size, args.workers, args.device)
-        ips = time_loader(loader, 1 + 2 * args.workers, loader_batches(args, num_steps, args.workers), args.device)
-        rows.append(row(f"read bytes ({plural(args.workers, 'worker')}) + decode+augment on {args.device.type}", ips))
     return rows
+
+
+def bench_device_loader(args, root):
+    """Images/s of the --gpu-augment loader: workers read bytes, the device decodes and augments."""
+    items = read_dataset("synthetic", root)["train"]
+    loader = DeviceAugmentLoader(items, args.ids, args.instances, args.loader_size, args.workers, args.device)
+    batches = loader_batches(args, len(loader.batch_sampler), args.workers)
+    ips = time_loader(loader, 1 + 2 * args.workers, batches, args.device)
+    return [make_row("loader", f"read bytes ({plural(args.workers, 'worker')}) + decode+augment on "
+                     f"{args.device.type}", ips, "images/s", args.device, "uint8->fp32",
+                     batch_text(args.ids, args.instances), args.loader_size)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -551,6 +558,8 @@ def planned_runs(args, root, notes):
     runs = []
     if "loader" in args.stages:
         runs.append(("loader", lambda: bench_loader(args, root)))
+        if args.gpu_augment:
+            runs.append((f"loader, decode+augment on {args.device.type}", lambda: bench_device_loader(args, root)))
     steps = [(f"training step: {precision_text(dtype, args.device, compiled)}, {batch_text(num_ids, args.instances)} "
               "images", lambda d=dtype, c=compiled, n=num_ids: bench_step(args, d, c, n, notes))
              for dtype, compiled, num_ids in step_configs(args)] if "step" in args.stages else []
@@ -611,8 +620,9 @@ def main(argv=None):
         raise SystemExit(f"error: --ids {args.ids} --instances {args.instances}: need P >= 1 and K >= 2")
     if args.model not in ARCHS:
         raise SystemExit(f"error: --model {args.model}: choose one of {', '.join(ARCHS)}")
-    if min(args.size + args.loader_size) < 16 or args.rounds < 1 or args.steps < 1:
-        raise SystemExit("error: --size/--loader-size need at least 16 pixels a side, --rounds and --steps >= 1")
+    if min(args.size + args.loader_size) < 16 or min(args.rounds, args.steps, args.warmup) < 1:
+        raise SystemExit("error: --size/--loader-size need at least 16 pixels a side; --rounds, --steps and "
+                         "--warmup at least 1")
     meta, rows, notes = describe_run(args), [], []
     if args.busy:
         notes.append(f"the CPU was busy when the bench started (load average {meta['load_average']:.1f} on "
