@@ -738,9 +738,13 @@ def throughput(root, name, workers=(0, 2), size=(256, 128), num_ids=16, num_inst
     results, threads = {}, torch.get_num_threads()
     for num_workers in workers:
         loader, _ = build_train_loader(train, num_ids, num_instances, size, num_workers)
+        warmup = 1 + 2 * num_workers  # start-up and the prefetched batches are not throughput
+        if len(loader) < warmup + batches:
+            raise DataError(f'{root}: an epoch has {len(loader)} batches of {describe_batch(num_ids, num_instances)}, '
+                            f'the measurement needs {warmup + batches}: use fewer --batches or a larger data set')
         torch.set_num_threads(1)  # as in a loader worker: the main process then measures one worker
         iterator = iter(loader)
-        for _ in range(1 + 2 * num_workers):  # start-up and the prefetched batches are not throughput
+        for _ in range(warmup):
             next(iterator)
         start, images = time.perf_counter(), 0
         for _, (x, _, _) in zip(range(batches), iterator):

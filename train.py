@@ -462,6 +462,8 @@ def main(argv=None):
     main_process = rank == 0
     if not main_process:
         sys.stdout = open(os.devnull, "w")  # one rank talks
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     torch.manual_seed(getattr(args, "SOLVER.SEED"))
     random.seed(getattr(args, "SOLVER.SEED") + rank)
     np.random.seed(getattr(args, "SOLVER.SEED") + rank)
