@@ -13,7 +13,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as model_module  # noqa: E402
 from loss import CenterLoss  # noqa: E402
-from model import ARCHS, IBN, WeightError, _infer_arch, build_model, load_weights, model_from_checkpoint  # noqa: E402
+from model import ARCHS, WeightError, _infer_arch, build_model, load_weights, model_from_checkpoint  # noqa: E402
 
 
 def images(batch=2, seed=0):
