@@ -80,6 +80,11 @@ FLAGS = [
 ]
 
 
+CHOICES = {"MODEL.DEVICE": ("auto", "npu", "cuda", "cpu"), "SOLVER.AMP_DTYPE": ("fp16", "bf16"),
+           "SOLVER.AMP_BACKEND": ("native", "apex"), "SOLVER.DISTANCE_FUNC": ("euclidean", "cosine"),
+           "SOLVER.MONITOR_METRIC_MODE": ("max", "min"), "SOLVER.OPTIMIZER_NAME": ("Adam", "AdamW", "SGD")}
+
+
 def str2bool(text):
     """true/false/1/0/yes/no in any case."""
     value = str(text).strip().lower()
@@ -122,6 +127,8 @@ def get_args_parser(add_help=True):
             kwargs.update(type=list_of(str if name == "DATASETS.NAMES" else int), nargs="+", action=Extend)
         else:
             kwargs["type"] = type(default)
+        if name in CHOICES:
+            kwargs["choices"] = CHOICES[name]
         parser.add_argument("--" + name, **kwargs)
     parser.add_argument("--resume", default="", help="auto (OUTPUT_DIR/last.pth if present) or a checkpoint path")
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
@@ -478,11 +485,11 @@ def main(argv=None):
           f"({device}) = {P * K * world_size} images per step; {len(sampler)} steps per epoch")
     amp_dtype, needs_scaler = utils.amp_settings(device.type, getattr(args, "USE_MIXED_PRECISION") and device.type != "cpu",
                                                  getattr(args, "SOLVER.AMP_DTYPE"))
-    scaler = utils.make_grad_scaler(device, needs_scaler)
     apex_amp = None
-    if getattr(args, "SOLVER.AMP_BACKEND") == "apex":
+    if getattr(args, "SOLVER.AMP_BACKEND") == "apex":  # apex casts and scales itself
         model, optimizers, apex_amp = setup_apex(model, optimizers, args)
-        amp_dtype = None
+        amp_dtype, needs_scaler = None, False
+    scaler = utils.make_grad_scaler(device, needs_scaler)
     print(f"precision: {'apex ' + getattr(args, 'SOLVER.AMP_OPT_LEVEL') if apex_amp else amp_dtype or 'fp32'}")
     next_epoch, next_step, best_metric = 0, 0, None
     resume_path = resolve_resume(args.resume, output_dir)

@@ -154,6 +154,15 @@ def test_missing_data_set_and_bad_values_fail_with_clear_messages(tmp_path):
     assert "nowhere" in result.stderr
     result = run_script([sys.executable, "train.py", "--SOLVER.IMS_PER_BATH", "16"])
     assert result.returncode == 2 and "did you mean --SOLVER.IMS_PER_BATCH" in result.stderr
+    result = run_script([sys.executable, "train.py", "--SOLVER.AMP_DTYPE", "fp8"])
+    assert result.returncode == 2 and "invalid choice: 'fp8'" in result.stderr
+
+
+def test_apex_backend_without_apex_says_what_is_missing(synthetic_root, tmp_path):
+    result = run_script([sys.executable, "train.py", *tiny_flags(synthetic_root, tmp_path),
+                         "--SOLVER.AMP_BACKEND", "apex"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "apex is not installed" in result.stderr and "--SOLVER.AMP_BACKEND native" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
