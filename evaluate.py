@@ -15,11 +15,12 @@ import concurrent.futures
 import contextlib
 import math
 import sys
-import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+import utils
 
 CHUNK_BYTES = 32 * 2**20  # temporaries per chunk (and worker); small chunks stay in cache, reuse the heap
 BYTES_PER_ITEM = 16       # per (query, gallery item) of a chunk: at most 16 B live at once (distance and
@@ -429,19 +430,10 @@ def synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=64, noise=0
     return embed(q_pids, q_camids), q_pids, q_camids, embed(g_pids, g_camids), g_pids, g_camids
 
 
-def _sync(device):
-    """Wait for queued kernels so that wall-clock timings are honest."""
-    if torch.device(device).type != "cpu":
-        getattr(torch, torch.device(device).type).synchronize()
-
-
 def _timed(fn, device):
-    """(result, seconds) of fn() with the device synchronised around it."""
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - start
+    """(result, seconds) of one call of fn() with the device synchronised around it."""
+    out, seconds = utils.timed(fn, device)
+    return out, seconds[0]
 
 
 def benchmark_metrics(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, device="cpu", seed=0):
@@ -553,7 +545,6 @@ def run_benchmark(device="cpu", large=True):
 def evaluate_checkpoint(argv):
     """Evaluate a checkpoint per image and per centroid on the first of --DATASETS.NAMES; print the table."""
     import train
-    import utils
     from data import build_datasets, build_test_loader
     from model import model_from_checkpoint
     parser = train.get_args_parser()

@@ -5,11 +5,12 @@ center loss, and their weighted total. All distances are computed in float32, ou
 """
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import utils
 
 DISTANCES = ("euclidean", "cosine")
 
@@ -134,24 +135,10 @@ def compute_losses(feat, logits, pids, center_loss, num_instances, margin=0.5, d
     return total, {name: value.detach() for name, value in terms.items()}
 
 
-def _sync(device):
-    """Wait for the device's queued work, so wall-clock times are real."""
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize()
-
-
 def _median_ms(step, device, warmup, iters):
     """Median wall time of step() in ms after warm-up calls."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    _, seconds = utils.timed(step, device, repeats=iters, warmup=warmup)
+    return statistics.median(seconds) * 1000
 
 
 def benchmark_losses(model_name="resnet50", num_ids=16, num_instances=4, num_classes=751, size=None,

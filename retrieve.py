@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import time
 
 import numpy as np
 import torch
@@ -149,8 +148,8 @@ class MarkedImages(Dataset):
 
 
 def amp_dtype_for(device, fp32=False):
-    """fp16 autocast on accelerators (fp32 on the CPU, or when asked)."""
-    return None if fp32 or device.type == "cpu" else torch.float16
+    """fp16 autocast on accelerators (fp32 on the CPU, or when asked), as train.py decides it."""
+    return utils.amp_settings(device.type, not fp32 and device.type != "cpu", "fp16")[0]
 
 
 def embed_chunks(model, paths, device, size, batch_size=128, num_workers=0, flip=False, amp_dtype=None,
@@ -587,14 +586,8 @@ def visualize_evaluation(q_feats, q_items, g_feats, g_items, out_dir, results=No
 
 def _timed(fn, device, repeats=1):
     """(result, best seconds over repeats) of fn() with the device synchronised around each run."""
-    best, out, device = float("inf"), None, torch.device(device)
-    for _ in range(repeats):
-        utils.synchronize(device)
-        start = time.perf_counter()
-        out = fn()
-        utils.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return out, best
+    out, seconds = utils.timed(fn, device, repeats)
+    return out, min(seconds)
 
 
 def bench_centroids(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, dim=2048, k=10, device="cpu"):

@@ -1,6 +1,7 @@
 """Devices, distributed helpers, mixed precision and atomic checkpoints for train.py and the tools."""
 import contextlib
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -130,6 +131,21 @@ def synchronize(device):
     """Wait for the device's queued work (for honest timings)."""
     if device.type != "cpu":
         getattr(torch, device.type).synchronize(device)
+
+
+def timed(fn, device, repeats=1, warmup=0):
+    """(fn()'s last result, [seconds of each of the repeats]) with the device synchronised around each call."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    out, seconds = None, []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return out, seconds
 
 
 def save_atomic(obj, path):
