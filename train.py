@@ -335,6 +335,7 @@ def extract_sharded(model, items, args, device, rank, world_size, amp_dtype):
 
 def evaluate_epoch(model, data, args, device, rank, world_size, amp_dtype):
     """Per-image and centroid results (on rank 0; None elsewhere), features extracted on every rank."""
+    utils.broadcast_buffers(model)  # every shard embedded by the model rank 0 saves
     q_feats = extract_sharded(model, data["query"], args, device, rank, world_size, amp_dtype)
     g_feats = extract_sharded(model, data["gallery"], args, device, rank, world_size, amp_dtype)
     if rank != 0:

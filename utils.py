@@ -85,6 +85,13 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def broadcast_buffers(module):
+    """Give every rank rank 0's buffers (BatchNorm statistics): each rank's last forward updated its own."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def gather_rows(rows, total):
     """Concatenate each rank's contiguous shard of rows (rank order) into the first `total` rows."""
     if not dist.is_initialized():

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import evaluate
 import train
 from data import synthesize
 
@@ -145,6 +146,11 @@ def test_two_process_cpu_runs_complete_with_disjoint_identities(synthetic_root, 
     assert "2 device(s)" in result.stdout and "identities disjoint across 2 ranks" in result.stdout
     rows = read_metrics(tmp_path)
     assert len(rows) == 1 and math.isfinite(rows[0]["centroid_mAP"])
+    # the sharded, gathered evaluation equals a one-process evaluation of the saved model
+    results = evaluate.main(["--MODEL.PRETRAIN_PATH", str(tmp_path / "last.pth"), "--DATASETS.NAMES", "synthetic",
+                             "--DATASETS.ROOT_DIR", synthetic_root, "--DATALOADER.NUM_WORKERS", "0"])
+    assert results["image"]["mAP"] == pytest.approx(rows[0]["mAP"], abs=1e-6)
+    assert results["centroid"]["mAP"] == pytest.approx(rows[0]["centroid_mAP"], abs=1e-6)
 
 
 def test_missing_data_set_and_bad_values_fail_with_clear_messages(tmp_path):
