@@ -364,8 +364,7 @@ def extract_features(model, loader, device, flip=False, feat_norm=True, amp_dtyp
     """Embed every image of a loader of (img, pid, camid): (feats [N, D] float32 CPU, pids, camids numpy)."""
     model.eval()
     feats, pids, camids = [], [], []
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), utils.autocast(device, amp_dtype):
         for imgs, batch_pids, batch_camids in tqdm(loader, desc="features", unit="batch", leave=False):
             # channels-last on accelerators, as the model is there in training
             imgs = imgs.to(device, non_blocking=True,
