@@ -148,7 +148,7 @@ def benchmark_losses(model_name="resnet50", num_ids=16, num_instances=4, num_cla
 
     device = torch.device(device)
     size = size or ((128, 64) if device.type == "cpu" else (256, 128))
-    amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    amp_dtype, _ = utils.amp_settings(device.type, amp, "bf16" if device.type == "cpu" else "fp16")
     model = build_model(model_name, num_classes).to(device).to(memory_format=torch.channels_last).train()
     center_loss = CenterLoss(num_classes, model.feat_dim).to(device)
     batch = num_ids * num_instances
@@ -157,17 +157,17 @@ def benchmark_losses(model_name="resnet50", num_ids=16, num_instances=4, num_cla
 
     def model_step():
         model.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        with utils.autocast(device, amp_dtype):
             feat, logits = model(images)
         (feat.float().mean() + logits.float().mean()).backward()
 
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+    with utils.autocast(device, amp_dtype):
         feat, logits = model(images)
     feat, logits = feat.detach().requires_grad_(), logits.detach().requires_grad_()
 
     def loss_step():
         feat.grad = logits.grad = center_loss.centers.grad = None
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        with utils.autocast(device, amp_dtype):
             total, _ = compute_losses(feat, logits, pids, center_loss, num_instances)
         total.backward()
 
