@@ -482,6 +482,9 @@ def main(argv=None):
     except (DataError, WeightError) as err:
         raise SystemExit(f"error: {err}")
     P, K = getattr(args, "SOLVER.IMS_PER_BATCH"), getattr(args, "DATALOADER.NUM_INSTANCE")
+    if P < 2:
+        print("warning: --SOLVER.IMS_PER_BATCH 1 gives batches of one identity: the triplet and centroid "
+              "triplet losses have no negatives and stay 0", file=sys.stderr)
     print(f"{P} identities x {K} images = {P * K} images per device, {world_size} device(s) "
           f"({device}) = {P * K * world_size} images per step; {len(sampler)} steps per epoch")
     amp_dtype, needs_scaler = utils.amp_settings(device.type, getattr(args, "USE_MIXED_PRECISION") and device.type != "cpu",
