@@ -46,8 +46,9 @@ def _as_tensor(x, device, dtype=None):
 def _order_keys(dist, index):
     """Distances [..., n] and their gallery indices [n] -> int64 keys ordered like (float32 distance, index)."""
     dist = dist.float()
-    lowest = dist.min() if dist.numel() else torch.zeros(())
-    if torch.isnan(lowest):  # min propagates NaN: one cheap reduction instead of isnan().any()
+    # one host read serves both checks below; min propagates NaN: no separate isnan().any() pass
+    lowest = float(dist.min()) if dist.numel() else 0.0
+    if math.isnan(lowest):
         raise EvaluationError("the distance matrix holds NaN: check the embeddings (a diverged model?)")
     bits = dist.view(torch.int32)  # for floats >= +0.0 the bit patterns order like the values
     if lowest <= 0:  # negative floats (and -0.0) order backwards as integers: flip them, in place
