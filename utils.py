@@ -69,15 +69,6 @@ def barrier():
         dist.barrier()
 
 
-def all_reduce_max(value, device):
-    """The maximum of a float over all ranks (used to agree on stopping)."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([float(value)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
 def all_reduce_sum(tensor):
     """Sum a tensor over all ranks in place and return it."""
     if dist.is_initialized():
