@@ -20,7 +20,7 @@ from tqdm import tqdm
 import utils
 from data import DataError, build_datasets, build_test_loader, build_train_loader
 from evaluate import evaluate_features, extract_features, format_results
-from loss import CenterLoss, compute_losses, scale_center_grads
+from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads
 from model import WeightError, build_model, load_weights
 
 # (flag, default, help). Names and defaults follow the original centroids-reid configuration.
@@ -187,7 +187,7 @@ def build_optimizers(args, model, center_loss):
         optimizer = torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=getattr(args, "SOLVER.MOMENTUM"))
     else:
         raise SystemExit(f"--SOLVER.OPTIMIZER_NAME {name!r}: expected Adam, AdamW or SGD")
-    center_optimizer = torch.optim.SGD(center_loss.parameters(), lr=getattr(args, "SOLVER.CENTER_LR"))
+    center_optimizer = build_center_optimizer(center_loss, lr=getattr(args, "SOLVER.CENTER_LR"))
     warmup, steps, gamma = (getattr(args, k) for k in ("SOLVER.WARMUP_EPOCHS", "SOLVER.STEPS", "SOLVER.GAMMA"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, warmup, steps, gamma))
     return optimizer, center_optimizer, scheduler
@@ -345,7 +345,8 @@ def evaluate_epoch(model, data, args, device, rank, world_size, amp_dtype):
     return evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
                              keep_camid_centroids=getattr(args, "MODEL.KEEP_CAMID_CENTROIDS") and data["has_cameras"],
                              max_rank=getattr(args, "TEST.MAX_RANK"),
-                             camera_agnostic=getattr(args, "TEST.CAMERA_AGNOSTIC"))
+                             camera_agnostic=getattr(args, "TEST.CAMERA_AGNOSTIC"),
+                             normalize_centroids=getattr(args, "TEST.FEAT_NORM"))
 
 
 def flatten_results(results):
