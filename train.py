@@ -326,6 +326,8 @@ def loss_arguments(args):
 def extract_sharded(model, items, args, device, rank, world_size, amp_dtype):
     """Embed this rank's contiguous shard of items and gather all shards (in order) onto every rank."""
     start, end = utils.shard_bounds(len(items), rank, world_size)
+    if start == end:  # more ranks than a shard needs (e.g. 5 items, 4 ranks): nothing to embed, still gather
+        return utils.gather_rows(torch.zeros(0, model.feat_dim, device=device), len(items))
     loader = build_test_loader(items[start:end], getattr(args, "INPUT.SIZE_TEST"),
                                getattr(args, "TEST.IMS_PER_BATCH"), getattr(args, "DATALOADER.NUM_WORKERS"))
     feats, _, _ = extract_features(model, loader, device, flip=getattr(args, "TEST.FLIP_FEATS"),
