@@ -191,11 +191,6 @@ def prepare_data(args, tmp):
     return root
 
 
-def channels_last(device):
-    """The memory format train.py uses: channels-last on accelerators, unchanged on the CPU."""
-    return torch.channels_last if device.type != "cpu" else torch.preserve_format
-
-
 def precision_text(dtype, device, compiled=False):
     """'fp32', 'bf16 cl compiled' ...: the precision plus channels-last (accelerators) and torch.compile."""
     return dtype + (" cl" if device.type != "cpu" else "") + (" compiled" if compiled else "")
@@ -411,12 +406,13 @@ def bench_step(args, dtype, compiled, num_ids, notes, num_classes=751):
     torch.manual_seed(0)
     model = build_model(args.model, num_classes, getattr(targs, "MODEL.LAST_STRIDE"))
     center_loss = CenterLoss(num_classes, model.feat_dim).to(device)
-    model.to(device, memory_format=channels_last(device))
+    model.to(device, memory_format=utils.memory_format(device))
     optimizers = list(train.build_optimizers(targs, model, center_loss)[:2])
     bare_optimizer = train.build_optimizers(targs, model.backbone, center_loss)[0]  # the same Adam, backbone only
     amp_dtype, full_scaler = amp_for(dtype, device)
     _, bare_scaler = amp_for(dtype, device)
-    images = torch.randn(num_ids * K, 3, *args.size, device=device).contiguous(memory_format=channels_last(device))
+    memory_format = utils.memory_format(device)
+    images = torch.randn(num_ids * K, 3, *args.size, device=device).contiguous(memory_format=memory_format)
     pids = torch.arange(num_ids, device=device).repeat_interleave(K)  # identity-major, as the PK sampler gives
     batch = (images, pids, torch.zeros_like(pids))
     train_model = torch.compile(model) if compiled else model
@@ -508,7 +504,7 @@ def bench_features(args, root):
     items = items[:args.feature_images] if args.feature_images else items
     batch_size = getattr(train.parse_args([]), "TEST.IMS_PER_BATCH")
     amp_dtype, _ = amp_for(args.e2e_dtype, device)
-    model = build_model(args.model, data["num_train_pids"]).to(device, memory_format=channels_last(device))
+    model = build_model(args.model, data["num_train_pids"]).to(device, memory_format=utils.memory_format(device))
     extract_features(model, build_test_loader(items[:batch_size], args.size, batch_size, 0), device,
                      amp_dtype=amp_dtype)  # warm-up: first-call allocations and kernel choices
     loader = build_test_loader(items, args.size, batch_size, args.workers)

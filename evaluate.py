@@ -368,8 +368,7 @@ def extract_features(model, loader, device, flip=False, feat_norm=True, amp_dtyp
     with torch.inference_mode(), utils.autocast(device, amp_dtype):
         for imgs, batch_pids, batch_camids in tqdm(loader, desc="features", unit="batch", leave=False):
             # channels-last on accelerators, as the model is there in training
-            imgs = imgs.to(device, non_blocking=True,
-                           memory_format=torch.channels_last if device.type != "cpu" else torch.preserve_format)
+            imgs = imgs.to(device, non_blocking=True, memory_format=utils.memory_format(device))
             emb = model(imgs).float()
             if flip:  # the mirror image is as likely a view of the person: average the two embeddings
                 emb = (emb + model(imgs.flip(-1)).float()) / 2

@@ -255,7 +255,7 @@ def train_one_epoch(model, center_loss, loader, optimizers, scaler, apex_amp, ar
     K = getattr(args, "DATALOADER.NUM_INSTANCE")
     images_per_step = getattr(args, "SOLVER.IMS_PER_BATCH") * K * world_size
     log_period = max(1, getattr(args, "SOLVER.LOG_PERIOD"))
-    channels_last = torch.channels_last if device.type != "cpu" else torch.preserve_format
+    channels_last = utils.memory_format(device)
     loss_kwargs = loss_arguments(args)
     sums = torch.zeros(5, device=device)  # total, centroid_triplet, triplet, xent, center
     first_bad = torch.tensor(-1, device=device)
@@ -451,7 +451,7 @@ def build_everything(args, device, rank, world_size):
     center_loss = CenterLoss(data["num_train_pids"], model.feat_dim)
     if pretrain_path:  # our checkpoints and the original's also carry the center-loss centers
         load_weights(model, pretrain_path, center_loss=center_loss)
-    model.to(device, memory_format=torch.channels_last if device.type != "cpu" else torch.preserve_format)
+    model.to(device, memory_format=utils.memory_format(device))
     center_loss.to(device)
     optimizer, center_optimizer, scheduler = build_optimizers(args, model, center_loss)
     return data, loader, sampler, model, center_loss, [optimizer, center_optimizer], scheduler
