@@ -515,7 +515,6 @@ def main(argv=None):
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     max_epochs = getattr(args, "SOLVER.MAX_EPOCHS")
-    metric_name, mode = getattr(args, "SOLVER.MONITOR_METRIC_NAME"), getattr(args, "SOLVER.MONITOR_METRIC_MODE")
     for epoch in range(next_epoch, max_epochs):
         sampler.set_epoch(epoch, start_step=next_step)
         try:
@@ -523,36 +522,55 @@ def main(argv=None):
                                                 device, epoch, next_step, amp_dtype, world_size)
         except NonFiniteLoss as err:
             raise SystemExit(f"error: {err}")
-        if stopped_at is not None:
+        if stopped_at is not None and stopped_at < len(sampler):  # mid-epoch: save where it stopped
             if main_process:
                 utils.save_atomic(checkpoint(model, center_loss, optimizers, scheduler, scaler, args, epoch,
                                              stopped_at, best_metric, sampler), os.path.join(output_dir, "last.pth"))
-            print(f"stopped at epoch {epoch + 1}, step {stopped_at}: saved {output_dir}/last.pth "
-                  "(continue with --resume auto)")
-            return 128 + STOP["signal"]
+            return stopped(f"epoch {epoch + 1}, step {stopped_at}", output_dir)
         next_step = 0
-        lr = optimizers[0].param_groups[0]["lr"]
-        log_epoch(epoch, max_epochs, stats, lr, device)
-        record = {"epoch": epoch + 1, "lr": lr, **stats}
-        if (epoch + 1) % getattr(args, "SOLVER.EVAL_PERIOD") == 0 or epoch + 1 == max_epochs:
-            results = evaluate_epoch(model, data, args, device, rank, world_size, amp_dtype)
-            if main_process:
-                print(format_results(results), flush=True)
-                record.update(flatten_results(results))
-        scheduler.step()
-        if main_process:
-            improved = metric_name in record and is_better(record[metric_name], best_metric, mode)
-            best_metric = record[metric_name] if improved else best_metric
-            state = checkpoint(model, center_loss, optimizers, scheduler, scaler, args, epoch + 1, 0, best_metric, sampler)
-            utils.save_atomic(state, os.path.join(output_dir, "last.pth"))
-            if improved:
-                utils.save_atomic(state, os.path.join(output_dir, "best.pth"))
-            with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-        utils.barrier()
+        best_metric = finish_epoch(epoch, stats, model, center_loss, optimizers, scheduler, scaler, sampler, data,
+                                   args, device, rank, world_size, amp_dtype, best_metric)
+        if stopped_at is not None:  # the signal came on the epoch's last step: the epoch is complete
+            return stopped(f"the end of epoch {epoch + 1}", output_dir)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
+
+
+def finish_epoch(epoch, stats, model, center_loss, optimizers, scheduler, scaler, sampler, data, args, device,
+                 rank, world_size, amp_dtype, best_metric):
+    """Log the epoch, evaluate when due, step the schedule, write metrics.jsonl and the checkpoints."""
+    max_epochs, output_dir = getattr(args, "SOLVER.MAX_EPOCHS"), getattr(args, "OUTPUT_DIR")
+    lr = optimizers[0].param_groups[0]["lr"]
+    log_epoch(epoch, max_epochs, stats, lr, device)
+    record = {"epoch": epoch + 1, "lr": lr, **stats}
+    if (epoch + 1) % getattr(args, "SOLVER.EVAL_PERIOD") == 0 or epoch + 1 == max_epochs:
+        results = evaluate_epoch(model, data, args, device, rank, world_size, amp_dtype)
+        if rank == 0:
+            print(format_results(results), flush=True)
+            record.update(flatten_results(results))
+    scheduler.step()
+    if rank == 0:
+        metric_name = getattr(args, "SOLVER.MONITOR_METRIC_NAME")
+        improved = metric_name in record and is_better(record[metric_name], best_metric,
+                                                       getattr(args, "SOLVER.MONITOR_METRIC_MODE"))
+        best_metric = record[metric_name] if improved else best_metric
+        state = checkpoint(model, center_loss, optimizers, scheduler, scaler, args, epoch + 1, 0, best_metric, sampler)
+        utils.save_atomic(state, os.path.join(output_dir, "last.pth"))
+        if improved:
+            utils.save_atomic(state, os.path.join(output_dir, "best.pth"))
+        with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    utils.barrier()
+    return best_metric
+
+
+def stopped(where, output_dir):
+    """After SIGINT/SIGTERM: say where training stopped, leave the process group, exit code 128 + signal."""
+    print(f"stopped at {where}: saved {output_dir}/last.pth (continue with --resume auto)", flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 128 + STOP["signal"]
 
 
 if __name__ == "__main__":
