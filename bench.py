@@ -23,14 +23,12 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Dataset
 
 import train
 import utils
-from data import (IMAGENET_MEAN, IMAGENET_STD, DataError, PKSampler, build_test_loader, read_dataset,
-                  synthesize, throughput)
+from data import (DataError, DeviceAugmentLoader, PKSampler, build_test_loader, read_dataset, synthesize,
+                  throughput)
 from evaluate import benchmark_metrics, extract_features
 from loss import CenterLoss
 from model import ARCHS, build_model
@@ -200,102 +198,6 @@ def amp_for(dtype, device):
     """(autocast dtype or None, GradScaler) for fp32 / bf16 / fp16, made by train.py's helpers."""
     amp_dtype, needs_scaler = utils.amp_settings(device.type, dtype != "fp32", "fp16" if dtype == "fp32" else dtype)
     return amp_dtype, utils.make_grad_scaler(device, needs_scaler)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Decoding and augmentation on the device (--gpu-augment): workers only read the JPEG bytes
-
-class EncodedImages(Dataset):
-    """(path, pid, camid) items -> (JPEG bytes as a uint8 tensor, pid, camid)."""
-
-    def __init__(self, items):
-        self.items = list(items)
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        path, pid, camid = self.items[index]
-        return torchvision.io.read_file(path), pid, camid
-
-
-def collate_encoded(batch):
-    """(all files' bytes in one tensor, their lengths [B], pids [B], camids [B]): one shared buffer per batch
-    (a tensor per image would pass a file descriptor per image between processes)."""
-    data, pids, camids = zip(*batch)
-    return torch.cat(data), torch.tensor([len(d) for d in data]), torch.tensor(pids), torch.tensor(camids)
-
-
-def random_erasing_boxes(batch, height, width, device, prob=0.5, scale=(0.02, 0.4), ratio=(0.3, 3.3), tries=10):
-    """Per image: whether to erase and the box (top, left, h, w), drawn as torchvision's RandomErasing does:
-    up to `tries` draws of area and log-uniform aspect, the first that fits wins, none fits -> no erasing."""
-    area = height * width * torch.empty(batch, tries, device=device).uniform_(*scale)        # [B, T]
-    aspect = torch.exp(torch.empty(batch, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
-    h = torch.sqrt(area * aspect).round().long()
-    w = torch.sqrt(area / aspect).round().long()
-    fits = (h < height) & (w < width)                                                         # [B, T]
-    first = fits.long().argmax(dim=1, keepdim=True)                                           # [B, 1]
-    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]                                 # [B]
-    erase = (torch.rand(batch, device=device) < prob) & fits.any(dim=1)
-    top = (torch.rand(batch, device=device) * (height - h + 1)).long()
-    left = (torch.rand(batch, device=device) * (width - w + 1)).long()
-    return erase, top, left, h, w
-
-
-def augment_batch(images, size, flip_prob=0.5, padding=10, re_prob=0.5):
-    """data.build_train_transform on a whole batch on its device: uint8 [3, h, w] list -> float [B, 3, H, W].
-
-    Resize (bilinear, antialiased), flip, zero pad + random crop, ImageNet normalisation, random erasing
-    with 0: the same draws and distributions as the per-image torchvision pipeline."""
-    height, width = size
-    device = images[0].device
-    resize = lambda x: F.interpolate(x.float(), size=(height, width), mode="bilinear", antialias=True,  # noqa: E731
-                                     align_corners=False)
-    if all(img.shape == images[0].shape for img in images):  # one kernel for the batch (Market: all 128x64)
-        x = resize(torch.stack(images)) / 255  # [B, 3, H, W]
-    else:
-        x = torch.cat([resize(img[None]) for img in images]) / 255
-    batch = len(x)
-    flip = torch.rand(batch, device=device) < flip_prob
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    # pad + crop = shift by (padding - offset) with zeros coming in; offsets uniform in 0..2*padding
-    dy, dx = torch.randint(0, 2 * padding + 1, (2, batch, 1), device=device)
-    rows = torch.arange(height, device=device) + dy - padding                               # [B, H]
-    cols = torch.arange(width, device=device) + dx - padding                                # [B, W]
-    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
-    b = torch.arange(batch, device=device)[:, None, None]
-    x = x[b, :, rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]]  # [B, H, W, 3]
-    x = (x * inside[..., None]).permute(0, 3, 1, 2)
-    mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
-    x = (x - mean) / std
-    erase, top, left, h, w = random_erasing_boxes(batch, height, width, device, re_prob)
-    r = torch.arange(height, device=device)[None, :, None]
-    c = torch.arange(width, device=device)[None, None, :]
-    box = ((r >= top[:, None, None]) & (r < (top + h)[:, None, None]) & (c >= left[:, None, None])
-           & (c < (left + w)[:, None, None]) & erase[:, None, None])                      # [B, H, W]
-    return x.masked_fill(box[:, None], 0).contiguous()
-
-
-class DeviceAugmentLoader:
-    """The PK training loader with JPEG decoding (torchvision.io.decode_jpeg) and augmentation on `device`.
-
-    Yields (images [B, 3, H, W] float32 on device, pids, camids) like data.build_train_loader's loader;
-    `batch_sampler` is the PKSampler (train.train_one_epoch reads its length)."""
-
-    def __init__(self, items, num_ids, num_instances, size, num_workers, device, seed=0):
-        self.size, self.device = tuple(size), device
-        self.batch_sampler = PKSampler([pid for _, pid, _ in items], num_ids, num_instances, seed)
-        self.loader = DataLoader(EncodedImages(items), batch_sampler=self.batch_sampler, num_workers=num_workers,
-                                 collate_fn=collate_encoded, persistent_workers=num_workers > 0)
-
-    def __iter__(self):
-        decode_device = self.device if self.device.type == "cuda" else "cpu"  # nvjpeg on CUDA only
-        for data, lengths, pids, camids in self.loader:
-            files = list(data.split(lengths.tolist()))
-            images = torchvision.io.decode_jpeg(files, device=decode_device)  # as stored: RGB, or grey [1, h, w]
-            images = [img.to(self.device).expand(3, -1, -1) for img in images]
-            yield augment_batch(images, self.size), pids, camids
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ evaluator's convention); camids are 0-based.
 """
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -18,6 +19,8 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+import torchvision
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
@@ -518,6 +521,128 @@ def build_test_loader(items, size, batch_size, num_workers):
     num_workers = _usable_workers(num_workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=_pin_memory(), persistent_workers=num_workers > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding and augmentation on the device (--INPUT.DEVICE_AUGMENT): loader workers only read bytes
+
+
+class EncodedImages(Dataset):
+    """(path, pid, camid) items -> (file bytes as a uint8 tensor, pid, camid, index)."""
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, pid, camid = self.items[index]
+        try:
+            return torchvision.io.read_file(path), pid, camid, index
+        except (OSError, RuntimeError) as err:
+            raise DataError(f'{path}: cannot read the file ({err})') from None
+
+
+def collate_encoded(batch):
+    """(all files' bytes in one tensor, lengths [B], pids [B], camids [B], indices [B]): one shared buffer per
+    batch (a tensor per image would pass a file descriptor per image between processes)."""
+    data, pids, camids, indices = zip(*batch)
+    return (torch.cat(data), torch.tensor([len(d) for d in data]), torch.tensor(pids), torch.tensor(camids),
+            torch.tensor(indices))
+
+
+def random_erasing_boxes(batch, height, width, device, prob=0.5, scale=(0.02, 0.4), ratio=(0.3, 3.3), tries=10):
+    """Per image: whether to erase and the box (top, left, h, w), drawn as torchvision's RandomErasing does:
+    up to `tries` draws of area and log-uniform aspect, the first that fits wins, none fits -> no erasing."""
+    area = height * width * torch.empty(batch, tries, device=device).uniform_(*scale)        # [B, T]
+    aspect = torch.exp(torch.empty(batch, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    h = torch.sqrt(area * aspect).round().long()
+    w = torch.sqrt(area / aspect).round().long()
+    fits = (h < height) & (w < width)                                                         # [B, T]
+    first = fits.long().argmax(dim=1, keepdim=True)                                           # [B, 1]
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]                                 # [B]
+    erase = (torch.rand(batch, device=device) < prob) & fits.any(dim=1)
+    top = (torch.rand(batch, device=device) * (height - h + 1)).long()
+    left = (torch.rand(batch, device=device) * (width - w + 1)).long()
+    return erase, top, left, h, w
+
+
+def augment_batch(images, size, flip_prob=0.5, padding=10, re_prob=0.5):
+    """build_train_transform on a whole batch on its device: uint8 [3, h, w] list -> float [B, 3, H, W].
+
+    Resize (bilinear, antialiased), flip, zero pad + random crop, ImageNet normalisation, random erasing
+    with 0: the same draws and distributions as the per-image torchvision pipeline."""
+    height, width = size
+    device = images[0].device
+    resize = lambda x: F.interpolate(x.float(), size=(height, width), mode='bilinear', antialias=True,  # noqa: E731
+                                     align_corners=False)
+    if all(img.shape == images[0].shape for img in images):  # one kernel for the batch (Market: all 128x64)
+        x = resize(torch.stack(images)) / 255  # [B, 3, H, W]
+    else:
+        x = torch.cat([resize(img[None]) for img in images]) / 255
+    batch = len(x)
+    flip = torch.rand(batch, device=device) < flip_prob
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    # pad + crop = shift by (padding - offset) with zeros coming in; offsets uniform in 0..2*padding
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, batch, 1), device=device)
+    rows = torch.arange(height, device=device) + dy - padding                               # [B, H]
+    cols = torch.arange(width, device=device) + dx - padding                                # [B, W]
+    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+    b = torch.arange(batch, device=device)[:, None, None]
+    x = x[b, :, rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]]  # [B, H, W, 3]
+    x = (x * inside[..., None]).permute(0, 3, 1, 2)
+    mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
+    x = (x - mean) / std
+    erase, top, left, h, w = random_erasing_boxes(batch, height, width, device, re_prob)
+    r = torch.arange(height, device=device)[None, :, None]
+    c = torch.arange(width, device=device)[None, None, :]
+    box = ((r >= top[:, None, None]) & (r < (top + h)[:, None, None]) & (c >= left[:, None, None])
+           & (c < (left + w)[:, None, None]) & erase[:, None, None])                      # [B, H, W]
+    return x.masked_fill(box[:, None], 0).contiguous()
+
+
+def decode_images(files, device):
+    """JPEG bytes -> uint8 [3, h, w] images on device (nvjpeg on CUDA); None where a file does not decode."""
+    decode_device = device if device.type == 'cuda' else 'cpu'
+    try:
+        images = torchvision.io.decode_jpeg(files, device=decode_device)  # as stored: RGB, or grey [1, h, w]
+    except RuntimeError:  # one bad file fails the batch: find it
+        images = []
+        for data in files:
+            try:
+                images.append(torchvision.io.decode_jpeg(data, device=decode_device))
+            except RuntimeError:
+                images.append(None)
+    return [img if img is None else img.to(device).expand(3, -1, -1) for img in images]
+
+
+class DeviceAugmentLoader:
+    """The PK training loader with JPEG decoding and augmentation on `device`, for when CPU workers are the
+    limit. Yields (images [B, 3, H, W] float32 on device, pids, camids) like build_train_loader's loader;
+    `batch_sampler` is the PKSampler."""
+
+    def __init__(self, items, num_ids, num_instances, size, num_workers, device, seed=0, rank=0, world_size=1,
+                 flip_prob=0.5, padding=10, re_prob=0.5):
+        self.items, self.size, self.device = items, tuple(size), torch.device(device)
+        self.augment = {'flip_prob': flip_prob, 'padding': padding, 're_prob': re_prob}
+        self.batch_sampler = PKSampler([pid for _, pid, _ in items], num_ids, num_instances, seed, rank, world_size)
+        num_workers = _usable_workers(num_workers)
+        self.loader = DataLoader(EncodedImages(items), batch_sampler=self.batch_sampler, num_workers=num_workers,
+                                 collate_fn=collate_encoded, persistent_workers=num_workers > 0)
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for data, lengths, pids, camids, indices in self.loader:
+            images = decode_images(list(data.split(lengths.tolist())), self.device)
+            bad = [self.items[i][0] for i, img in zip(indices.tolist(), images) if img is None]
+            if bad:
+                raise DataError(f'{bad[0]}: not a readable JPEG file (--INPUT.DEVICE_AUGMENT decodes JPEG only; '
+                                f'check the set with `python data.py check`)')
+            yield augment_batch(images, self.size, **self.augment), pids, camids
 
 
 # ----------------------------------------------------------------------------------------------

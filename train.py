@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 import utils
-from data import DataError, build_datasets, build_test_loader, build_train_loader
+from data import DataError, DeviceAugmentLoader, build_datasets, build_test_loader, build_train_loader
 from evaluate import evaluate_features, extract_features, format_results
 from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads
 from model import WeightError, build_model, load_weights
@@ -39,6 +39,8 @@ FLAGS = [
     ("INPUT.PROB", 0.5, "horizontal flip probability"),
     ("INPUT.RE_PROB", 0.5, "random erasing probability"),
     ("INPUT.PADDING", 10, "padding before the random crop, pixels"),
+    ("INPUT.DEVICE_AUGMENT", False, "decode JPEGs and augment whole batches on the training device (nvjpeg on "
+     "CUDA): for when the CPU loader is the limit; loader workers then only read files"),
     ("DATASETS.NAMES", ["market1501"], "data set names; several train on their union, the first is evaluated"),
     ("DATASETS.ROOT_DIR", "data", "folder holding the data set folder (or the data set folder itself)"),
     ("DATALOADER.NUM_WORKERS", 6, "loader processes per device"),
@@ -437,10 +439,15 @@ def build_everything(args, device, rank, world_size):
     """Data, sampler/loader, model, center loss, optimizers, schedule and scaler from the flags."""
     data = build_datasets(getattr(args, "DATASETS.NAMES"), getattr(args, "DATASETS.ROOT_DIR"))
     P, K = getattr(args, "SOLVER.IMS_PER_BATCH"), getattr(args, "DATALOADER.NUM_INSTANCE")
-    loader, sampler = build_train_loader(
-        data["train"], P, K, getattr(args, "INPUT.SIZE_TRAIN"), getattr(args, "DATALOADER.NUM_WORKERS"),
-        seed=getattr(args, "SOLVER.SEED"), rank=rank, world_size=world_size, flip_prob=getattr(args, "INPUT.PROB"),
-        padding=getattr(args, "INPUT.PADDING"), re_prob=getattr(args, "INPUT.RE_PROB"))
+    loader_args = (data["train"], P, K, getattr(args, "INPUT.SIZE_TRAIN"), getattr(args, "DATALOADER.NUM_WORKERS"))
+    loader_kwargs = {"seed": getattr(args, "SOLVER.SEED"), "rank": rank, "world_size": world_size,
+                     "flip_prob": getattr(args, "INPUT.PROB"), "padding": getattr(args, "INPUT.PADDING"),
+                     "re_prob": getattr(args, "INPUT.RE_PROB")}
+    if getattr(args, "INPUT.DEVICE_AUGMENT"):
+        loader = DeviceAugmentLoader(*loader_args, device, **loader_kwargs)
+        sampler = loader.batch_sampler
+    else:
+        loader, sampler = build_train_loader(*loader_args, **loader_kwargs)
     pretrain_path = getattr(args, "MODEL.PRETRAIN_PATH")
     model = build_model(getattr(args, "MODEL.NAME"), data["num_train_pids"], getattr(args, "MODEL.LAST_STRIDE"),
                         pretrained=getattr(args, "MODEL.PRETRAINED") and not pretrain_path)

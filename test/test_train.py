@@ -105,6 +105,13 @@ def test_two_epochs_write_finite_metrics_and_both_checkpoints(two_epoch_run):
     assert last["best_metric"] == max(r["centroid_mAP"] for r in rows)
 
 
+def test_device_augmentation_trains_and_evaluates(synthetic_root, tmp_path):
+    flags = tiny_flags(synthetic_root, tmp_path, "--SOLVER.MAX_EPOCHS", "1", "--INPUT.DEVICE_AUGMENT", "true")
+    assert train.main(flags) == 0
+    row = read_metrics(tmp_path)[0]
+    assert math.isfinite(row["loss"]) and 0 < row["centroid_mAP"] <= 1
+
+
 def test_resume_auto_continues_at_the_next_epoch_with_the_right_lr(synthetic_root, two_epoch_run, tmp_path, capsys):
     out = tmp_path / "resumed"
     out.mkdir()
