@@ -352,6 +352,20 @@ def test_a_corrupt_image_names_its_path_at_load_time_and_check_lists_it(tmp_path
     assert 'Traceback' not in run.stderr
 
 
+def test_device_augment_loader_yields_pk_batches_and_names_a_corrupt_file(tiny_synthetic, tmp_path):
+    items = read_dataset('synthetic', tiny_synthetic)['train']
+    loader = data.DeviceAugmentLoader(items, 2, 2, (32, 16), 0, 'cpu')
+    images, pids, _ = next(iter(loader))
+    assert images.shape == (4, 3, 32, 16) and images.dtype == torch.float32
+    assert pids[0] == pids[1] and pids[2] == pids[3] and pids[0] != pids[2]
+    bad = tmp_path / 'bad.jpg'
+    bad.write_bytes(b'\xff\xd8 not really a jpeg')
+    loader = data.DeviceAugmentLoader([(str(bad), 0, 0)] + items[1:], 2, 2, (32, 16), 0, 'cpu')
+    with pytest.raises(DataError, match=f'{bad}: not a readable JPEG'):
+        for _ in loader:
+            pass
+
+
 def test_cli_errors_have_no_traceback(tmp_path):
     run = subprocess.run([sys.executable, 'data.py', 'check', str(tmp_path / 'missing'), '--dataset', 'duke'],
                          cwd=REPO, capture_output=True, text=True)
