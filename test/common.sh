@@ -14,8 +14,9 @@ PYTHON=${PYTHON:-$( [ -x "$root_dir/.venv/bin/python" ] && echo "$root_dir/.venv
 run_training() {
   local data_path="" device_id=0 dataset="DukeMTMC-reID" extra=() previous=""
   for arg in "$@"; do
-    # a P given to train.py directly is the batch size the summary reports
+    # a P or a backbone given to train.py directly is what the summary reports
     if [ "$previous" = "--SOLVER.IMS_PER_BATCH" ]; then BatchSize="$arg"; fi
+    if [ "$previous" = "--MODEL.NAME" ]; then Network="CTL_$arg"; fi
     previous="$arg"
     case "$arg" in
       --data_path=*) data_path="${arg#*=}" ;;

@@ -199,7 +199,7 @@ def test_wrappers_run_on_the_cpu_and_fill_every_summary_key(synthetic_root, scri
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Final Performance images/sec" in result.stdout
     out_dir = os.path.join(ROOT, "test", "output", str(device_id))
-    case = f"CTL_ResNet50_bs2_{rank_size}p_acc"
+    case = f"CTL_resnet18_bs2_{rank_size}p_acc"  # the backbone and P the flags asked for
     with open(os.path.join(out_dir, f"{case}.log")) as f:
         summary = dict(line.rstrip("\n").split(" = ", 1) for line in f)
     assert set(SUMMARY_KEYS) <= set(summary) and all(summary[k] for k in SUMMARY_KEYS)
