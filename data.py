@@ -326,6 +326,12 @@ def build_datasets(names, root):
                 has_cameras=first['has_cameras'], name='+'.join(ds['name'] for ds in datasets))
 
 
+def item_labels(items):
+    """(pids, camids) int64 arrays of a list of (path, pid, camid) items."""
+    labels = np.array([(pid, camid) for _, pid, camid in items], dtype=np.int64).reshape(-1, 2)
+    return labels[:, 0], labels[:, 1]
+
+
 def describe_dataset(dataset):
     """A small table of images, identities and cameras per split."""
     lines = [f'{dataset["name"]:<16} {"images":>8} {"ids":>6} {"cameras":>8}']
@@ -834,8 +840,7 @@ def pixel_baseline_map(root, name='synthetic', size=(32, 16)):
 
     from evaluate import evaluate_rank  # the project's evaluator (Market-1501 protocol)
     distmat = torch.cdist(pixels(ds['query']), pixels(ds['gallery']))
-    q_pids, q_camids = (np.array([item[k] for item in ds['query']]) for k in (1, 2))
-    g_pids, g_camids = (np.array([item[k] for item in ds['gallery']]) for k in (1, 2))
+    (q_pids, q_camids), (g_pids, g_camids) = item_labels(ds['query']), item_labels(ds['gallery'])
     return evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids)['mAP']
 
 

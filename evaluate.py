@@ -544,7 +544,7 @@ def run_benchmark(device="cpu", large=True):
 def evaluate_checkpoint(argv):
     """Evaluate a checkpoint per image and per centroid on the first of --DATASETS.NAMES; print the table."""
     import train
-    from data import build_datasets, build_test_loader
+    from data import build_datasets, build_test_loader, item_labels
     from model import model_from_checkpoint
     parser = train.get_args_parser()
     parser.add_argument("--visualize", metavar="DIR", default="",
@@ -568,11 +568,8 @@ def evaluate_checkpoint(argv):
         loader = build_test_loader(data[split], size, flag("TEST.IMS_PER_BATCH"), flag("DATALOADER.NUM_WORKERS"))
         feats[split] = extract_features(model, loader, device, flag("TEST.FLIP_FEATS"), flag("TEST.FEAT_NORM"),
                                         amp_dtype)[0].to(device)
-    info = {split: [np.array([item[k] for item in data[split]]) for k in (1, 2)] for split in ("query", "gallery")}
-    results = evaluate_features(feats["query"], *info["query"], feats["gallery"], *info["gallery"],
-                                keep_camid_centroids=flag("MODEL.KEEP_CAMID_CENTROIDS") and data["has_cameras"],
-                                max_rank=flag("TEST.MAX_RANK"), camera_agnostic=flag("TEST.CAMERA_AGNOSTIC"),
-                                normalize_centroids=flag("TEST.FEAT_NORM"))
+    results = evaluate_features(feats["query"], *item_labels(data["query"]), feats["gallery"],
+                                *item_labels(data["gallery"]), **train.evaluation_arguments(args, data["has_cameras"]))
     if args.visualize:
         from retrieve import visualize_evaluation
         written = visualize_evaluation(feats["query"].cpu(), data["query"], feats["gallery"].cpu(), data["gallery"],

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import utils
-from data import IMAGE_EXTENSIONS, DataError, build_test_transform, load_image, read_dataset
+from data import IMAGE_EXTENSIONS, DataError, build_test_transform, item_labels, load_image, read_dataset
 from evaluate import EvaluationError, extract_features, identity_centroids, synthetic_problem
 from model import BACKBONE_EMB_SIZES, WeightError, model_from_checkpoint
 
@@ -558,8 +558,8 @@ def visualize_evaluation(q_feats, q_items, g_feats, g_items, out_dir, results=No
     """evaluate.py --visualize: ranked lists of the first `limit` queries (items (path, pid, camid)) over the
     gallery, same identity + camera removed as the protocol does, and cmc.png given evaluate_features' results."""
     q_items = q_items[:limit]
-    q_pids, q_cams = (torch.tensor([item[i] for item in q_items]) for i in (1, 2))
-    g_pids, g_cams = (torch.tensor([item[i] for item in g_items]) for i in (1, 2))
+    q_pids, q_cams = (torch.from_numpy(x) for x in item_labels(q_items))
+    g_pids, g_cams = (torch.from_numpy(x) for x in item_labels(g_items))
     normalize = torch.nn.functional.normalize  # ranks by cosine: the evaluator's order with TEST.FEAT_NORM on
     sims = normalize(q_feats[:limit].float(), dim=1) @ normalize(g_feats.float(), dim=1).T  # [q, N], q <= limit
     if not camera_agnostic:

@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 import utils
-from data import DataError, DeviceAugmentLoader, build_datasets, build_test_loader, build_train_loader
+from data import (DataError, DeviceAugmentLoader, build_datasets, build_test_loader, build_train_loader,
+                  item_labels)
 from evaluate import evaluate_features, extract_features, format_results
 from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads
 from model import WeightError, build_model, load_weights
@@ -344,13 +345,15 @@ def evaluate_epoch(model, data, args, device, rank, world_size, amp_dtype):
     g_feats = extract_sharded(model, data["gallery"], args, device, rank, world_size, amp_dtype)
     if rank != 0:
         return None
-    q_pids, q_camids = (np.array([it[i] for it in data["query"]]) for i in (1, 2))
-    g_pids, g_camids = (np.array([it[i] for it in data["gallery"]]) for i in (1, 2))
-    return evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
-                             keep_camid_centroids=getattr(args, "MODEL.KEEP_CAMID_CENTROIDS") and data["has_cameras"],
-                             max_rank=getattr(args, "TEST.MAX_RANK"),
-                             camera_agnostic=getattr(args, "TEST.CAMERA_AGNOSTIC"),
-                             normalize_centroids=getattr(args, "TEST.FEAT_NORM"))
+    return evaluate_features(q_feats, *item_labels(data["query"]), g_feats, *item_labels(data["gallery"]),
+                             **evaluation_arguments(args, data["has_cameras"]))
+
+
+def evaluation_arguments(args, has_cameras):
+    """evaluate_features keyword arguments from the flags (train.py and evaluate.py alike)."""
+    return {"keep_camid_centroids": getattr(args, "MODEL.KEEP_CAMID_CENTROIDS") and has_cameras,
+            "max_rank": getattr(args, "TEST.MAX_RANK"), "camera_agnostic": getattr(args, "TEST.CAMERA_AGNOSTIC"),
+            "normalize_centroids": getattr(args, "TEST.FEAT_NORM")}
 
 
 def flatten_results(results):
