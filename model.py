@@ -16,22 +16,18 @@ import torchvision
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
-# name -> torchvision constructor, embedding size, ImageNet file name, where to download it by hand
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+IBN_URL = "https://github.com/XingangPan/IBN-Net/releases/download/v1.0/"
+
+# name -> torchvision constructor, embedding size, ImageNet file name, where to download it by hand (+ name)
 ARCHS = {
-    "resnet18": (torchvision.models.resnet18, 512, "resnet18-5c106cde.pth",
-                 "https://download.pytorch.org/models/resnet18-5c106cde.pth"),
-    "resnet34": (torchvision.models.resnet34, 512, "resnet34-333f7ec4.pth",
-                 "https://download.pytorch.org/models/resnet34-333f7ec4.pth"),
-    "resnet50": (torchvision.models.resnet50, 2048, "resnet50-19c8e357.pth",
-                 "https://download.pytorch.org/models/resnet50-19c8e357.pth"),
-    "resnet101": (torchvision.models.resnet101, 2048, "resnet101-5d3b4d8f.pth",
-                  "https://download.pytorch.org/models/resnet101-5d3b4d8f.pth"),
-    "resnet152": (torchvision.models.resnet152, 2048, "resnet152-b121ed2d.pth",
-                  "https://download.pytorch.org/models/resnet152-b121ed2d.pth"),
-    "resnet50_ibn_a": (torchvision.models.resnet50, 2048, "resnet50_ibn_a-d9d0bb7b.pth",
-                       "https://github.com/XingangPan/IBN-Net/releases/download/v1.0/resnet50_ibn_a-d9d0bb7b.pth"),
-    "resnet101_ibn_a": (torchvision.models.resnet101, 2048, "resnet101_ibn_a-59ea0ac6.pth",
-                        "https://github.com/XingangPan/IBN-Net/releases/download/v1.0/resnet101_ibn_a-59ea0ac6.pth"),
+    "resnet18": (torchvision.models.resnet18, 512, "resnet18-5c106cde.pth", TORCHVISION_URL),
+    "resnet34": (torchvision.models.resnet34, 512, "resnet34-333f7ec4.pth", TORCHVISION_URL),
+    "resnet50": (torchvision.models.resnet50, 2048, "resnet50-19c8e357.pth", TORCHVISION_URL),
+    "resnet101": (torchvision.models.resnet101, 2048, "resnet101-5d3b4d8f.pth", TORCHVISION_URL),
+    "resnet152": (torchvision.models.resnet152, 2048, "resnet152-b121ed2d.pth", TORCHVISION_URL),
+    "resnet50_ibn_a": (torchvision.models.resnet50, 2048, "resnet50_ibn_a-d9d0bb7b.pth", IBN_URL),
+    "resnet101_ibn_a": (torchvision.models.resnet101, 2048, "resnet101_ibn_a-59ea0ac6.pth", IBN_URL),
 }
 BACKBONE_EMB_SIZES = {name: arch[1] for name, arch in ARCHS.items()}
 
@@ -135,7 +131,7 @@ def build_model(name="resnet50", num_classes=751, last_stride=1, pretrained=Fals
         if not path.is_file():
             raise WeightError(
                 f"--MODEL.PRETRAINED true needs the ImageNet weights of {name} at {path}: download "
-                f"{ARCHS[name][3]} by hand and put the file there (nothing is downloaded automatically), "
+                f"{ARCHS[name][3]}{ARCHS[name][2]} by hand and put the file there (nothing is downloaded automatically), "
                 f"or name another file with --MODEL.PRETRAIN_PATH, "
                 f"or train from scratch with --MODEL.PRETRAINED false")
     if path:
