@@ -25,10 +25,11 @@ import traceback
 import torch
 import torchvision
 
+import config
 import train
 import utils
-from data import (DataError, DeviceAugmentLoader, PKSampler, build_test_loader, read_dataset, synthesize,
-                  throughput)
+from data import (DataError, DeviceAugmentLoader, PKSampler, build_datasets, build_test_loader, read_dataset,
+                  synthesize, throughput)
 from evaluate import benchmark_metrics, extract_features
 from loss import CenterLoss
 from model import ARCHS, build_model
@@ -267,14 +268,15 @@ class RepeatedBatch:
         return (self.batch for _ in self.batch_sampler)
 
 
-def train_flags(args, num_ids, dtype, compiled, extra=()):
-    """train.py's own flags for a run of this bench (everything else at train.py's defaults)."""
-    return train.parse_args([
+def train_config(args, num_ids, dtype, compiled, extra=()):
+    """train.py's own configuration for a run of this bench (everything else at the defaults)."""
+    cfg, _, _ = config.parse([
         "--MODEL.NAME", args.model, "--MODEL.PRETRAINED", "false", "--MODEL.DEVICE", args.device.type,
         "--SOLVER.IMS_PER_BATCH", str(num_ids), "--DATALOADER.NUM_INSTANCE", str(args.instances),
         "--INPUT.SIZE_TRAIN", *map(str, args.size), "--INPUT.SIZE_TEST", *map(str, args.size),
         "--USE_MIXED_PRECISION", str(dtype != "fp32"), "--SOLVER.AMP_DTYPE", "fp16" if dtype == "fp32" else dtype,
         "--SOLVER.COMPILE", str(compiled), "--DATALOADER.NUM_WORKERS", str(args.workers), *extra])
+    return cfg
 
 
 def bare_round(forward, optimizer, scaler, images, device, amp_dtype, steps):
@@ -292,38 +294,37 @@ def bare_round(forward, optimizer, scaler, images, device, amp_dtype, steps):
     return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
 
 
-def full_round(train_model, center_loss, batch, optimizers, scaler, targs, device, amp_dtype, steps):
+def full_round(state, batch, cfg, device, steps):
     """(wall, process CPU) seconds per full step, run by train.train_one_epoch on a repeated device-resident batch."""
     utils.synchronize(device)  # no earlier work may still be queued when the clock starts
     start, cpu_start = time.perf_counter(), time.process_time()
-    train.train_one_epoch(train_model, center_loss, RepeatedBatch(batch, steps), optimizers, scaler, None, targs,
-                          device, 0, 0, amp_dtype, 1)  # ends with a device synchronisation
+    train.train_one_epoch(state, RepeatedBatch(batch, steps), cfg, device, 0, 0, 1)  # ends with a synchronisation
     return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
 
 
 def bench_step(args, dtype, compiled, num_ids, notes, num_classes=751):
     """Full training step vs bare backbone step on one batch, alternating rounds: images/s and the ratio."""
     device, K = args.device, args.instances
-    targs = train_flags(args, num_ids, dtype, compiled)
+    cfg = train_config(args, num_ids, dtype, compiled)
     torch.manual_seed(0)
-    model = build_model(args.model, num_classes, getattr(targs, "MODEL.LAST_STRIDE"))
+    model = build_model(args.model, num_classes, cfg.MODEL.LAST_STRIDE)
     center_loss = CenterLoss(num_classes, model.feat_dim).to(device)
     model.to(device, memory_format=utils.memory_format(device))
-    optimizers = list(train.build_optimizers(targs, model, center_loss)[:2])
-    bare_optimizer = train.build_optimizers(targs, model.backbone, center_loss)[0]  # the same Adam, backbone only
+    optimizer, center_optimizer, scheduler = train.build_optimizers(cfg, model, center_loss)
+    bare_optimizer = train.build_optimizers(cfg, model.backbone, center_loss)[0]  # the same Adam, backbone only
     amp_dtype, full_scaler = amp_for(dtype, device)
     _, bare_scaler = amp_for(dtype, device)
     memory_format = utils.memory_format(device)
     images = torch.randn(num_ids * K, 3, *args.size, device=device).contiguous(memory_format=memory_format)
     pids = torch.arange(num_ids, device=device).repeat_interleave(K)  # identity-major, as the PK sampler gives
     batch = (images, pids, torch.zeros_like(pids))
-    train_model = torch.compile(model) if compiled else model
+    state = train.TrainState(model, center_loss, optimizer, center_optimizer, scheduler, full_scaler, None,
+                             train_model=torch.compile(model) if compiled else model, amp_dtype=amp_dtype)
 
     def pooled(x):  # the backbone and global average pooling: [B, 3, H, W] -> [B, D]
         return model.backbone(x).mean(dim=(2, 3))
     bare_forward = torch.compile(pooled) if compiled else pooled
-    run_full = lambda n: full_round(train_model, center_loss, batch, optimizers, full_scaler, targs,  # noqa: E731
-                                    device, amp_dtype, n)
+    run_full = lambda n: full_round(state, batch, cfg, device, n)  # noqa: E731
     run_bare = lambda n: bare_round(bare_forward, bare_optimizer, bare_scaler, images, device,  # noqa: E731
                                     amp_dtype, n)
     run_full(args.warmup), run_bare(args.warmup)
@@ -370,20 +371,18 @@ def release(device):
 def bench_end_to_end(args, root, device_augment=False):
     """Images/s of real train.py epochs (train.build_everything + train.train_one_epoch), first epoch not counted."""
     device, dtype = args.device, args.e2e_dtype
-    targs = train_flags(args, args.ids, dtype, args.e2e_compile,
-                        ["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", root])
+    cfg = train_config(args, args.ids, dtype, args.e2e_compile,
+                       ["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", root,
+                        "--INPUT.DEVICE_AUGMENT", str(device_augment)])
     torch.manual_seed(0)
-    data, loader, sampler, model, center_loss, optimizers, _ = train.build_everything(targs, device, 0, 1)
-    if device_augment:
-        loader = DeviceAugmentLoader(data["train"], args.ids, args.instances, args.size, args.workers, device)
-        sampler = loader.batch_sampler
-    amp_dtype, scaler = amp_for(dtype, device)
-    train_model = torch.compile(model) if args.e2e_compile else model
+    data = build_datasets(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR)
+    loader, state = train.build_state(cfg, data, device, 0, 1)
+    train.wrap_for_training(state, cfg, device, 1)
+    sampler = state.sampler
     seconds = waiting = steps = 0.0
     for epoch in range(max(2, args.epochs)):
         sampler.set_epoch(epoch)
-        stats, _ = train.train_one_epoch(train_model, center_loss, loader, optimizers, scaler, None, targs, device,
-                                         epoch, 0, amp_dtype, 1)
+        stats, _ = train.train_one_epoch(state, loader, cfg, device, epoch, 0, 1)
         if epoch:  # the first epoch starts the workers (and compiles): not counted
             seconds += stats["step_time_s"] * len(sampler)
             waiting += stats["data_time_s"] * len(sampler)
@@ -404,7 +403,7 @@ def bench_features(args, root):
     device, data = args.device, read_dataset("synthetic", root)
     items = data["query"] + data["gallery"]
     items = items[:args.feature_images] if args.feature_images else items
-    batch_size = getattr(train.parse_args([]), "TEST.IMS_PER_BATCH")
+    batch_size = config.DEFAULTS["TEST.IMS_PER_BATCH"]
     amp_dtype, _ = amp_for(args.e2e_dtype, device)
     model = build_model(args.model, data["num_train_pids"]).to(device, memory_format=utils.memory_format(device))
     extract_features(model, build_test_loader(items[:batch_size], args.size, batch_size, 0), device,

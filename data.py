@@ -162,17 +162,25 @@ def read_msmt17(folder):
     return splits, True
 
 
-def _coco_json_paths(folder):
-    """train/query/gallery JSON files: `train*.json` in the folder (`train.json` preferred), query
-    and gallery named like it with 'train' replaced (the original's rule: train_128_256.json ->
-    query_128_256.json, gallery_128_256.json)."""
-    candidates = sorted(f for f in os.listdir(folder) if f.startswith('train') and f.endswith('.json'))
-    if not candidates:
-        raise DataError(f'{folder} holds no train*.json annotation file (expected train.json, '
-                        f'query.json, gallery.json; holds: {_listing(folder)})')
-    if len(candidates) > 1 and 'train.json' not in candidates:
-        raise DataError(f'{folder} holds several train*.json files ({", ".join(candidates)}): keep one')
-    train = 'train.json' if 'train.json' in candidates else candidates[0]
+def _coco_json_paths(folder, json_train_path=''):
+    """train/query/gallery JSON files: `json_train_path` (DATASETS.JSON_TRAIN_PATH) or `train*.json` in the
+    folder (`train.json` preferred); query and gallery are named like it with 'train' replaced in the file
+    name (the original's rule: train_128_256.json -> query_128_256.json, gallery_128_256.json)."""
+    if json_train_path:
+        _require(json_train_path, 'DATASETS.JSON_TRAIN_PATH (the train annotations)', kind='file')
+        folder, train = os.path.split(json_train_path)
+        if 'train' not in train:
+            raise DataError(f'DATASETS.JSON_TRAIN_PATH {json_train_path}: the file name must contain "train" '
+                            '(query and gallery files are named by replacing it)')
+    else:
+        candidates = sorted(f for f in os.listdir(folder) if f.startswith('train') and f.endswith('.json'))
+        if not candidates:
+            raise DataError(f'{folder} holds no train*.json annotation file (expected train.json, '
+                            f'query.json, gallery.json; holds: {_listing(folder)}); or set DATASETS.JSON_TRAIN_PATH')
+        if len(candidates) > 1 and 'train.json' not in candidates:
+            raise DataError(f'{folder} holds several train*.json files ({", ".join(candidates)}): keep one, '
+                            'or name it with DATASETS.JSON_TRAIN_PATH')
+        train = 'train.json' if 'train.json' in candidates else candidates[0]
     return {split: _require(os.path.join(folder, train.replace('train', split, 1)),
                             f'{split} annotations', kind='file') for split in ('train', 'query', 'gallery')}
 
@@ -205,12 +213,12 @@ def _read_coco_split(json_path, image_dir):
     return items
 
 
-def read_coco(folder):
+def read_coco(folder, json_train_path=''):
     """Fashion retrieval (DeepFashion consumer-to-shop `df1`, `street2shop`), the original's layout:
     train/, query/, gallery/ image folders and train.json, query.json, gallery.json beside them.
     No cameras: query cam 0, gallery cam 1 (train cam 0). Train pair_ids with fewer than 2 images
     are dropped; query/gallery pids are pair_id + 1, since pid 0 means "distractor"."""
-    jsons = _coco_json_paths(folder)
+    jsons = _coco_json_paths(folder, json_train_path)
     splits = {}
     for split, camid in (('train', 0), ('query', 0), ('gallery', 1)):
         image_dir = _require(os.path.join(folder, split), f'{split} images')
@@ -293,11 +301,21 @@ def canonical_name(name):
     return ALIASES[key]
 
 
-def read_dataset(name, root):
-    """Read one data set: {'train', 'query', 'gallery', 'num_train_pids', 'has_cameras', 'name'}."""
+def read_dataset(name, root, json_train_path=''):
+    """Read one data set: {'train', 'query', 'gallery', 'num_train_pids', 'has_cameras', 'name'}.
+
+    json_train_path (df1, street2shop) names the train JSON as the original's DATASETS.JSON_TRAIN_PATH does;
+    ROOT is then the folder of the train/, query/ and gallery/ images."""
     name = canonical_name(name)
-    folder = find_dataset_folder(name, root)
-    splits, has_cameras = DATASETS[name]['read'](folder)
+    if json_train_path:
+        if DATASETS[name]['read'] is not read_coco:
+            raise DataError(f'DATASETS.JSON_TRAIN_PATH is for the COCO-style sets (df1, street2shop), not {name}: '
+                            'leave it empty')
+        folder = _require(root, 'DATASETS.ROOT_DIR (the image folder)')
+        splits, has_cameras = read_coco(folder, json_train_path)
+    else:
+        folder = find_dataset_folder(name, root)
+        splits, has_cameras = DATASETS[name]['read'](folder)
     for split, items in splits.items():
         if not items:
             raise DataError(f'the {split} split of {name} in {folder} is empty (after dropping junk '
@@ -310,13 +328,13 @@ def read_dataset(name, root):
                 num_train_pids=len(train_pids), has_cameras=has_cameras, name=name)
 
 
-def build_datasets(names, root):
+def build_datasets(names, root, json_train_path=''):
     """Train on the union of `names` (pids offset per set); query/gallery/has_cameras of the first."""
     if isinstance(names, str):
         names = [n for n in names.replace(',', ' ').split() if n]
     if not names:
         raise DataError('no data set name given (--DATASETS.NAMES)')
-    datasets = [read_dataset(name, root) for name in names]
+    datasets = [read_dataset(name, root, json_train_path) for name in names]
     train, offset = [], 0
     for ds in datasets:
         train += [(path, pid + offset, camid) for path, pid, camid in ds['train']]

@@ -14,12 +14,14 @@ import argparse
 import concurrent.futures
 import contextlib
 import math
+import os
 import sys
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import config
 import utils
 
 CHUNK_BYTES = 32 * 2**20  # temporaries per chunk (and worker); small chunks stay in cache, reuse the heap
@@ -541,47 +543,64 @@ def run_benchmark(device="cpu", large=True):
 # ---------------------------------------------------------------------------------------------------
 # CLI
 
-def evaluate_checkpoint(argv):
-    """Evaluate a checkpoint per image and per centroid on the first of --DATASETS.NAMES; print the table."""
-    import train
+def evaluation_arguments(cfg, has_cameras):
+    """evaluate_features keyword arguments from the configuration (train.py and evaluate.py alike)."""
+    return {"keep_camid_centroids": cfg.MODEL.KEEP_CAMID_CENTROIDS and has_cameras,
+            "max_rank": cfg.TEST.MAX_RANK, "camera_agnostic": cfg.TEST.CAMERA_AGNOSTIC,
+            "normalize_centroids": cfg.TEST.FEAT_NORM}
+
+
+OPTIONS = [("visualize", ("--visualize",), "", "write ranked lists and the CMC curves as PNG files to DIR "
+              "(as TEST.VISUALIZE yes does, into OUTPUT_DIR/visualize)")]
+
+
+def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
+    """Evaluate a checkpoint per image and per centroid on the first of DATASETS.NAMES; print the table."""
     from data import build_datasets, build_test_loader, item_labels
     from model import model_from_checkpoint
-    parser = train.get_args_parser()
-    parser.add_argument("--visualize", metavar="DIR", default="",
-                        help="write ranked lists of the first 50 queries and the CMC curves as PNG files to DIR")
-    args = train.parse_args(argv, parser)
-    flag = lambda name: getattr(args, name)  # noqa: E731  (dotted flag names are not identifiers)
-    if not flag("MODEL.PRETRAIN_PATH"):
-        raise EvaluationError("--MODEL.PRETRAIN_PATH is required: the checkpoint to evaluate "
-                              "(ours or an original .ckpt)")
-    device = torch.device(utils.pick_device_type(flag("MODEL.DEVICE")))
-    data = build_datasets(flag("DATASETS.NAMES"), flag("DATASETS.ROOT_DIR"))
-    model = model_from_checkpoint(flag("MODEL.PRETRAIN_PATH")).to(device)
-    amp_dtype, _ = utils.amp_settings(device.type, flag("USE_MIXED_PRECISION") and device.type != "cpu",
-                                      flag("SOLVER.AMP_DTYPE"))
-    # the size the model was trained for, unless --INPUT.SIZE_TEST is given
-    given = any(a.upper().lstrip("-").startswith("INPUT.SIZE_TEST") for a in argv)
-    size = flag("INPUT.SIZE_TEST") if given or model.input_size is None else model.input_size
+    if not checkpoint:
+        raise EvaluationError("no checkpoint to evaluate: give MODEL.PRETRAIN_PATH (or TEST.WEIGHT), "
+                              "ours or an original .ckpt")
+    device = torch.device(utils.pick_device_type(cfg.MODEL.DEVICE))
+    data = build_datasets(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, cfg.DATASETS.JSON_TRAIN_PATH)
+    model = model_from_checkpoint(checkpoint).to(device)
+    amp_dtype, _ = utils.amp_settings(device.type, cfg.USE_MIXED_PRECISION and device.type != "cpu",
+                                      cfg.SOLVER.AMP_DTYPE)
+    # the size the model was trained for, unless INPUT.SIZE_TEST is given
+    size = cfg.INPUT.SIZE_TEST if size_given or model.input_size is None else model.input_size
     print(f"input size {size[0]}x{size[1]}")
     feats = {}
     for split in ("query", "gallery"):
-        loader = build_test_loader(data[split], size, flag("TEST.IMS_PER_BATCH"), flag("DATALOADER.NUM_WORKERS"))
-        feats[split] = extract_features(model, loader, device, flag("TEST.FLIP_FEATS"), flag("TEST.FEAT_NORM"),
+        loader = build_test_loader(data[split], size, cfg.TEST.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS)
+        feats[split] = extract_features(model, loader, device, cfg.TEST.FLIP_FEATS, cfg.TEST.FEAT_NORM,
                                         amp_dtype)[0].to(device)
     results = evaluate_features(feats["query"], *item_labels(data["query"]), feats["gallery"],
-                                *item_labels(data["gallery"]), **train.evaluation_arguments(args, data["has_cameras"]))
-    if args.visualize:
+                                *item_labels(data["gallery"]), **evaluation_arguments(cfg, data["has_cameras"]))
+    visualize_dir = visualize_dir or (os.path.join(cfg.OUTPUT_DIR, "visualize") if cfg.TEST.VISUALIZE == "yes" else "")
+    if visualize_dir:
         from retrieve import visualize_evaluation
+        limit = min(cfg.TEST.VISUALIZE_MAX_NUMBER, len(data["query"]))
         written = visualize_evaluation(feats["query"].cpu(), data["query"], feats["gallery"].cpu(), data["gallery"],
-                                       args.visualize, results, top_k=10, limit=50,
-                                       camera_agnostic=flag("TEST.CAMERA_AGNOSTIC"))
-        print(f"wrote {len(written)} pictures to {args.visualize} (ranked lists of the first 50 queries, cmc.png)")
-    if not flag("MODEL.USE_CENTROIDS"):
+                                       visualize_dir, results, top_k=cfg.TEST.VISUALIZE_TOPK, limit=limit,
+                                       camera_agnostic=cfg.TEST.CAMERA_AGNOSTIC)
+        print(f"wrote {len(written)} pictures to {visualize_dir} (ranked lists of the first {limit} queries, cmc.png)")
+    if not cfg.MODEL.USE_CENTROIDS:
         results.pop("centroid")
     print(f"{data['name']}: {len(data['query'])} queries, {len(data['gallery'])} gallery images, "
-          f"checkpoint {flag('MODEL.PRETRAIN_PATH')}")
+          f"checkpoint {checkpoint}")
     print(format_results(results))
     return results
+
+
+def evaluate_checkpoint_cli(cfg, given, checkpoint, visualize_dir=""):
+    """evaluate_checkpoint for a command line: user errors become `error: ...` and exit code 2."""
+    from data import DataError
+    from model import WeightError
+    try:
+        return evaluate_checkpoint(cfg, checkpoint, "INPUT.SIZE_TEST" in given, visualize_dir)
+    except (EvaluationError, DataError, WeightError) as err:  # user errors: the message, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(argv=None):
@@ -594,12 +613,8 @@ def main(argv=None):
         parser.add_argument("--no-large", action="store_true", help="skip the 1,000,000-item gallery run")
         opts = parser.parse_args(argv)
         return run_benchmark(opts.device, large=not opts.no_large)
-    from data import DataError
-    from model import WeightError
-    try:
-        return evaluate_checkpoint(argv)
-    except (EvaluationError, DataError, WeightError) as err:  # user errors: the message, no traceback
-        raise SystemExit(f"error: {err}")
+    cfg, opts, given = config.parse_args(argv, OPTIONS, prog="evaluate.py")
+    return evaluate_checkpoint_cli(cfg, given, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH, opts["visualize"])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 # RankSize and its own train.py flags, then calls `run_training "$@"`.
 #   --data_path=DIR    the data set folder or the folder above it (required)
 #   --device_id=N      first device id (default 0); logs go to test/output/N/
-#   --dataset=NAME     data set name (default DukeMTMC-reID)
+#   --dataset=NAME     data set name (default DukeMTMC-reID); its recipe configs/<name>_256_resnet50.yml is read
+#                      when there is one (the original's train script for that set)
 #   --rank_size=N      devices for the multi-device wrappers (default: the wrapper's)
 # Any other argument is passed to train.py unchanged (e.g. --SOLVER.MAX_EPOCHS 3).
 
@@ -42,9 +43,12 @@ run_training() {
     launch=("$PYTHON" -m torch.distributed.launch --nproc_per_node="$RankSize" --master_port="${MASTER_PORT:-29513}")
   fi
   cd "$root_dir" || return 1
+  local recipe=()
+  local name=$("$PYTHON" -c "import data, sys; print(data.canonical_name(sys.argv[1]))" "$dataset" 2>/dev/null)
+  if [ -f "configs/${name}_256_resnet50.yml" ]; then recipe=(--config_file "configs/${name}_256_resnet50.yml"); fi
   local start=$(date +%s)
-  echo "log: $log"
-  "${launch[@]}" train.py --DATASETS.NAMES "$dataset" --DATASETS.ROOT_DIR "$data_path" \
+  echo "log: $log${recipe:+ (recipe ${recipe[1]})}"
+  "${launch[@]}" train.py "${recipe[@]}" --DATASETS.NAMES "$dataset" --DATASETS.ROOT_DIR "$data_path" \
       --OUTPUT_DIR "$out_dir" --GPU_IDS $gpu_ids --SOLVER.IMS_PER_BATCH "$BatchSize" \
       "${train_flags[@]}" "${extra[@]}" > "$log" 2>&1
   local status=$?
