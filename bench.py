@@ -100,7 +100,7 @@ def resolve_config(args):
         raise SystemExit("error: " + str(err).replace("--MODEL.DEVICE", "--device")) from None
     preset = "tiny" if args.tiny else args.preset or ("cpu" if device_type == "cpu" else "device")
     for key, value in PRESETS[preset].items():
-        if getattr(args, key, None) is None:
+        if vars(args).get(key) is None:
             setattr(args, key, value)
     args.busy = device_type == "cpu" and os.getloadavg()[0] > len(os.sched_getaffinity(0)) / 2
     if args.busy and not args.threads:

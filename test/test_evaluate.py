@@ -323,5 +323,6 @@ def test_cli_evaluates_a_checkpoint_both_ways(tmp_path, capsys):
     assert (tmp_path / "pictures" / "cmc.png") in pictures and len(pictures) > 1
     for picture in pictures:
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit, match="--MODEL.PRETRAIN_PATH is required"):
+    with pytest.raises(SystemExit) as stop:
         ev.main(["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", str(tmp_path)])
+    assert stop.value.code == 2 and "give MODEL.PRETRAIN_PATH (or TEST.WEIGHT)" in capsys.readouterr().err
