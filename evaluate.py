@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 import config
 import utils
+from data import DataError, build_datasets, build_test_loader, item_labels
+from model import WeightError, model_from_checkpoint
 
 CHUNK_BYTES = 32 * 2**20  # temporaries per chunk (and worker); small chunks stay in cache, reuse the heap
 BYTES_PER_ITEM = 16       # per (query, gallery item) of a chunk: at most 16 B live at once (distance and
@@ -556,8 +558,6 @@ OPTIONS = [("visualize", ("--visualize",), "", "write ranked lists and the CMC c
 
 def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
     """Evaluate a checkpoint per image and per centroid on the first of DATASETS.NAMES; print the table."""
-    from data import build_datasets, build_test_loader, item_labels
-    from model import model_from_checkpoint
     if not checkpoint:
         raise EvaluationError("no checkpoint to evaluate: give MODEL.PRETRAIN_PATH (or TEST.WEIGHT), "
                               "ours or an original .ckpt")
@@ -594,8 +594,6 @@ def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
 
 def evaluate_checkpoint_cli(cfg, given, checkpoint, visualize_dir=""):
     """evaluate_checkpoint for a command line: user errors become `error: ...` and exit code 2."""
-    from data import DataError
-    from model import WeightError
     try:
         return evaluate_checkpoint(cfg, checkpoint, "INPUT.SIZE_TEST" in given, visualize_dir)
     except (EvaluationError, DataError, WeightError) as err:  # user errors: the message, no traceback

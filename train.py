@@ -22,7 +22,8 @@ import config
 import utils
 from data import (DataError, DeviceAugmentLoader, build_datasets, build_test_loader, build_train_loader,
                   item_labels)
-from evaluate import evaluate_features, evaluation_arguments, extract_features, format_results
+from evaluate import (evaluate_checkpoint_cli, evaluate_features, evaluation_arguments, extract_features,
+                      format_results)
 from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads
 from model import WeightError, build_model, load_weights
 
@@ -546,7 +547,6 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     if cfg.TEST.ONLY_TEST:
-        from evaluate import evaluate_checkpoint_cli
         evaluate_checkpoint_cli(cfg, given, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH)
         return 0
     signal.signal(signal.SIGINT, request_stop)
