@@ -384,14 +384,31 @@ def extract_features(model, loader, device, flip=False, feat_norm=True, amp_dtyp
     return torch.cat(feats), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64)
 
 
-def evaluate_model(model, query_loader, gallery_loader, device, flip=False, feat_norm=True,
-                   keep_camid_centroids=True, amp_dtype=None, max_rank=50, camera_agnostic=False):
-    """Extract query and gallery embeddings and evaluate them per image and per centroid."""
-    q_feats, q_pids, q_camids = extract_features(model, query_loader, device, flip, feat_norm, amp_dtype)
-    g_feats, g_pids, g_camids = extract_features(model, gallery_loader, device, flip, feat_norm, amp_dtype)
-    return evaluate_features(q_feats.to(device), q_pids, q_camids, g_feats.to(device), g_pids, g_camids,
-                             keep_camid_centroids=keep_camid_centroids, max_rank=max_rank,
-                             camera_agnostic=camera_agnostic, normalize_centroids=feat_norm)
+def extract_split(model, items, cfg, device, amp_dtype=None, rank=0, world_size=1, size=None):
+    """Embed this rank's contiguous shard of (path, pid, camid) items and gather every shard, in order, on every
+    rank: [N, D] on the device."""
+    start, end = utils.shard_bounds(len(items), rank, world_size)
+    if start == end:  # more ranks than a shard needs (e.g. 5 items, 4 ranks): nothing to embed, still gather
+        return utils.gather_rows(torch.zeros(0, model.feat_dim, device=device), len(items))
+    loader = build_test_loader(items[start:end], size or cfg.INPUT.SIZE_TEST, cfg.TEST.IMS_PER_BATCH,
+                               cfg.DATALOADER.NUM_WORKERS)
+    feats, _, _ = extract_features(model, loader, device, flip=cfg.TEST.FLIP_FEATS, feat_norm=cfg.TEST.FEAT_NORM,
+                                   amp_dtype=amp_dtype)
+    return utils.gather_rows(feats.to(device), len(items))  # metrics then run on the device too
+
+
+def evaluate_splits(model, data, cfg, device, amp_dtype=None, rank=0, world_size=1, size=None):
+    """The one evaluation path (per epoch in train.py, sharded over ranks; the evaluate CLI): embed query and
+    gallery, evaluate per image and per centroid. Returns (results, (q_feats, g_feats)) on rank 0, (None, None)
+    on the others."""
+    utils.broadcast_buffers(model)  # every shard embedded by the model rank 0 holds
+    q_feats = extract_split(model, data["query"], cfg, device, amp_dtype, rank, world_size, size)
+    g_feats = extract_split(model, data["gallery"], cfg, device, amp_dtype, rank, world_size, size)
+    if rank != 0:
+        return None, None
+    results = evaluate_features(q_feats, *item_labels(data["query"]), g_feats, *item_labels(data["gallery"]),
+                                **evaluation_arguments(cfg, data["has_cameras"]))
+    return results, (q_feats, g_feats)
 
 
 def format_results(results):
@@ -569,18 +586,12 @@ def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
     # the size the model was trained for, unless INPUT.SIZE_TEST is given
     size = cfg.INPUT.SIZE_TEST if size_given or model.input_size is None else model.input_size
     print(f"input size {size[0]}x{size[1]}")
-    feats = {}
-    for split in ("query", "gallery"):
-        loader = build_test_loader(data[split], size, cfg.TEST.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS)
-        feats[split] = extract_features(model, loader, device, cfg.TEST.FLIP_FEATS, cfg.TEST.FEAT_NORM,
-                                        amp_dtype)[0].to(device)
-    results = evaluate_features(feats["query"], *item_labels(data["query"]), feats["gallery"],
-                                *item_labels(data["gallery"]), **evaluation_arguments(cfg, data["has_cameras"]))
+    results, (q_feats, g_feats) = evaluate_splits(model, data, cfg, device, amp_dtype, size=size)
     visualize_dir = visualize_dir or (os.path.join(cfg.OUTPUT_DIR, "visualize") if cfg.TEST.VISUALIZE == "yes" else "")
     if visualize_dir:
         from retrieve import visualize_evaluation
         limit = min(cfg.TEST.VISUALIZE_MAX_NUMBER, len(data["query"]))
-        written = visualize_evaluation(feats["query"].cpu(), data["query"], feats["gallery"].cpu(), data["gallery"],
+        written = visualize_evaluation(q_feats.cpu(), data["query"], g_feats.cpu(), data["gallery"],
                                        visualize_dir, results, top_k=cfg.TEST.VISUALIZE_TOPK, limit=limit,
                                        camera_agnostic=cfg.TEST.CAMERA_AGNOSTIC)
         print(f"wrote {len(written)} pictures to {visualize_dir} (ranked lists of the first {limit} queries, cmc.png)")

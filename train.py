@@ -20,10 +20,8 @@ from tqdm import tqdm
 
 import config
 import utils
-from data import (DataError, DeviceAugmentLoader, build_datasets, build_test_loader, build_train_loader,
-                  item_labels)
-from evaluate import (evaluate_checkpoint_cli, evaluate_features, evaluation_arguments, extract_features,
-                      format_results)
+from data import DataError, DeviceAugmentLoader, build_datasets, build_train_loader
+from evaluate import evaluate_checkpoint_cli, evaluate_splits, format_results
 from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads
 from model import WeightError, build_model, load_weights
 
@@ -235,29 +233,6 @@ def loss_arguments(cfg):
 
 # ---------------------------------------------------------------------------------------------------
 # Evaluation, checkpoints, the main loop
-
-def extract_sharded(model, items, cfg, device, rank, world_size, amp_dtype):
-    """Embed this rank's contiguous shard of items and gather all shards (in order) onto every rank."""
-    start, end = utils.shard_bounds(len(items), rank, world_size)
-    if start == end:  # more ranks than a shard needs (e.g. 5 items, 4 ranks): nothing to embed, still gather
-        return utils.gather_rows(torch.zeros(0, model.feat_dim, device=device), len(items))
-    loader = build_test_loader(items[start:end], cfg.INPUT.SIZE_TEST, cfg.TEST.IMS_PER_BATCH,
-                               cfg.DATALOADER.NUM_WORKERS)
-    feats, _, _ = extract_features(model, loader, device, flip=cfg.TEST.FLIP_FEATS, feat_norm=cfg.TEST.FEAT_NORM,
-                                   amp_dtype=amp_dtype)
-    return utils.gather_rows(feats.to(device), len(items))  # metrics then run on the device too
-
-
-def evaluate_epoch(model, data, cfg, device, rank, world_size, amp_dtype):
-    """Per-image and centroid results (on rank 0; None elsewhere), features extracted on every rank."""
-    utils.broadcast_buffers(model)  # every shard embedded by the model rank 0 saves
-    q_feats = extract_sharded(model, data["query"], cfg, device, rank, world_size, amp_dtype)
-    g_feats = extract_sharded(model, data["gallery"], cfg, device, rank, world_size, amp_dtype)
-    if rank != 0:
-        return None
-    return evaluate_features(q_feats, *item_labels(data["query"]), g_feats, *item_labels(data["gallery"]),
-                             **evaluation_arguments(cfg, data["has_cameras"]))
-
 
 def flatten_results(results):
     """{'image': ..., 'centroid': ...} -> metrics.jsonl keys (fractions): mAP, rank1, ..., centroid_mINP."""
@@ -484,7 +459,7 @@ def finish_epoch(state, cfg, data, device, epoch, stats, rank, world_size):
     log_epoch(epoch, max_epochs, stats, lr, device)
     record = {"epoch": epoch + 1, "lr": lr, **stats}
     if (epoch + 1) % cfg.SOLVER.EVAL_PERIOD == 0 or epoch + 1 == max_epochs:
-        results = evaluate_epoch(state.model, data, cfg, device, rank, world_size, state.amp_dtype)
+        results, _ = evaluate_splits(state.model, data, cfg, device, state.amp_dtype, rank, world_size)
         if rank == 0:
             print(format_results(results), flush=True)
             record.update(flatten_results(results))

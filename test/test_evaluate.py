@@ -277,12 +277,19 @@ def test_extract_features_flip_norm_and_order():
     torch.testing.assert_close(raw, model(imgs).detach())
 
 
-def test_evaluate_model_returns_both_results_and_a_table():
-    loader, _, _, _ = tiny_loader()
-    results = ev.evaluate_model(tiny_model(), loader, loader, torch.device("cpu"))
+def test_evaluate_splits_embeds_both_splits_and_returns_results_and_a_table(tmp_path):
+    import config
+    from data import read_dataset, synthesize
+    synthesize(str(tmp_path / "synthetic"), ids=12, images_per_id=4, cameras=3, size=(32, 16), progress=False)
+    data = read_dataset("synthetic", str(tmp_path))
+    cfg, _, _ = config.parse(["INPUT.SIZE_TEST", "[32, 16]", "DATALOADER.NUM_WORKERS", "0"])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d((4, 2)), torch.nn.Flatten(), torch.nn.Linear(24, 6))
+    results, (q_feats, g_feats) = ev.evaluate_splits(model, data, cfg, torch.device("cpu"))
     assert set(results) == {"image", "centroid"}
+    assert q_feats.shape == (len(data["query"]), 6) and g_feats.shape == (len(data["gallery"]), 6)
     for res in results.values():
-        assert 0 < res["mAP"] <= 1 and res["num_valid_queries"] == 12
+        assert 0 < res["mAP"] <= 1 and res["num_valid_queries"] > 0
     table = ev.format_results(results)
     lines = table.splitlines()
     assert "mAP %" in lines[0] and "mINP %" in lines[0]
