@@ -369,7 +369,7 @@ def release(device):
 # Stage 3: real epochs with the loader
 
 def bench_end_to_end(args, root, device_augment=False):
-    """Images/s of real train.py epochs (train.build_everything + train.train_one_epoch), first epoch not counted."""
+    """Images/s of real train.py epochs (train.build_state + train.train_one_epoch), first epoch not counted."""
     device, dtype = args.device, args.e2e_dtype
     cfg = train_config(args, args.ids, dtype, args.e2e_compile,
                        ["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", root,

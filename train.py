@@ -1,7 +1,7 @@
 """Train a centroid-triplet ReID model: one entrypoint for one device, torch.distributed.launch and torchrun.
 
     python train.py --DATASETS.NAMES market1501 --DATASETS.ROOT_DIR data --OUTPUT_DIR output
-    python train.py --config_file configs/market1501.yml DATASETS.ROOT_DIR /data
+    python train.py --config_file configs/market1501_256_resnet50.yml DATASETS.ROOT_DIR /data
     python -m torch.distributed.launch --nproc_per_node=8 train.py ...
     torchrun --nproc_per_node=8 train.py ...
 """

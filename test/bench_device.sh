@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot accelerator bench (no download, no project requirement beyond torch, torchvision, numpy, pillow, tqdm).
+# One-shot accelerator bench (no download, no project requirement beyond torch, torchvision, numpy, pillow, tqdm,
+# pyyaml).
 # Generates the synthetic data set on this machine, then runs every stage of bench.py once and prints the table:
 #   NVIDIA GPU: bench.py --device cuda --preset device --gpu-augment (256x128; fp32/bf16/fp16 channels-last;
 #               bf16 compiled; a 64x4 batch; loader with all cores; end to end with the CPU loader and with
@@ -20,9 +21,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$root_dir" || exit 1
 
-if ! "$PYTHON" -c "import torch, torchvision, numpy, PIL, tqdm" 2>"$work/import.err"; then
+if ! "$PYTHON" -c "import torch, torchvision, numpy, PIL, tqdm, yaml" 2>"$work/import.err"; then
   cat "$work/import.err" >&2
-  echo "error: $PYTHON lacks one of torch, torchvision, numpy, pillow, tqdm (the only packages this needs)" >&2
+  echo "error: $PYTHON lacks one of torch, torchvision, numpy, pillow, tqdm, pyyaml (the only packages this needs)" >&2
   exit 2
 fi
 gpu=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>/dev/null)
