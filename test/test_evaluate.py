@@ -203,31 +203,6 @@ def test_distractors_and_unasked_identities_stay_in_the_centroid_gallery():
     assert res["protocol"] == "standard"  # the default; the original's rule drops both (test_protocols.py)
 
 
-def reference_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=True):
-    """Per-query loop: build that query's centroid gallery explicitly (the standard rule: only the query's
-    own identity loses its images of the query's camera), then the slow ranking reference."""
-    q, g = q_feats.double().numpy(), g_feats.double().numpy()
-    aps, firsts, skipped = [], [], 0
-    for i in range(len(q)):
-        feats, pids = list(g[g_pids == 0]), [0] * int((g_pids == 0).sum())
-        for pid in sorted(set(g_pids.tolist()) - {0}):
-            own_identity = keep_camid_centroids and pid == q_pids[i]
-            use = (g_pids == pid) & ((g_camids != q_camids[i]) if own_identity else True)
-            if use.any():
-                c = g[use].mean(0)
-                feats.append(c / np.linalg.norm(c))
-                pids.append(pid)
-        dist = ((np.array(feats) - q[i]) ** 2).sum(1)
-        hits = np.array(pids)[np.argsort(dist, kind="stable")] == q_pids[i]
-        if not hits.any():
-            skipped += 1
-            continue
-        ranks = np.flatnonzero(hits) + 1
-        aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
-        firsts.append(ranks[0])
-    return np.mean(aps), np.mean(np.array(firsts) == 1), skipped
-
-
 @pytest.mark.parametrize("keep_camid_centroids", [True, False])
 def test_centroids_agree_with_a_per_query_reference(keep_camid_centroids):
     gen = torch.Generator().manual_seed(0)
@@ -240,8 +215,9 @@ def test_centroids_agree_with_a_per_query_reference(keep_camid_centroids):
     q_feats = ev._normalize(centres[q_pids] + 1.5 * torch.randn(60, 16, generator=gen))
     res = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
                                 keep_camid_centroids=keep_camid_centroids, chunk_bytes=ev.BYTES_PER_ITEM * 64 * 5)
-    m_ap, r1, skipped = reference_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
-                                            keep_camid_centroids)
+    from test_protocols import as_numpy, loop_standard  # the standard rule's per-query loop reference
+    m_ap, r1, skipped = loop_standard(*as_numpy((q_feats, q_pids, q_camids, g_feats, g_pids, g_camids)),
+                                      camera_aware=keep_camid_centroids)
     assert 0.2 < m_ap < 0.95 and skipped > 0  # neither trivial nor hopeless
     assert res["mAP"] == pytest.approx(m_ap, abs=1e-6)
     assert res["cmc"][0] == pytest.approx(r1, abs=1e-9)
