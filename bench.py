@@ -30,7 +30,7 @@ import train
 import utils
 from data import (DataError, DeviceAugmentLoader, PKSampler, build_datasets, build_test_loader, read_dataset,
                   synthesize, throughput)
-from evaluate import benchmark_metrics, extract_features
+from evaluate import benchmark_centroids, benchmark_metrics, extract_features
 from loss import CenterLoss
 from model import ARCHS, build_model
 
@@ -39,17 +39,17 @@ PRESETS = {
     "tiny": dict(model="resnet18", size=[64, 32], loader_size=[64, 32], ids=4, instances=4, large_ids=0,
                  dtypes=["fp32"], compile_dtypes=[], warmup=1, rounds=3, steps=1, synth_ids=40,
                  images_per_id=8, epochs=2, feature_images=64, metrics_size=[200, 1000, 100],
-                 loader_batches=3, e2e_dtype="fp32"),
+                 loader_batches=3, e2e_dtype="fp32", centroid_dim=32, centroid_rounds=1),
     "cpu": dict(model="resnet50", size=[64, 32], loader_size=[256, 128], ids=16, instances=4, large_ids=0,
                 dtypes=["fp32"], compile_dtypes=[], warmup=1, rounds=7, steps=1, synth_ids=80,
                 images_per_id=16, epochs=2, feature_images=256, metrics_size=[3368, 15913, 751],
-                loader_batches=10, e2e_dtype="fp32"),
+                loader_batches=10, e2e_dtype="fp32", centroid_dim=2048, centroid_rounds=3),
     "device": dict(model="resnet50", size=[256, 128], loader_size=[256, 128], ids=16, instances=4, large_ids=64,
                    dtypes=["fp32", "bf16", "fp16"], compile_dtypes=["bf16"], warmup=10, rounds=7, steps=20,
                    synth_ids=600, images_per_id=16, epochs=3, feature_images=0, metrics_size=[3368, 15913, 751],
-                   loader_batches=20, e2e_dtype="bf16"),
+                   loader_batches=20, e2e_dtype="bf16", centroid_dim=2048, centroid_rounds=3),
 }
-STAGES = ("loader", "step", "e2e", "features", "metrics")
+STAGES = ("loader", "step", "e2e", "features", "metrics", "centroids")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -439,6 +439,20 @@ def bench_metrics(args):
     return rows
 
 
+def bench_centroids(args):
+    """evaluate.benchmark_centroids: per image, the old per-camera centroid rule and each protocol, one problem."""
+    num_query, num_gallery, num_ids = args.metrics_size
+    res = benchmark_centroids(num_query, num_gallery, num_ids, dim=args.centroid_dim, device=str(args.device),
+                              rounds=args.centroid_rounds)
+    size, device = (num_query, num_gallery), args.device
+    problem = f"{num_ids} ids, {res['num_cams']} cams, {res['dim']}-d"
+    names = {"per_image": "per image", "old_per_camera_centroids": "centroids, old per-camera rule, baseline"}
+    rows = [make_row("centroids", f"{names.get(r['name'], 'centroids, ' + r['name'])} ({problem})", r["seconds"],
+                     "s", device, "fp32", "-", size) for r in res["rows"]]
+    rows.append(make_row("centroids", "centroids standard / old per-camera rule", res["standard_over_old"], "x",
+                         device, "fp32", "-", size))
+    return rows
+
 # ---------------------------------------------------------------------------------------------------
 # Main
 
@@ -470,6 +484,8 @@ def planned_runs(args, root, notes):
         runs.append(("feature extraction", lambda: bench_features(args, root)))
     if "metrics" in args.stages:
         runs.append(("evaluator", lambda: bench_metrics(args)))
+    if "centroids" in args.stages:
+        runs.append(("centroid evaluation protocols", lambda: bench_centroids(args)))
     return runs + steps[len(args.dtypes):]
 
 

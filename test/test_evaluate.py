@@ -175,12 +175,13 @@ def two_camera_gallery():
 def test_centroids_exclude_the_query_camera_at_the_right_offsets():
     q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = two_camera_gallery()
     res = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, max_rank=2)
-    # q0 (camera 0) sees pid 1's centroid from camera 1 only, [0, 0, 1] (distance 2), behind pid 2's,
-    # [0.6, 0.8, 0] (distance 0.8): its match ranks 2nd. q1 sees pid 2's [0, 1, 0] first.
+    # q0 (camera 0) sees pid 1's centroid from camera 1 only, [0, 0, 1] (distance 2), behind pid 2's from
+    # both of its images, ~[0.32, 0.95, 0] (distance ~1.37): its match ranks 2nd. q1 (camera 1) sees pid 2's
+    # centroid from camera 0, [0, 1, 0] (0.4), before pid 1's from both images (~1.15).
     assert res["mAP"] == pytest.approx((1 / 2 + 1) / 2)
     np.testing.assert_allclose(res["cmc"], [0.5, 1.0])
-    # The original's bug: gallery camids read from [query camids, gallery camids] without the query
-    # offset. Here that puts q0's identical image into its centroid and changes the answer.
+    # Gallery camids misaligned as by the original's bug (read from [query camids, gallery camids]
+    # without the query offset) put q0's identical image into its centroid and change the answer.
     wrong_camids = np.concatenate([q_camids, g_camids])[:len(g_camids)]
     wrong = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, wrong_camids, max_rank=2)
     assert wrong["mAP"] == pytest.approx(1.0)
@@ -199,29 +200,7 @@ def test_distractors_and_unasked_identities_stay_in_the_centroid_gallery():
                                 np.array([1, 0, 2, 1]), max_rank=4)
     assert res["mAP"] == pytest.approx(1 / 4)  # both distractors and pid 9 rank before the match
     np.testing.assert_allclose(res["cmc"], [0, 0, 0, 1])
-
-
-def reference_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=True):
-    """Per-query loop: build that query's centroid gallery explicitly, then the slow ranking reference."""
-    q, g = q_feats.double().numpy(), g_feats.double().numpy()
-    aps, firsts, skipped = [], [], 0
-    for i in range(len(q)):
-        feats, pids = list(g[g_pids == 0]), [0] * int((g_pids == 0).sum())
-        for pid in sorted(set(g_pids.tolist()) - {0}):
-            use = (g_pids == pid) & ((g_camids != q_camids[i]) if keep_camid_centroids else True)
-            if use.any():
-                c = g[use].mean(0)
-                feats.append(c / np.linalg.norm(c))
-                pids.append(pid)
-        dist = ((np.array(feats) - q[i]) ** 2).sum(1)
-        hits = np.array(pids)[np.argsort(dist, kind="stable")] == q_pids[i]
-        if not hits.any():
-            skipped += 1
-            continue
-        ranks = np.flatnonzero(hits) + 1
-        aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
-        firsts.append(ranks[0])
-    return np.mean(aps), np.mean(np.array(firsts) == 1), skipped
+    assert res["protocol"] == "standard"  # the default; the original's rule drops both (test_protocols.py)
 
 
 @pytest.mark.parametrize("keep_camid_centroids", [True, False])
@@ -236,8 +215,9 @@ def test_centroids_agree_with_a_per_query_reference(keep_camid_centroids):
     q_feats = ev._normalize(centres[q_pids] + 1.5 * torch.randn(60, 16, generator=gen))
     res = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
                                 keep_camid_centroids=keep_camid_centroids, chunk_bytes=ev.BYTES_PER_ITEM * 64 * 5)
-    m_ap, r1, skipped = reference_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
-                                            keep_camid_centroids)
+    from test_protocols import as_numpy, loop_standard  # the standard rule's per-query loop reference
+    m_ap, r1, skipped = loop_standard(*as_numpy((q_feats, q_pids, q_camids, g_feats, g_pids, g_camids)),
+                                      camera_aware=keep_camid_centroids)
     assert 0.2 < m_ap < 0.95 and skipped > 0  # neither trivial nor hopeless
     assert res["mAP"] == pytest.approx(m_ap, abs=1e-6)
     assert res["cmc"][0] == pytest.approx(r1, abs=1e-9)
