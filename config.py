@@ -103,6 +103,9 @@ SCHEMA = [
     ("TEST.FLIP_FEATS", False, "ours: average the embeddings of each image and its mirror", None),
     ("TEST.MAX_RANK", 50, "ours: length of the CMC curve", None),
     ("TEST.CAMERA_AGNOSTIC", False, "ours: no same-camera removal (single-camera data)", None),
+    ("TEST.CENTROID_PROTOCOL", "standard", "ours: standard (the Market rule on centroids) | original (the original's "
+     "code, its camera-index bug included: the paper's numbers) | original_fixed | all (the three side by side)",
+     ("standard", "original", "original_fixed", "all")),
     ("GPU_IDS", (), "device ids the local ranks use, e.g. [0] or 0 1 2 3 (default: all visible)", None),
     ("LOG_DIR", "", "where TensorBoard event files go (default: OUTPUT_DIR)", None),
     ("USE_MIXED_PRECISION", True, "mixed precision on accelerators (SOLVER.AMP_DTYPE; the CPU runs fp32)", None),

@@ -77,6 +77,7 @@ def gallery_by_pid(g_pids):
 def _same_pid_pairs(q_pids, by_pid):
     """(rows, cols) of all (query, gallery item) pairs with the same pid, row-major, without a [Q, N] mask."""
     order, sorted_pids = by_pid
+    q_pids = q_pids.contiguous()  # a column slice of a chunk: searchsorted wants its values contiguous
     starts = torch.searchsorted(sorted_pids, q_pids)                               # [Q]
     counts = torch.searchsorted(sorted_pids, q_pids, right=True) - starts         # [Q]
     rows = torch.repeat_interleave(torch.arange(len(q_pids), device=q_pids.device), counts)
@@ -607,7 +608,8 @@ def extract_split(model, items, cfg, device, amp_dtype=None, rank=0, world_size=
         return utils.gather_rows(torch.zeros(0, model.feat_dim, device=device), len(items))
     loader = build_test_loader(items[start:end], size or cfg.INPUT.SIZE_TEST, cfg.TEST.IMS_PER_BATCH,
                                cfg.DATALOADER.NUM_WORKERS)
-    feats, _, _ = extract_features(model, loader, device, flip=cfg.TEST.FLIP_FEATS, feat_norm=cfg.TEST.FEAT_NORM,
+    # raw embeddings: the original's centroid rule averages them before normalising (evaluate_features)
+    feats, _, _ = extract_features(model, loader, device, flip=cfg.TEST.FLIP_FEATS, feat_norm=False,
                                    amp_dtype=amp_dtype)
     return utils.gather_rows(feats.to(device), len(items))  # metrics then run on the device too
 
@@ -615,14 +617,16 @@ def extract_split(model, items, cfg, device, amp_dtype=None, rank=0, world_size=
 def evaluate_splits(model, data, cfg, device, amp_dtype=None, rank=0, world_size=1, size=None):
     """The one evaluation path (per epoch in train.py, sharded over ranks; the evaluate CLI): embed query and
     gallery, evaluate per image and per centroid. Returns (results, (q_feats, g_feats)) on rank 0, (None, None)
-    on the others."""
+    on the others; the features are L2-normalised when TEST.FEAT_NORM."""
     utils.broadcast_buffers(model)  # every shard embedded by the model rank 0 holds
     q_feats = extract_split(model, data["query"], cfg, device, amp_dtype, rank, world_size, size)
     g_feats = extract_split(model, data["gallery"], cfg, device, amp_dtype, rank, world_size, size)
     if rank != 0:
         return None, None
     results = evaluate_features(q_feats, *item_labels(data["query"]), g_feats, *item_labels(data["gallery"]),
-                                **evaluation_arguments(cfg, data["has_cameras"]))
+                                raw_feats=True, **evaluation_arguments(cfg, data["has_cameras"]))
+    if cfg.TEST.FEAT_NORM:
+        q_feats, g_feats = _normalize(q_feats), _normalize(g_feats)
     return results, (q_feats, g_feats)
 
 
@@ -842,7 +846,7 @@ def evaluation_arguments(cfg, has_cameras):
     """evaluate_features keyword arguments from the configuration (train.py and evaluate.py alike)."""
     return {"keep_camid_centroids": cfg.MODEL.KEEP_CAMID_CENTROIDS and has_cameras,
             "max_rank": cfg.TEST.MAX_RANK, "camera_agnostic": cfg.TEST.CAMERA_AGNOSTIC,
-            "normalize_centroids": cfg.TEST.FEAT_NORM}
+            "normalize_centroids": cfg.TEST.FEAT_NORM, "centroid_protocol": cfg.TEST.CENTROID_PROTOCOL}
 
 
 OPTIONS = [("visualize", ("--visualize",), "", "write ranked lists and the CMC curves as PNG files to DIR "
@@ -872,7 +876,7 @@ def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
                                        camera_agnostic=cfg.TEST.CAMERA_AGNOSTIC)
         print(f"wrote {len(written)} pictures to {visualize_dir} (ranked lists of the first {limit} queries, cmc.png)")
     if not cfg.MODEL.USE_CENTROIDS:
-        results.pop("centroid")
+        results = {"image": results["image"]}
     print(f"{data['name']}: {len(data['query'])} queries, {len(data['gallery'])} gallery images, "
           f"checkpoint {checkpoint}")
     print(format_results(results))

@@ -235,12 +235,14 @@ def loss_arguments(cfg):
 # Evaluation, checkpoints, the main loop
 
 def flatten_results(results):
-    """{'image': ..., 'centroid': ...} -> metrics.jsonl keys (fractions): mAP, rank1, ..., centroid_mINP."""
+    """{'image': ..., 'centroid': ..., ['centroid_original': ...]} -> metrics.jsonl keys (fractions): mAP, rank1,
+    ..., centroid_mAP, ..., centroid_original_mAP, ..., and centroid_protocol."""
     row = {}
-    for kind, prefix in (("image", ""), ("centroid", "centroid_")):
-        res = results[kind]
+    for kind, res in results.items():
+        prefix = "" if kind == "image" else kind + "_"
         row.update({f"{prefix}mAP": float(res["mAP"]), f"{prefix}mINP": float(res["mINP"])})
         row.update({f"{prefix}rank{k}": float(res["cmc"][k - 1]) for k in (1, 5, 10) if k <= len(res["cmc"])})
+    row["centroid_protocol"] = results["centroid"]["protocol"]
     return row
 
 

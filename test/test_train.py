@@ -273,11 +273,14 @@ def test_passing_config_yaml_back_repeats_the_run_exactly(synthetic_root, tmp_pa
 def test_only_test_evaluates_the_weight_and_draws_ranked_lists(synthetic_root, two_epoch_run, tmp_path, capsys):
     flags = tiny_flags(synthetic_root, tmp_path, "TEST.ONLY_TEST", "True", "TEST.WEIGHT",
                        str(two_epoch_run / "last.pth"), "TEST.VISUALIZE", "yes", "TEST.VISUALIZE_MAX_NUMBER", "3",
-                       "TEST.VISUALIZE_TOPK", "4")
+                       "TEST.VISUALIZE_TOPK", "4", "TEST.CENTROID_PROTOCOL", "all")
     assert train.main(flags) == 0
     out = capsys.readouterr().out
     last = read_metrics(two_epoch_run)[-1]
-    assert f"{100 * last['mAP']:7.2f}" in out and f"{100 * last['centroid_mAP']:7.2f}" in out
+    rows = {line.split("  ")[0].strip(): line for line in out.splitlines() if line.startswith(("per image", "centroid "))}
+    assert f"{100 * last['mAP']:7.2f}" in rows["per image"]
+    assert f"{100 * last['centroid_mAP']:7.2f}" in rows["centroid standard"]  # the default protocol while training
+    assert {"centroid original", "centroid original_fixed"} <= set(rows) and "centroid protocols:" in out
     pictures = sorted(os.listdir(tmp_path / "visualize"))
     assert len(pictures) == 4 and "cmc.png" in pictures  # 3 ranked lists and the CMC curves
     assert not (tmp_path / "metrics.jsonl").exists()
