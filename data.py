@@ -476,8 +476,8 @@ def random_identity_steps(chunks, per_step, rng):
     step's end, the time of its per_step-th draw, which depends on every identity's keys. Already with 3
     identities (2, 1, 1 chunks, 2 per step) independent keys cannot give both that rule and uniform steps, and
     the fixed-point forms of the coupling (on step end times, or on the step each identity runs out) settle only
-    ~18 steps per pass. This sweep is exact and does O(identities) numpy work per step: ~7 ms for a Market-1501
-    epoch, ~55 ms for an MSMT17-sized one (4,101 identities, 2,000 steps)."""
+    ~18 steps per pass. This sweep is exact and does O(identities) numpy work per step: a Market-1501 epoch
+    plans in ~10 ms, an MSMT17-sized one (4,101 identities, 2,000 steps) in ~0.1 s."""
     left = chunks.copy()
     available = np.flatnonzero(left)
     steps = []
