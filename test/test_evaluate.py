@@ -1,13 +1,10 @@
 """evaluate.py: exact metrics (hand-made and against a slow reference), edge cases, centroids, features."""
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluate as ev  # noqa: E402
+import evaluate as ev
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,11 +254,10 @@ def test_extract_features_flip_norm_and_order():
     torch.testing.assert_close(raw, model(imgs).detach())
 
 
-def test_evaluate_splits_embeds_both_splits_and_returns_results_and_a_table(tmp_path):
+def test_evaluate_splits_embeds_both_splits_and_returns_results_and_a_table(synthetic_root):
     import config
-    from data import read_dataset, synthesize
-    synthesize(str(tmp_path / "synthetic"), ids=12, images_per_id=4, cameras=3, size=(32, 16), progress=False)
-    data = read_dataset("synthetic", str(tmp_path))
+    from data import read_dataset
+    data = read_dataset("synthetic", synthetic_root)
     cfg, _, _ = config.parse(["INPUT.SIZE_TEST", "[32, 16]", "DATALOADER.NUM_WORKERS", "0"])
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d((4, 2)), torch.nn.Flatten(), torch.nn.Linear(24, 6))
@@ -293,14 +289,13 @@ def test_benchmark_prints_the_ratio_to_argsort(capsys):
         print("\n" + out)
 
 
-def test_cli_evaluates_a_checkpoint_both_ways(tmp_path, capsys):
-    data, model = pytest.importorskip("data"), pytest.importorskip("model")
-    data.synthesize(str(tmp_path / "synthetic"), ids=8, images_per_id=6, cameras=3, size=(64, 32), progress=False)
+def test_cli_evaluates_a_checkpoint_both_ways(synthetic_root, tmp_path, capsys):
+    model = pytest.importorskip("model")
     net = model.build_model("resnet18", num_classes=4)
     torch.save({"model": net.state_dict(), "model_name": "resnet18", "num_classes": 4, "last_stride": 1,
                 "stem_relu": True}, tmp_path / "ckpt.pth")
     results = ev.main(["--MODEL.PRETRAIN_PATH", str(tmp_path / "ckpt.pth"), "--DATASETS.NAMES", "synthetic",
-                       "--DATASETS.ROOT_DIR", str(tmp_path), "--DATALOADER.NUM_WORKERS", "0",
+                       "--DATASETS.ROOT_DIR", synthetic_root, "--DATALOADER.NUM_WORKERS", "0",
                        "--INPUT.SIZE_TEST", "64", "32", "--TEST.IMS_PER_BATCH", "16",
                        "--visualize", str(tmp_path / "pictures")])
     out = capsys.readouterr().out
@@ -311,5 +306,5 @@ def test_cli_evaluates_a_checkpoint_both_ways(tmp_path, capsys):
     for picture in pictures:
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit) as stop:
-        ev.main(["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", str(tmp_path)])
+        ev.main(["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", synthetic_root])
     assert stop.value.code == 2 and "give MODEL.PRETRAIN_PATH (or TEST.WEIGHT)" in capsys.readouterr().err

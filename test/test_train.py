@@ -14,17 +14,8 @@ import torch
 import config
 import evaluate
 import train
-from data import synthesize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    """A tiny synthetic Market-layout data set: 8 train identities, 8 query/gallery identities."""
-    root = tmp_path_factory.mktemp("data")
-    synthesize(str(root / "synthetic"), ids=16, images_per_id=6, cameras=3, size=(64, 32), progress=False)
-    return str(root)
 
 
 def tiny_flags(root, output_dir, *more):
@@ -172,7 +163,7 @@ SUMMARY_KEYS = ("Network", "RankSize", "BatchSize", "DeviceType", "CaseName", "A
 
 @pytest.mark.parametrize("script,rank_size", [("train_performance_1p.sh", 1), ("train_full_1p.sh", 1),
                                               ("train_performance_8p.sh", 2), ("train_full_8p.sh", 2)])
-def test_wrappers_run_on_the_cpu_and_fill_every_summary_key(synthetic_root, script, rank_size):
+def test_wrappers_run_on_the_cpu_and_fill_every_summary_key(synthetic_root, script, rank_size, tmp_path):
     device_id = {"train_performance_1p.sh": 91, "train_full_1p.sh": 92,
                  "train_performance_8p.sh": 93, "train_full_8p.sh": 94}[script]
     tiny = tiny_flags(synthetic_root, "ignored")[6:]  # everything after data set and output flags
@@ -180,10 +171,10 @@ def test_wrappers_run_on_the_cpu_and_fill_every_summary_key(synthetic_root, scri
             "--dataset=synthetic", *tiny, "--SOLVER.MAX_EPOCHS", "1", "--SOLVER.IMS_PER_BATCH", "2"]
     if rank_size > 1:
         args.append(f"--rank_size={rank_size}")
-    result = run_script(args, env={"MASTER_PORT": str(29620 + device_id)})
+    result = run_script(args, env={"MASTER_PORT": str(29620 + device_id), "TEST_OUTPUT_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Final Performance images/sec" in result.stdout
-    out_dir = os.path.join(ROOT, "test", "output", str(device_id))
+    out_dir = os.path.join(tmp_path, str(device_id))
     case = f"CTL_resnet18_bs2_{rank_size}p_acc"  # the backbone and P the flags asked for
     with open(os.path.join(out_dir, f"{case}.log")) as f:
         summary = dict(line.rstrip("\n").split(" = ", 1) for line in f)
