@@ -317,7 +317,7 @@ def bench_step(args, dtype, compiled, num_ids, notes, num_classes=751):
     memory_format = utils.memory_format(device)
     images = torch.randn(num_ids * K, 3, *args.size, device=device).contiguous(memory_format=memory_format)
     pids = torch.arange(num_ids, device=device).repeat_interleave(K)  # identity-major, as the PK sampler gives
-    batch = (images, pids, torch.zeros_like(pids))
+    batch = (images, pids, torch.zeros_like(pids), torch.ones_like(pids, dtype=torch.bool))
     state = train.TrainState(model, center_loss, optimizer, center_optimizer, scheduler, full_scaler, None,
                              train_model=torch.compile(model) if compiled else model, amp_dtype=amp_dtype)
 

@@ -30,6 +30,8 @@ SCHEMA = [
     ("MODEL.KEEP_CAMID_CENTROIDS", True, "a query's own identity's centroid leaves out the query's camera", None),
     ("MODEL.RESUME_TRAINING", False, "continue the run saved in MODEL.PRETRAIN_PATH (schedule, optimizer, "
      "sampler), as --resume PATH does", None),
+    ("MODEL.STEM_RELU", "auto", "ours: a ReLU after the stem's bn1; auto = the original's nets (none, IBN-a nets "
+     "keep theirs)", ("auto", "true", "false")),
     ("MODEL.DEVICE", "auto", "ours: auto | npu | cuda | cpu (auto: NPU if torch_npu imports, else CUDA, else CPU)",
      ("auto", "npu", "cuda", "cpu")),
     ("INPUT.SIZE_TRAIN", (256, 128), "training image size H W", None),

@@ -607,7 +607,7 @@ def extract_split(model, items, cfg, device, amp_dtype=None, rank=0, world_size=
     if start == end:  # more ranks than a shard needs (e.g. 5 items, 4 ranks): nothing to embed, still gather
         return utils.gather_rows(torch.zeros(0, model.feat_dim, device=device), len(items))
     loader = build_test_loader(items[start:end], size or cfg.INPUT.SIZE_TEST, cfg.TEST.IMS_PER_BATCH,
-                               cfg.DATALOADER.NUM_WORKERS)
+                               cfg.DATALOADER.NUM_WORKERS, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
     # raw embeddings: the original's centroid rule averages them before normalising (evaluate_features)
     feats, _, _ = extract_features(model, loader, device, flip=cfg.TEST.FLIP_FEATS, feat_norm=False,
                                    amp_dtype=amp_dtype)

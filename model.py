@@ -351,7 +351,19 @@ def model_from_checkpoint(path, center_loss=None):
              f"stem {'with' if model.stem_relu else 'without'} ReLU")
     _apply_state(model, state, centers, kind, path, dropped, center_loss, notes=[built])
     model.input_size = _trained_input_size(obj)
+    model.pixel_mean, model.pixel_std = _trained_normalisation(obj)
     return model.eval()
+
+
+def _trained_normalisation(obj):
+    """(INPUT.PIXEL_MEAN, INPUT.PIXEL_STD) the checkpoint's model was trained with, (None, None) when unrecorded."""
+    try:
+        if isinstance(obj.get("config"), dict):
+            return tuple(obj["config"]["INPUT.PIXEL_MEAN"]), tuple(obj["config"]["INPUT.PIXEL_STD"])
+        inputs = obj["hyper_parameters"]["INPUT"]
+        return tuple(inputs["PIXEL_MEAN"]), tuple(inputs["PIXEL_STD"])
+    except (KeyError, TypeError, ValueError):
+        return None, None
 
 
 def _trained_input_size(obj):

@@ -23,7 +23,7 @@ import utils
 from data import DataError, DeviceAugmentLoader, build_datasets, build_train_loader
 from evaluate import evaluate_checkpoint_cli, evaluate_splits, format_results
 from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads
-from model import WeightError, build_model, load_weights
+from model import WeightError, build_model, load_weights, stem_relu_message
 
 OPTIONS = [  # what is not a configuration key (config.parse adds --config_file)
     ("resume", ("--resume",), "", "auto (OUTPUT_DIR/last.pth if present) or a checkpoint path"),
@@ -179,15 +179,16 @@ def train_one_epoch(state, loader, cfg, device, epoch, start_step, world_size):
                disable=not utils.is_main_process(), dynamic_ncols=True, leave=False)
     done, data_time, stopped = 0, 0.0, False
     start = tick = time.perf_counter()
-    for step, (images, pids, _) in enumerate(loader, start=start_step):
+    for step, (images, pids, _, is_real) in enumerate(loader, start=start_step):
         data_time += time.perf_counter() - tick
         images = images.to(device, non_blocking=True, memory_format=channels_last)
-        pids = pids.to(device, non_blocking=True)
+        pids, is_real = pids.to(device, non_blocking=True), is_real.to(device, non_blocking=True)
         if step == start_step and world_size > 1:
             check_disjoint_identities(pids, world_size)
         with utils.autocast(device, state.amp_dtype):
-            feat, logits = state.train_model(images)
-        total, terms = compute_losses(feat.float(), logits.float(), pids, state.train_center_loss, K, **loss_kwargs)
+            feat, logits = state.train_model(images, is_real)  # mock images (USE_RESAMPLING False) skip the BNNeck
+        total, terms = compute_losses(feat.float(), logits.float(), pids, state.train_center_loss, K,
+                                      is_real=is_real, **loss_kwargs)
         for opt in state.optimizers:
             opt.zero_grad(set_to_none=True)
         backward_and_step(total, state, cfg.SOLVER.CENTER_LOSS_WEIGHT)
@@ -334,7 +335,9 @@ def build_loader(cfg, data, device, rank, world_size):
     args = (data["train"], cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE, inputs.SIZE_TRAIN,
             cfg.DATALOADER.NUM_WORKERS)
     kwargs = {"seed": cfg.SOLVER.SEED, "rank": rank, "world_size": world_size, "flip_prob": inputs.PROB,
-              "padding": inputs.PADDING, "re_prob": inputs.RE_PROB}
+              "padding": inputs.PADDING, "re_prob": inputs.RE_PROB, "sampler": cfg.DATALOADER.SAMPLER,
+              "use_resampling": cfg.DATALOADER.USE_RESAMPLING, "drop_last": cfg.DATALOADER.DROP_LAST,
+              "pixel_mean": inputs.PIXEL_MEAN, "pixel_std": inputs.PIXEL_STD, "with_is_real": True}
     if inputs.DEVICE_AUGMENT:
         loader = DeviceAugmentLoader(*args, device, **kwargs)
         return loader, loader.batch_sampler
@@ -344,8 +347,12 @@ def build_loader(cfg, data, device, rank, world_size):
 def build_network(cfg, num_classes, device):
     """(model, center loss) on the device, from ImageNet weights or MODEL.PRETRAIN_PATH."""
     pretrain_path = "" if cfg.MODEL.RESUME_TRAINING else cfg.MODEL.PRETRAIN_PATH
-    model = build_model(cfg.MODEL.NAME, num_classes, cfg.MODEL.LAST_STRIDE,
-                        pretrained=cfg.MODEL.PRETRAINED and not pretrain_path)
+    imagenet = cfg.MODEL.PRETRAINED and not pretrain_path
+    model = build_model(cfg.MODEL.NAME, num_classes, cfg.MODEL.LAST_STRIDE, pretrained=imagenet,
+                        stem_relu={"auto": None, "true": True, "false": False}[cfg.MODEL.STEM_RELU])
+    note = stem_relu_message(model, imagenet)
+    if note and utils.is_main_process():
+        print(note)
     emb_size = cfg.MODEL.BACKBONE_EMB_SIZE
     if emb_size and emb_size != model.feat_dim:
         raise SystemExit(f"error: MODEL.BACKBONE_EMB_SIZE {emb_size}: {cfg.MODEL.NAME} gives {model.feat_dim}-d "

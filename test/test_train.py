@@ -167,8 +167,12 @@ def test_wrappers_run_on_the_cpu_and_fill_every_summary_key(synthetic_root, scri
     device_id = {"train_performance_1p.sh": 91, "train_full_1p.sh": 92,
                  "train_performance_8p.sh": 93, "train_full_8p.sh": 94}[script]
     tiny = tiny_flags(synthetic_root, "ignored")[6:]  # everything after data set and output flags
+    # the 1-device performance wrapper reads the Market recipe (configs/market1501_256_resnet50.yml)
+    recipe = script == "train_performance_1p.sh"
+    dataset = ["--dataset=market1501", "--MODEL.PRETRAIN_PATH", "", "--MODEL.BACKBONE_EMB_SIZE", "0"] if recipe \
+        else ["--dataset=synthetic"]
     args = ["bash", f"test/{script}", f"--data_path={synthetic_root}/synthetic", f"--device_id={device_id}",
-            "--dataset=synthetic", *tiny, "--SOLVER.MAX_EPOCHS", "1", "--SOLVER.IMS_PER_BATCH", "2"]
+            *dataset, *tiny, "--SOLVER.MAX_EPOCHS", "1", "--SOLVER.IMS_PER_BATCH", "2"]
     if rank_size > 1:
         args.append(f"--rank_size={rank_size}")
     result = run_script(args, env={"MASTER_PORT": str(29620 + device_id), "TEST_OUTPUT_DIR": str(tmp_path)})
@@ -182,6 +186,9 @@ def test_wrappers_run_on_the_cpu_and_fill_every_summary_key(synthetic_root, scri
     assert float(summary["ActualFPS"]) > 0 and 0 < float(summary["TrainAccuracy"]) <= 1
     assert summary["RankSize"] == str(rank_size) and summary["DeviceType"] == "cpu"
     assert os.path.exists(os.path.join(out_dir, f"train_{device_id}.log"))
+    written, _, _ = config.parse(["--config_file", os.path.join(out_dir, "config.yaml")])
+    # the recipe's own values (the rest are overridden by the wrapper and the tiny flags)
+    assert written.DATALOADER.USE_RESAMPLING is not recipe and written.USE_MIXED_PRECISION is not recipe
 
 
 # ---------------------------------------------------------------------------------------------------
