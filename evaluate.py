@@ -362,7 +362,11 @@ def evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep
 
 
 def extract_features(model, loader, device, flip=False, feat_norm=True, amp_dtype=None):
-    """Embed every image of a loader of (img, pid, camid): (feats [N, D] float32 CPU, pids, camids numpy)."""
+    """Embed every image of a loader of (img, pid, camid): (feats [N, D] float32 CPU, pids, camids numpy).
+
+    The loader may be build_test_loader's (host tensors) or data.device_test_batches (images decoded on the
+    device). Embeddings stay on the device until the end: one transfer, no host sync per batch, so the host
+    prepares the next batch while the device embeds this one."""
     model.eval()
     feats, pids, camids = [], [], []
     with torch.inference_mode(), utils.autocast(device, amp_dtype):
@@ -372,12 +376,12 @@ def extract_features(model, loader, device, flip=False, feat_norm=True, amp_dtyp
             emb = model(imgs).float()
             if flip:  # the mirror image is as likely a view of the person: average the two embeddings
                 emb = (emb + model(imgs.flip(-1)).float()) / 2
-            feats.append((_normalize(emb) if feat_norm else emb).cpu())
+            feats.append(_normalize(emb) if feat_norm else emb)
             pids.append(np.asarray(batch_pids))
             camids.append(np.asarray(batch_camids))
     if not feats:
         raise EvaluationError("the loader yielded no images: the query or gallery list is empty")
-    return torch.cat(feats), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64)
+    return torch.cat(feats).cpu(), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64)
 
 
 def evaluate_model(model, query_loader, gallery_loader, device, flip=False, feat_norm=True,
