@@ -404,6 +404,8 @@ def bench_graph_step(args, dtype, num_ids, compiled=False):
                           train.loss_arguments(targs), args.instances, getattr(targs, "SOLVER.CENTER_LOSS_WEIGHT"),
                           amp_dtype, tuple(images.shape), device)
     graph_round(graphed, images, pids, device, WARMUP_STEPS + args.warmup)  # eager warm-up, capture, replays
+    if not graphed.captured:
+        raise RuntimeError(graphed.fallback_reason)
     seconds = [graph_round(graphed, images, pids, device, args.steps) for _ in range(args.rounds)]
     what = "CUDA graph of a compiled model" if compiled else "one CUDA graph"
     return [make_row("step", f"graphed full step: fwd, 4 losses, bwd, Adam + center SGD ({what})",
@@ -475,6 +477,8 @@ def bench_end_to_end_graph(args, root):
         start = time.perf_counter()
         for images, pids, _ in loader:
             sums += graphed.step(images, pids)
+        if not graphed.captured:
+            raise RuntimeError(graphed.fallback_reason or "an epoch shorter than the warm-up: nothing was captured")
         sums.tolist()  # the epoch's host read of the loss sums, as train_one_epoch's mean
         if epoch:  # the first epoch starts the workers, warms up and captures: not counted
             seconds += time.perf_counter() - start

@@ -1,8 +1,8 @@
 """The training step captured in CUDA graphs: forward, the four losses, backward, Adam and the center-loss SGD
 replayed with one launch per step (two, with an all-reduce between them, under DistributedDataParallel).
 
-At 64 images a step a ResNet50 step on a large GPU mostly waits for the host to launch its ~1,500 kernels; a
-replay launches them all at once. The arithmetic is train.py's eager step (bf16 autocast or fp32; fp16 needs the
+At 64 images a step a ResNet50 step on a large GPU mostly waits for the host to launch its many small kernels;
+a replay launches them all at once. The arithmetic is train.py's eager step (bf16 autocast or fp32; fp16 needs the
 GradScaler, whose skipped steps are decided on the host, and stays eager):
 
     ok, reason = graph_supported(device, amp_dtype, amp_backend)
@@ -14,9 +14,11 @@ GradScaler, whose skipped steps are decided on the host, and stays eager):
 The first WARMUP_STEPS batches train eagerly on a side stream (torch's whole-network capture recipe: lazy state,
 cuDNN's algorithm choices), the next one is captured and every later one replayed. The model's optimizer takes
 its lr from a device tensor (Adam/AdamW with capturable=True), so a scheduler's change needs no new capture;
-optimizers without tensor-lr support (SGD, the centers' SGD) are captured again when their lr changes.
+optimizers without tensor-lr support (SGD, the centers' SGD) are captured again when their lr changes. If the
+capture fails (an op that reads the device on the host), a warning says why and the step keeps running eagerly.
 """
 import contextlib
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -90,21 +92,30 @@ class GraphedStep:
             self.flat_grads = torch.zeros(sum(p.numel() for p in self.params), device=self.device)
         self.side_stream = torch.cuda.Stream(self.device)
         self.graphs, self.loss_row, self.captured_lrs = [], None, None
+        self.fallback_reason = ""  # set when a capture failed: the step then runs eagerly
 
     def step(self, images, pids):
         """Train on one batch (images [B, 3, H, W], identity-major pids [B]; host or device tensors) -> the
         loss row [total, centroid_triplet, triplet, xent, center] as a float32 device tensor (no host sync)."""
+        if not self.model.training:
+            raise ValueError("GraphedStep: the model is in eval mode; call model.train() before training steps")
         if tuple(images.shape) != tuple(self.images.shape) or tuple(pids.shape) != tuple(self.pids.shape):
             raise ValueError(f"GraphedStep: a batch of {tuple(images.shape)} images, captured for "
                              f"{tuple(self.images.shape)}: every batch must hold P x K images of one size")
         self.images.copy_(images, non_blocking=True)
         self.pids.copy_(pids, non_blocking=True)
         self._follow_lr_changes()
-        if self.warmup_left > 0:
-            self.warmup_left -= 1
+        if self.warmup_left > 0 or self.fallback_reason:
+            self.warmup_left = max(0, self.warmup_left - 1)
             return self._eager_step()
         if not self.graphs or self._fixed_lrs() != self.captured_lrs:
-            self._capture()
+            try:
+                self._capture()
+            except RuntimeError as err:  # an op that reads the device on the host, a kernel that cannot be captured
+                self.graphs, self.loss_row = [], None
+                self.fallback_reason = f"CUDA graph capture failed, the step runs eagerly: {str(err).splitlines()[0]}"
+                warnings.warn(self.fallback_reason, stacklevel=2)
+                return self._eager_step()
         self.graphs[0].replay()
         if self.flat_grads is not None:
             dist.all_reduce(self.flat_grads, group=self.process_group)
@@ -113,7 +124,8 @@ class GraphedStep:
 
     @property
     def captured(self):
-        """Whether the step now runs as replays of a captured graph."""
+        """Whether the step now runs as replays of a captured graph (False during warm-up and after a failed
+        capture, whose reason fallback_reason gives)."""
         return bool(self.graphs)
 
     def _follow_lr_changes(self):
@@ -192,8 +204,6 @@ class GraphedStep:
     def _capture(self):
         """Record the step (two graphs and an all-reduce under DDP); grads and activations live in the graphs'
         private memory pool. Called again when a fixed lr changed: the old graphs are dropped first."""
-        if not self.model.training:
-            raise RuntimeError("GraphedStep: the model is in eval mode; call model.train() before training steps")
         if self.graphs:  # a replay may still run: its memory pool must not be reused before it ends
             torch.cuda.synchronize(self.device)
         self.graphs, self.loss_row = [], None
