@@ -42,7 +42,7 @@ SCHEMA = [
     ("INPUT.PIXEL_STD", (0.229, 0.224, 0.225), "normalisation std (RGB, 0-1 scale)", None),
     ("INPUT.PADDING", 10, "padding before the random crop, pixels", None),
     ("INPUT.DEVICE_AUGMENT", False, "ours: decode JPEGs and augment whole batches on the training device "
-     "(nvjpeg on CUDA); loader workers then only read files", None),
+     "(nvjpeg on CUDA), and decode the evaluation's images there too; loader workers then only read files", None),
     ("DATASETS.NAMES", ("market1501",), "data set names; several train on their union, the first is evaluated",
      None),
     ("DATASETS.ROOT_DIR", "data", "folder holding the data set folder (or the data set folder itself)", None),
@@ -89,8 +89,11 @@ SCHEMA = [
     ("SOLVER.LABEL_SMOOTH", 0.1, "ours: label smoothing epsilon of the cross-entropy", None),
     ("SOLVER.LOG_PERIOD", 20, "ours: steps between progress-bar updates (the only host syncs of a step)", None),
     ("SOLVER.SYNC_BN", False, "ours: synchronise BatchNorm statistics across devices", None),
-    ("SOLVER.COMPILE", False, "ours: torch.compile the model", None),
-    ("SOLVER.AMP_DTYPE", "fp16", "ours: fp16 | bf16 for mixed precision", ("fp16", "bf16")),
+    ("SOLVER.CUDA_GRAPH", "auto", "ours: the whole training step (forward, 4 losses, backward, Adam, center SGD) "
+     "as one CUDA graph; auto: on for CUDA with bf16 or fp32, a no-op elsewhere (said once)",
+     ("auto", "true", "false")),
+    ("SOLVER.AMP_DTYPE", "auto", "ours: auto (bf16 where the device computes it natively, else fp16) | fp16 | bf16",
+     ("auto", "fp16", "bf16")),
     ("SOLVER.AMP_BACKEND", "native", "ours: native (torch.amp) | apex", ("native", "apex")),
     ("SOLVER.AMP_OPT_LEVEL", "O2", "ours: apex opt level (with SOLVER.AMP_BACKEND apex)", None),
     ("SOLVER.SEED", 0, "ours: seed of the sampler, augmentation and initialisation", None),

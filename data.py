@@ -836,6 +836,33 @@ def decode_images(files, device):
     return [img if img is None else img.to(device).expand(3, -1, -1) for img in images]
 
 
+def device_test_batches(items, size, batch_size, num_workers, device, pixel_mean=IMAGENET_MEAN,
+                        pixel_std=IMAGENET_STD):
+    """build_test_loader's batches with decoding, resizing and normalisation on `device` (nvjpeg on CUDA; the
+    same code on the CPU): yields (images float32 [B, 3, H, W] on device, pids, camids) in the items' order.
+    Loader workers only read file bytes; a file nvjpeg cannot decode (PNG ...) is decoded on the host."""
+    device, (height, width) = torch.device(device), size
+    num_workers = _usable_workers(num_workers)
+    loader = DataLoader(EncodedImages(items), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_encoded)
+    mean = torch.tensor(pixel_mean, device=device)[:, None, None]
+    std = torch.tensor(pixel_std, device=device)[:, None, None]
+    for data, lengths, pids, camids, indices in loader:
+        files = list(data.split(lengths.tolist()))
+        images = decode_images(files, device)
+        for i, img in enumerate(images):
+            if img is None:  # not a JPEG, or a broken one: the host decoder reads every format or names the file
+                try:
+                    images[i] = torchvision.io.decode_image(files[i], mode=torchvision.io.ImageReadMode.RGB).to(device)
+                except RuntimeError as err:
+                    raise DataError(f"{items[int(indices[i])][0]}: cannot decode the image ({err})") from None
+        shapes = {img.shape for img in images}
+        stacked = [torch.stack(images)] if len(shapes) == 1 else [img[None] for img in images]  # Market: one size
+        resized = torch.cat([F.interpolate(x.float(), size=(height, width), mode="bilinear", antialias=True,
+                                           align_corners=False) for x in stacked])
+        yield (resized / 255 - mean) / std, pids, camids
+
+
 class DeviceAugmentLoader:
     """The PK training loader with JPEG decoding and augmentation on `device`, for when CPU workers are the
     limit. Yields (images [B, 3, H, W] float32 on device, pids, camids), with with_is_real=True also is_real [B],

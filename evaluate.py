@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import config
 import utils
-from data import DataError, build_datasets, build_test_loader, item_labels
+from data import DataError, build_datasets, build_test_loader, device_test_batches, item_labels
 from model import WeightError, model_from_checkpoint
 
 CHUNK_BYTES = 32 * 2**20  # temporaries per chunk (and worker); small chunks stay in cache, reuse the heap
@@ -582,7 +582,11 @@ def evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep
 
 
 def extract_features(model, loader, device, flip=False, feat_norm=True, amp_dtype=None):
-    """Embed every image of a loader of (img, pid, camid): (feats [N, D] float32 CPU, pids, camids numpy)."""
+    """Embed every image of a loader of (img, pid, camid): (feats [N, D] float32 CPU, pids, camids numpy).
+
+    The loader may be build_test_loader's (host tensors) or data.device_test_batches (images decoded on the
+    device). Embeddings stay on the device until the end: one transfer, no host sync per batch, so the host
+    prepares the next batch while the device embeds this one."""
     model.eval()
     feats, pids, camids = [], [], []
     with torch.inference_mode(), utils.autocast(device, amp_dtype):
@@ -592,12 +596,12 @@ def extract_features(model, loader, device, flip=False, feat_norm=True, amp_dtyp
             emb = model(imgs).float()
             if flip:  # the mirror image is as likely a view of the person: average the two embeddings
                 emb = (emb + model(imgs.flip(-1)).float()) / 2
-            feats.append((_normalize(emb) if feat_norm else emb).cpu())
+            feats.append(_normalize(emb) if feat_norm else emb)
             pids.append(np.asarray(batch_pids))
             camids.append(np.asarray(batch_camids))
     if not feats:
         raise EvaluationError("the loader yielded no images: the query or gallery list is empty")
-    return torch.cat(feats), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64)
+    return torch.cat(feats).cpu(), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64)
 
 
 def extract_split(model, items, cfg, device, amp_dtype=None, rank=0, world_size=1, size=None):
@@ -606,8 +610,12 @@ def extract_split(model, items, cfg, device, amp_dtype=None, rank=0, world_size=
     start, end = utils.shard_bounds(len(items), rank, world_size)
     if start == end:  # more ranks than a shard needs (e.g. 5 items, 4 ranks): nothing to embed, still gather
         return utils.gather_rows(torch.zeros(0, model.feat_dim, device=device), len(items))
-    loader = build_test_loader(items[start:end], size or cfg.INPUT.SIZE_TEST, cfg.TEST.IMS_PER_BATCH,
-                               cfg.DATALOADER.NUM_WORKERS, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
+    args = (items[start:end], size or cfg.INPUT.SIZE_TEST, cfg.TEST.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS)
+    normalisation = {"pixel_mean": cfg.INPUT.PIXEL_MEAN, "pixel_std": cfg.INPUT.PIXEL_STD}
+    if cfg.INPUT.DEVICE_AUGMENT:  # decode, resize and normalise on the device: the CPU loader stops being the limit
+        loader = device_test_batches(*args, device, **normalisation)
+    else:
+        loader = build_test_loader(*args, **normalisation)
     # raw embeddings: the original's centroid rule averages them before normalising (evaluate_features)
     feats, _, _ = extract_features(model, loader, device, flip=cfg.TEST.FLIP_FEATS, feat_norm=False,
                                    amp_dtype=amp_dtype)

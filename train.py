@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import config
 import utils
+from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported
 from data import DataError, DeviceAugmentLoader, build_datasets, build_train_loader
 from evaluate import evaluate_checkpoint_cli, evaluate_splits, format_results
 from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads
@@ -82,10 +83,11 @@ class TrainState:
     scheduler: object
     scaler: object
     sampler: object
-    train_model: torch.nn.Module = None  # DDP / compiled wrappers of model and center_loss when used
+    train_model: torch.nn.Module = None  # DDP wrappers of model and center_loss when used
     train_center_loss: torch.nn.Module = None
     amp_dtype: torch.dtype = None
     apex_amp: object = None
+    graphed: object = None  # cuda_graph.GraphedStep when the step runs as one CUDA graph
     next_epoch: int = 0
     next_step: int = 0
     best_metric: float = None
@@ -127,6 +129,18 @@ def backward_and_step(total, state, center_weight):
     state.scaler.step(state.optimizer)
     state.scaler.step(state.center_optimizer)
     state.scaler.update()
+
+
+def eager_step(state, images, pids, is_real, num_instances, loss_kwargs, center_weight):
+    """Forward, the four losses, backward and both optimizer steps; the [5] loss row (total, then the terms)."""
+    with utils.autocast(images.device, state.amp_dtype):
+        feat, logits = state.train_model(images, is_real)  # mock images (USE_RESAMPLING False) skip the BNNeck
+    total, terms = compute_losses(feat.float(), logits.float(), pids, state.train_center_loss, num_instances,
+                                  is_real=is_real, **loss_kwargs)
+    for opt in state.optimizers:
+        opt.zero_grad(set_to_none=True)
+    backward_and_step(total, state, center_weight)
+    return torch.stack([total.detach().float()] + [t.float() for t in terms.values()])
 
 
 def agree(device, first_bad_step):
@@ -185,14 +199,10 @@ def train_one_epoch(state, loader, cfg, device, epoch, start_step, world_size):
         pids, is_real = pids.to(device, non_blocking=True), is_real.to(device, non_blocking=True)
         if step == start_step and world_size > 1:
             check_disjoint_identities(pids, world_size)
-        with utils.autocast(device, state.amp_dtype):
-            feat, logits = state.train_model(images, is_real)  # mock images (USE_RESAMPLING False) skip the BNNeck
-        total, terms = compute_losses(feat.float(), logits.float(), pids, state.train_center_loss, K,
-                                      is_real=is_real, **loss_kwargs)
-        for opt in state.optimizers:
-            opt.zero_grad(set_to_none=True)
-        backward_and_step(total, state, cfg.SOLVER.CENTER_LOSS_WEIGHT)
-        loss_row = torch.stack([total.detach().float()] + [t.float() for t in terms.values()])
+        if state.graphed is not None:
+            loss_row = state.graphed.step(images, pids)  # the same maths, replayed as one CUDA graph
+        else:
+            loss_row = eager_step(state, images, pids, is_real, K, loss_kwargs, cfg.SOLVER.CENTER_LOSS_WEIGHT)
         sums += loss_row
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_row).all(), step, first_bad)
         done += 1
@@ -365,7 +375,7 @@ def build_network(cfg, num_classes, device):
 
 
 def wrap_for_training(state, cfg, device, world_size):
-    """DDP (model and centers, whose gradients are averaged like the model's), SyncBN and torch.compile."""
+    """DDP (model and centers, whose gradients are averaged like the model's) and SyncBN."""
     if world_size > 1:
         model = state.model
         if cfg.SOLVER.SYNC_BN:
@@ -373,8 +383,26 @@ def wrap_for_training(state, cfg, device, world_size):
         device_ids = [device.index] if device.type != "cpu" else None
         state.train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         state.train_center_loss = torch.nn.parallel.DistributedDataParallel(state.center_loss, device_ids=device_ids)
-    if cfg.SOLVER.COMPILE:
-        state.train_model = torch.compile(state.train_model)
+
+
+def build_graphed_step(state, cfg, device):
+    """state.graphed: the whole step as one CUDA graph when SOLVER.CUDA_GRAPH allows it; the reason once when not."""
+    if cfg.SOLVER.CUDA_GRAPH == "false":
+        return
+    supported, reason = graph_supported(device, state.amp_dtype, cfg.SOLVER.AMP_BACKEND,
+                                        sync_bn=cfg.SOLVER.SYNC_BN and torch.distributed.is_initialized())
+    if supported and not cfg.DATALOADER.USE_RESAMPLING:
+        supported, reason = False, "mock images (DATALOADER.USE_RESAMPLING False) need the eager step's masks"
+    if not supported:
+        if cfg.SOLVER.CUDA_GRAPH == "true":
+            raise SystemExit(f"error: SOLVER.CUDA_GRAPH true: {reason}; use SOLVER.CUDA_GRAPH auto or false")
+        print(f"CUDA graph: off ({reason})")
+        return
+    K = cfg.DATALOADER.NUM_INSTANCE
+    shape = (cfg.SOLVER.IMS_PER_BATCH * K, 3, *cfg.INPUT.SIZE_TRAIN)
+    state.graphed = GraphedStep(state.train_model, state.train_center_loss, state.optimizers, loss_arguments(cfg), K,
+                                cfg.SOLVER.CENTER_LOSS_WEIGHT, state.amp_dtype, shape, device)
+    print(f"CUDA graph: the training step is captured after {WARMUP_STEPS} eager steps and replayed")
 
 
 def build_state(cfg, data, device, rank, world_size):
@@ -444,6 +472,7 @@ def run(cfg, given, resume_flag, device, rank, world_size):
     if resume_path:
         resume(resume_path, state)
     wrap_for_training(state, cfg, device, world_size)
+    build_graphed_step(state, cfg, device)
     for epoch in range(state.next_epoch, cfg.SOLVER.MAX_EPOCHS):
         state.sampler.set_epoch(epoch, start_step=state.next_step)
         try:

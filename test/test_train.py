@@ -143,7 +143,7 @@ def test_missing_data_set_and_bad_values_fail_with_clear_messages(tmp_path):
     result = run_script([sys.executable, "train.py", "--SOLVER.IMS_PER_BATH", "16"])
     assert result.returncode == 2 and "did you mean SOLVER.IMS_PER_BATCH" in result.stderr
     result = run_script([sys.executable, "train.py", "--SOLVER.AMP_DTYPE", "fp8"])
-    assert result.returncode == 2 and "choose one of fp16, bf16" in result.stderr
+    assert result.returncode == 2 and "choose one of auto, fp16, bf16" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -306,3 +306,9 @@ def test_reproducible_runs_each_seed_and_print_mean_and_std(synthetic_root, tmp_
         assert summary[key]["std"] == pytest.approx(abs(values[0] - values[1]) / 2)
         assert f"{100 * summary[key]['mean']:6.2f} +- {100 * summary[key]['std']:5.2f}" in out
     assert runs[0]["loss"] != runs[1]["loss"]  # different seeds, different runs
+
+
+def test_cuda_graph_is_refused_cleanly_where_it_cannot_run(synthetic_root, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"SOLVER.CUDA_GRAPH true: CUDA graphs need a CUDA device"):
+        train.main(tiny_flags(synthetic_root, tmp_path, "--SOLVER.MAX_EPOCHS", "1", "SOLVER.CUDA_GRAPH", "true"))
+    assert not (tmp_path / "last.pth").exists()
