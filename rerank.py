@@ -208,7 +208,7 @@ def evaluate_reranked(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, k1=2
     that camera's queries are kept (measured on synthetic data: better than re-ranking each camera's queries alone).
     """
     import evaluate  # here, not at the top: evaluate.py may import this module
-    common = dict(max_rank=max_rank, camera_agnostic=camera_agnostic)
+    common = {"max_rank": max_rank, "camera_agnostic": camera_agnostic}
     image = evaluate.evaluate_rank(rerank_distances(q_feats, g_feats, k1, k2, lambda_value),
                                    q_pids, g_pids, q_camids, g_camids, **common)
     q_pids, q_camids = torch.as_tensor(q_pids).cpu(), torch.as_tensor(q_camids).cpu()

@@ -45,7 +45,7 @@ def reference_rerank(q_feats, g_feats, k1, k2, lambda_value):
 
 def clustered(num_query, num_gallery, num_ids, dim, seed):
     """Market-like features: identities, cameras, noise, distractors (evaluate.synthetic_problem)."""
-    q, q_pids, q_cams, g, g_pids, g_cams = synthetic_problem(num_query, num_gallery, num_ids, 3, dim=dim, seed=seed)
+    q, _, _, g, _, _ = synthetic_problem(num_query, num_gallery, num_ids, 3, dim=dim, seed=seed)
     return q, g
 
 
