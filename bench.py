@@ -1,11 +1,12 @@
 """Measured speed of every stage: loader, training step (vs the bare backbone step), end to end, feature
-extraction and the evaluator. Prints one table (stage | figure | value | unit | device | dtype | batch | input)
+extraction, the evaluator and k-reciprocal re-ranking. Prints one table (stage | figure | value | unit | device | dtype | batch | input)
 and, with --json, writes the same rows.
 
     python bench.py                               # CPU preset, < 5 minutes on 2 cores
     python bench.py --device cuda --json b.json   # accelerator preset: 256x128, fp32/bf16/fp16, compile, big batch
     python bench.py --tiny                        # seconds (the test's mode)
     python bench.py --device cuda --gpu-augment   # also decode + augment on the device (workers read bytes)
+    python bench.py --stages rerank               # k-reciprocal re-ranking at Market-1501 size only
 
 Every training figure runs train.py's own code: train.build_optimizers, train.train_one_epoch (compute_losses,
 backward_and_step) on a batch already on the device (the step) or on the real loader (end to end).
@@ -30,26 +31,31 @@ import train
 import utils
 from data import (DataError, DeviceAugmentLoader, PKSampler, build_datasets, build_test_loader, read_dataset,
                   synthesize, throughput)
-from evaluate import benchmark_centroids, benchmark_metrics, extract_features
+from evaluate import (_peak_rss_mib, _reset_peak_rss, benchmark_centroids, benchmark_metrics, extract_features,
+                      synthetic_problem)
 from loss import CenterLoss
 from model import ARCHS, build_model
+from rerank import rerank_distances
 
 # Defaults of each preset; any flag given on the command line wins.
 PRESETS = {
     "tiny": dict(model="resnet18", size=[64, 32], loader_size=[64, 32], ids=4, instances=4, large_ids=0,
                  dtypes=["fp32"], compile_dtypes=[], warmup=1, rounds=3, steps=1, synth_ids=40,
                  images_per_id=8, epochs=2, feature_images=64, metrics_size=[200, 1000, 100],
-                 loader_batches=3, e2e_dtype="fp32", centroid_dim=32, centroid_rounds=1),
+                 loader_batches=3, e2e_dtype="fp32", centroid_dim=32, centroid_rounds=1,
+                 rerank_size=[200, 1000, 64]),
     "cpu": dict(model="resnet50", size=[64, 32], loader_size=[256, 128], ids=16, instances=4, large_ids=0,
                 dtypes=["fp32"], compile_dtypes=[], warmup=1, rounds=7, steps=1, synth_ids=80,
                 images_per_id=16, epochs=2, feature_images=256, metrics_size=[3368, 15913, 751],
-                loader_batches=10, e2e_dtype="fp32", centroid_dim=2048, centroid_rounds=3),
+                loader_batches=10, e2e_dtype="fp32", centroid_dim=2048, centroid_rounds=3,
+                rerank_size=[3368, 15913, 2048]),
     "device": dict(model="resnet50", size=[256, 128], loader_size=[256, 128], ids=16, instances=4, large_ids=64,
                    dtypes=["fp32", "bf16", "fp16"], compile_dtypes=["bf16"], warmup=10, rounds=7, steps=20,
                    synth_ids=600, images_per_id=16, epochs=3, feature_images=0, metrics_size=[3368, 15913, 751],
-                   loader_batches=20, e2e_dtype="bf16", centroid_dim=2048, centroid_rounds=3),
+                   loader_batches=20, e2e_dtype="bf16", centroid_dim=2048, centroid_rounds=3,
+                   rerank_size=[3368, 15913, 2048]),
 }
-STAGES = ("loader", "step", "e2e", "features", "metrics", "centroids")
+STAGES = ("loader", "step", "e2e", "features", "metrics", "centroids", "rerank")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -84,6 +90,8 @@ def get_args_parser():
     p.add_argument("--feature-images", type=int, help="images embedded in the feature stage (0: all)")
     p.add_argument("--metrics-size", type=int, nargs=3, metavar=("QUERIES", "GALLERY", "IDS"),
                    help="evaluator problem (default Market-1501's 3368 15913 751)")
+    p.add_argument("--rerank-size", type=int, nargs=3, metavar=("QUERIES", "GALLERY", "DIM"),
+                   help="re-ranking problem (default Market-1501's 3368 15913 with 2048-d embeddings)")
     p.add_argument("--gpu-augment", action="store_true",
                    help="also measure the loader that decodes (torchvision.io.decode_jpeg) and augments on the device")
     p.add_argument("--threads", type=int, default=0,
@@ -453,6 +461,50 @@ def bench_centroids(args):
                          device, "fp32", "-", size))
     return rows
 
+
+def _memory_mark(device):
+    """Start a peak-memory measurement: reset the peak; returns the memory in use now (MiB)."""
+    if device.type == "cpu":
+        _reset_peak_rss()
+        return _peak_rss_mib()  # the peak was just reset to the current resident size
+    getattr(torch, device.type).reset_peak_memory_stats(device)
+    return getattr(torch, device.type).memory_allocated(device) / 2**20
+
+
+def _memory_peak(device):
+    """Peak memory (MiB) since _memory_mark: resident size on the CPU, allocated device memory otherwise."""
+    if device.type == "cpu":
+        return _peak_rss_mib()
+    return getattr(torch, device.type).max_memory_allocated(device) / 2**20
+
+
+def bench_rerank(args):
+    """rerank.rerank_distances (k1 20, k2 6, lambda 0.3) on a synthetic problem: seconds, peak memory (and the
+    memory in use before the call: the difference is what re-ranking adds)."""
+    num_query, num_gallery, dim = args.rerank_size
+    device = args.device
+    q_feats, _, _, g_feats, _, _ = synthetic_problem(num_query, num_gallery, max(2, round(num_gallery / 21.2)), 6,
+                                                     dim=dim, device=device)
+    rerank_distances(q_feats[:64], g_feats[:256])  # warm-up: first-call allocations and kernel choices
+    utils.synchronize(device)
+    before = _memory_mark(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    dist = rerank_distances(q_feats, g_feats)
+    utils.synchronize(device)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    peak = _memory_peak(device)
+    assert dist.shape == (num_query, num_gallery) and bool(torch.isfinite(dist).all())
+    size, figure = [f"{num_query}+{num_gallery}", dim], "rerank_distances k1=20 k2=6 lambda=0.3"
+    where = "resident memory of the process" if device.type == "cpu" else "device memory allocated"
+    rows = [make_row("rerank", f"{figure}, {plural(torch.get_num_threads(), 'thread')}", seconds, "s", device,
+                     "fp32", "-", size),
+            make_row("rerank", f"{figure}: peak {where}", peak, "MiB", device, "fp32", "-", size),
+            make_row("rerank", f"{where} before it (the inputs included)", before, "MiB", device, "fp32", "-", size)]
+    if device.type == "cpu":
+        rows.append(make_row("rerank", f"{figure}: process CPU time", cpu_seconds, "s", device, "fp32", "-", size))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------
 # Main
 
@@ -486,6 +538,8 @@ def planned_runs(args, root, notes):
         runs.append(("evaluator", lambda: bench_metrics(args)))
     if "centroids" in args.stages:
         runs.append(("centroid evaluation protocols", lambda: bench_centroids(args)))
+    if "rerank" in args.stages:
+        runs.append(("k-reciprocal re-ranking", lambda: bench_rerank(args)))
     return runs + steps[len(args.dtypes):]
 
 
