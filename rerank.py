@@ -76,7 +76,7 @@ def neighbours_and_distances(feats, num_query, width):
             if a != c:
                 best_d[c:e], best_i[c:e] = _merge_nearest(best_d[c:e], best_i[c:e], dist.T.contiguous(), a)
                 row_max[c:e] = torch.maximum(row_max[c:e], dist.amax(0))
-            if b <= num_query < e:
+            if b <= num_query <= c:  # a query block against a gallery block
                 qg[a:b, c - num_query:e - num_query] = dist
     return best_d, best_i, row_max, qg
 
