@@ -1,6 +1,6 @@
 """Measured speed of every stage: loader, training step (vs the bare backbone step), end to end, feature
-extraction, the evaluator and k-reciprocal re-ranking. Prints one table (stage | figure | value | unit | device | dtype | batch | input)
-and, with --json, writes the same rows.
+extraction, the evaluator, the centroid protocols and k-reciprocal re-ranking. Prints one table (stage | figure |
+value | unit | device | dtype | batch | input) and, with --json, writes the same rows.
 
     python bench.py                               # CPU preset, < 5 minutes on 2 cores
     python bench.py --device cuda --json b.json   # accelerator preset: 256x128, fp32/bf16/fp16, compile, big batch

@@ -199,29 +199,71 @@ def rerank_distances(q_feats, g_feats, k1=20, k2=6, lambda_value=0.3):
     return qg.div_(row_max[:num_query, None]).mul_(lambda_value).add_(jaccard, alpha=1 - lambda_value)
 
 
-def evaluate_reranked(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, k1=20, k2=6, lambda_value=0.3,
-                      keep_camid_centroids=True, max_rank=50, camera_agnostic=False, normalize_centroids=True):
-    """evaluate.evaluate_features with re-ranked distances: {'image': metrics, 'centroid': metrics}.
+def _matrix_source(dist):
+    """evaluate's (block distances, pair distances) source over a [Q, N] matrix."""
+    return lambda a, b, c0, c1: dist[a:b, c0:c1], lambda rows, cols: dist[rows, cols]
 
-    Per centroid, each query camera's centroid gallery (as evaluate_centroids builds it) is re-ranked with all
-    queries as probes - the neighbourhoods then hold queries, centroids and distractor images - and the rows of
-    that camera's queries are kept (measured on synthetic data: better than re-ranking each camera's queries alone).
+
+def _standard_reranked(ev, rerank, q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
+                       camera_agnostic, normalize, chunk_bytes):
+    """Per-query metrics of evaluate's standard centroid rule on re-ranked distances. The pool holds the queries,
+    the identity centroids, the distractor images and, camera-aware, the other-cameras centroids the queries need;
+    a query's own identity then takes its other-cameras centroid's distance (as evaluate._own_centroid_source)."""
+    no_camera = int(torch.cat([q_camids, g_camids]).min()) - 1
+    (feats, pids, camids), own = ev._standard_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
+                                                      normalize, no_camera)
+    dist = rerank(q_feats, feats if own is None else torch.cat([feats, own[0]]))
+    blocks, pairs = _matrix_source(dist)
+    if own is not None:
+        q_own, num_centroids = own[1], int((pids > 0).sum())
+        pairs = lambda rows, cols: dist[rows, torch.where(cols < num_centroids, len(feats) + q_own[rows], cols)]  # noqa: E731
+        q_camids = torch.where((q_own < 0) & (q_pids > 0), no_camera, q_camids)  # no such centroid: no true match
+    return ev._per_query((blocks, pairs), len(q_feats), len(feats), q_pids, pids, q_camids, camids, q_feats.device,
+                         camera_agnostic, chunk_bytes)
+
+
+def _original_reranked(ev, rerank, q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware, index_bug,
+                       normalize, chunk_bytes):
+    """Per-query metrics of evaluate's original centroid rules on re-ranked distances (as _original_per_query)."""
+    feats, pids, sets, q_bits = ev._original_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
+                                                     index_bug, normalize)
+    source = _matrix_source(rerank(ev._normalize(q_feats) if normalize else q_feats, feats))
+    if not camera_aware:
+        return ev._per_query(source, len(q_feats), len(feats), q_pids, pids, q_camids, torch.zeros_like(pids),
+                             q_feats.device, True, chunk_bytes)
+    return ev._per_query(source, len(q_feats), len(feats), q_pids, pids, q_bits, sets, q_feats.device, False,
+                         chunk_bytes, camera_sets=True)
+
+
+def evaluate_reranked(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, k1=20, k2=6, lambda_value=0.3,
+                      keep_camid_centroids=True, max_rank=50, camera_agnostic=False, normalize_centroids=True,
+                      chunk_bytes=None, centroid_protocol="standard", raw_feats=False):
+    """evaluate.evaluate_features (same arguments, same result keys) on k-reciprocal re-ranked distances.
+
+    Per image the gallery images are re-ranked; per centroid the gallery of each centroid rule (its centroids,
+    and its distractor images where the rule keeps them), pooled with all queries as the paper's probes.
     """
-    import evaluate  # here, not at the top: evaluate.py may import this module
-    common = {"max_rank": max_rank, "camera_agnostic": camera_agnostic}
-    image = evaluate.evaluate_rank(rerank_distances(q_feats, g_feats, k1, k2, lambda_value),
-                                   q_pids, g_pids, q_camids, g_camids, **common)
-    q_pids, q_camids = torch.as_tensor(q_pids).cpu(), torch.as_tensor(q_camids).cpu()
-    by_camera = keep_camid_centroids and not camera_agnostic
-    per_query = {}
-    for camid in torch.unique(q_camids).tolist() if by_camera else [None]:  # a loop over query cameras
-        rows = torch.arange(len(q_pids)) if camid is None else torch.nonzero(q_camids == camid)[:, 0]
-        c_feats, c_pids, c_camids = evaluate._centroid_gallery(g_feats, g_pids, g_camids, camid, normalize_centroids)
-        dist = rerank_distances(q_feats, c_feats, k1, k2, lambda_value)[rows.to(q_feats.device)]
-        source = (lambda a, b, c0, c1: dist[a:b, c0:c1], lambda r, c: dist[r, c])  # noqa: B023 (used at once)
-        part = evaluate._per_query(source, len(rows), len(c_feats), q_pids[rows], c_pids, q_camids[rows], c_camids,
-                                   dist.device, camera_agnostic, evaluate.CHUNK_BYTES)
-        for key, values in part.items():
-            per_query.setdefault(key, torch.zeros(len(q_pids), dtype=values.dtype))[rows] = values
-    return {"image": image, "centroid": evaluate._finish(per_query, max_rank, False, q_pids, g_pids, q_camids,
-                                                         g_camids)}
+    import evaluate as ev  # here, not at the top: evaluate.py may import this module
+    ev._check_protocol(centroid_protocol, ev.CENTROID_PROTOCOLS + ("all",))
+    protocols = ev.CENTROID_PROTOCOLS if centroid_protocol == "all" else (centroid_protocol,)
+    chunk_bytes, device = chunk_bytes or ev.CHUNK_BYTES, q_feats.device
+    q_feats, g_feats = q_feats.float(), g_feats.float().to(device)
+    q_pids, q_camids, g_pids, g_camids = (ev._as_tensor(x, device, torch.int64) for x in (q_pids, q_camids, g_pids,
+                                                                                            g_camids))
+    unit = raw_feats and normalize_centroids  # raw embeddings: normalised for all but the original rules
+    unit_q, unit_g = (ev._normalize(q_feats), ev._normalize(g_feats)) if unit else (q_feats, g_feats)
+    rerank = lambda q, g: rerank_distances(q, g, k1, k2, lambda_value)  # noqa: E731
+    labels = (q_pids, g_pids, q_camids, g_camids)  # evaluate_rank's order
+    results = {"image": ev.evaluate_rank(rerank(unit_q, unit_g), *labels, max_rank, camera_agnostic, chunk_bytes)}
+    camera_aware = keep_camid_centroids and not camera_agnostic
+    for protocol in protocols:
+        if protocol == "standard":
+            per_query = _standard_reranked(ev, rerank, unit_q, q_pids, q_camids, unit_g, g_pids, g_camids,
+                                           camera_aware, camera_agnostic, normalize_centroids, chunk_bytes)
+        else:
+            raw_q, raw_g = (q_feats, g_feats) if raw_feats else (unit_q, unit_g)
+            per_query = _original_reranked(ev, rerank, raw_q, q_pids, q_camids, raw_g, g_pids, g_camids, camera_aware,
+                                           protocol == "original", normalize_centroids, chunk_bytes)
+        result = ev._finish(per_query, max_rank, False, *labels)
+        results[ev.centroid_key(protocol, protocols)] = {**result, "protocol": protocol}
+    return results

@@ -80,17 +80,30 @@ def test_jaccard_part_is_symmetric_in_probe_and_gallery_and_order_free():
                                atol=1e-6, rtol=0)
 
 
-def test_lambda_one_keeps_each_querys_order_and_reranking_helps_on_noisy_features():
+@pytest.mark.parametrize("keep_camid_centroids", [True, False])
+def test_lambda_one_keeps_every_ranking_of_the_evaluation(keep_camid_centroids):
+    # few gallery images per identity: other-cameras centroids differ from the identity's, some are missing
+    q, q_pids, q_cams, g, g_pids, g_cams = synthetic_problem(120, 120, 30, 4, dim=64, noise=1.3, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    q, g = q * (1 + torch.rand(len(q), 1, generator=gen)), g * (1 + torch.rand(len(g), 1, generator=gen))  # raw
+    args = (q, q_pids, q_cams, g, g_pids, g_cams)
+    common = {"keep_camid_centroids": keep_camid_centroids, "centroid_protocol": "all", "raw_feats": True}
+    plain = evaluate_features(*args, **common)
+    same = rerank.evaluate_reranked(*args, lambda_value=1.0, **common)  # d scaled per query: the same rankings
+    assert set(same) == set(plain) == {"image", "centroid", "centroid_original", "centroid_original_fixed"}
+    for kind in plain:
+        assert same[kind]["mAP"] == pytest.approx(plain[kind]["mAP"], abs=1e-9), kind
+        assert (same[kind]["cmc"] == plain[kind]["cmc"]).all(), kind
+        assert same[kind]["num_valid_queries"] == plain[kind]["num_valid_queries"], kind
+        assert same[kind].get("protocol") == plain[kind].get("protocol")
+
+
+def test_reranking_helps_per_image_on_noisy_features():
     q, q_pids, q_cams, g, g_pids, g_cams = synthetic_problem(120, 600, 30, 6, dim=64, noise=1.3, seed=1)
-    plain = evaluate_features(q, q_pids, q_cams, g, g_pids, g_cams)
-    same = rerank.evaluate_reranked(q, q_pids, q_cams, g, g_pids, g_cams, lambda_value=1.0)
-    for kind in ("image", "centroid"):  # d scaled per query: the same rankings, the same metrics
-        assert same[kind]["mAP"] == pytest.approx(plain[kind]["mAP"], abs=1e-9)
-        assert (same[kind]["cmc"] == plain[kind]["cmc"]).all()
-        assert same[kind]["num_valid_queries"] == plain[kind]["num_valid_queries"]
-    reranked = evaluate_rank(rerank.rerank_distances(q, g), q_pids, g_pids, q_cams, g_cams)
-    assert reranked["mAP"] > plain["image"]["mAP"] + 0.1  # measured 0.77 -> 0.99 mAP on this problem
-    assert reranked["cmc"][0] >= plain["image"]["cmc"][0]
+    plain = evaluate_rank(torch.cdist(q, g), q_pids, g_pids, q_cams, g_cams)
+    reranked = rerank.evaluate_reranked(q, q_pids, q_cams, g, g_pids, g_cams)
+    assert reranked["image"]["mAP"] > plain["mAP"] + 0.1  # measured 0.77 -> 0.99 mAP on this problem
+    assert reranked["image"]["cmc"][0] >= plain["cmc"][0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
