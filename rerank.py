@@ -204,22 +204,44 @@ def _matrix_source(dist):
     return lambda a, b, c0, c1: dist[a:b, c0:c1], lambda rows, cols: dist[rows, cols]
 
 
+def _other_camera_grid(ev, q_pids, q_camids, g_feats, g_pids, g_camids, normalize):
+    """Each identity's centroid of its gallery images outside camera c, for EVERY camera c it has such images for
+    (not only the pairs queries need: the re-ranking pool then owes nothing to the queries' identities), and each
+    query's row there (-1: its identity has no gallery image outside its camera)."""
+    gallery_pids, g_slots = torch.unique(g_pids, return_inverse=True)
+    sums, counts = ev._group_sums(g_feats, g_slots, len(gallery_pids))
+    num_cams, q_cams, g_cams = ev._camera_codes(q_camids, g_camids)
+    slots = torch.nonzero(gallery_pids > 0)[:, 0]
+    keys = (slots[:, None] * num_cams + torch.arange(num_cams, device=slots.device)).reshape(-1)  # sorted
+    means, others = ev._other_camera_means(g_feats, g_slots, g_cams, num_cams, sums, counts, keys)
+    keys, means = keys[others > 0], means[others > 0]
+    q_slots = ev._query_slots(q_pids, gallery_pids)
+    q_keys = q_slots * num_cams + q_cams
+    rows = torch.searchsorted(keys, q_keys).clamp_(max=max(len(keys) - 1, 0))
+    found = (q_slots >= 0) & (q_pids > 0) & (keys[rows] == q_keys) if len(keys) else torch.zeros_like(q_pids).bool()
+    return (ev._normalize(means) if normalize else means), torch.where(found, rows, -1)
+
+
 def _standard_reranked(ev, rerank, q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
                        camera_agnostic, normalize, chunk_bytes):
     """Per-query metrics of evaluate's standard centroid rule on re-ranked distances. The pool holds the queries,
-    the identity centroids, the distractor images and, camera-aware, the other-cameras centroids the queries need;
-    a query's own identity then takes its other-cameras centroid's distance (as evaluate._own_centroid_source)."""
+    the identity centroids, the distractor images and, camera-aware, every other-cameras centroid; a query's own
+    identity then takes its other-cameras centroid's distance (as evaluate._own_centroid_source)."""
     no_camera = int(torch.cat([q_camids, g_camids]).min()) - 1
-    (feats, pids, camids), own = ev._standard_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
-                                                      normalize, no_camera)
-    dist = rerank(q_feats, feats if own is None else torch.cat([feats, own[0]]))
-    blocks, pairs = _matrix_source(dist)
-    if own is not None:
-        q_own, num_centroids = own[1], int((pids > 0).sum())
-        pairs = lambda rows, cols: dist[rows, torch.where(cols < num_centroids, len(feats) + q_own[rows], cols)]  # noqa: E731
-        q_camids = torch.where((q_own < 0) & (q_pids > 0), no_camera, q_camids)  # no such centroid: no true match
-    return ev._per_query((blocks, pairs), len(q_feats), len(feats), q_pids, pids, q_camids, camids, q_feats.device,
-                         camera_agnostic, chunk_bytes)
+    (feats, pids, camids), _ = ev._standard_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, False, normalize,
+                                                    no_camera)
+    if not camera_aware:
+        return ev._per_query(_matrix_source(rerank(q_feats, feats)), len(q_feats), len(feats), q_pids, pids,
+                             q_camids, camids, q_feats.device, camera_agnostic, chunk_bytes)
+    own_feats, q_own = _other_camera_grid(ev, q_pids, q_camids, g_feats, g_pids, g_camids, normalize)
+    dist = rerank(q_feats, torch.cat([feats, own_feats]))
+    num_centroids = int((pids > 0).sum())
+
+    def pairs(rows, cols):  # asked for true matches only: a centroid column is the query's own identity
+        return dist[rows, torch.where(cols < num_centroids, len(feats) + q_own[rows], cols)]
+    q_camids = torch.where((q_own < 0) & (q_pids > 0), no_camera, q_camids)  # no such centroid: no true match
+    return ev._per_query((_matrix_source(dist)[0], pairs), len(q_feats), len(feats), q_pids, pids, q_camids, camids,
+                         q_feats.device, camera_agnostic, chunk_bytes)
 
 
 def _original_reranked(ev, rerank, q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware, index_bug,
@@ -241,7 +263,8 @@ def evaluate_reranked(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, k1=2
     """evaluate.evaluate_features (same arguments, same result keys) on k-reciprocal re-ranked distances.
 
     Per image the gallery images are re-ranked; per centroid the gallery of each centroid rule (its centroids,
-    and its distractor images where the rule keeps them), pooled with all queries as the paper's probes.
+    and its distractor images where the rule keeps them; for the camera-aware standard rule also every identity's
+    other-cameras centroids), pooled with all queries as the paper's probes.
     """
     import evaluate as ev  # here, not at the top: evaluate.py may import this module
     ev._check_protocol(centroid_protocol, ev.CENTROID_PROTOCOLS + ("all",))

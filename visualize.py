@@ -119,7 +119,7 @@ def cmc_figure(curves, title="CMC"):
     if Figure is None:
         return None
     from matplotlib.ticker import MaxNLocator, PercentFormatter
-    fig = Figure(figsize=(6.4, 4.4), dpi=100, layout="constrained")
+    fig = Figure(figsize=(6.4, 4.4 + 0.2 * len(curves)), dpi=100, layout="constrained")
     ax = fig.subplots()
     for label, cmc in curves.items():
         cmc = np.asarray(cmc, dtype=float) * 100
@@ -131,7 +131,7 @@ def cmc_figure(curves, title="CMC"):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=100, decimals=0))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    fig.legend(loc="outside lower center", fontsize=9)  # below the axes: never over a curve
     return fig
 
 
@@ -162,10 +162,13 @@ def visualize_evaluation(q_feats, q_items, g_feats, g_items, out_dir, results=No
         paths.append(draw_ranked_list(path, [g_items[j][0] for j in kept], os.path.join(out_dir, name), label(pid),
                                       [label(g_items[j][1]) for j in kept], dists))
     if results is not None:
-        curves = {name: results[kind]["cmc"] for kind, name in (("image", "per image"), ("centroid", "centroid"))
-                  if kind in results}
-        paths.append(draw_cmc_curve(curves, os.path.join(out_dir, "cmc.png"),
-                                    "CMC: share of queries with a true match in the top r"))
+        rows = [(key, res) for key, res in results.items() if key.startswith("centroid") and res is not None]
+        curves = {"per image": results["image"]["cmc"]} if results.get("image") is not None else {}
+        curves.update({f"centroid {res.get('protocol', key)}" if len(rows) > 1 else "centroid": res["cmc"]
+                       for key, res in rows})  # one curve per centroid protocol evaluated
+        if curves:
+            paths.append(draw_cmc_curve(curves, os.path.join(out_dir, "cmc.png"),
+                                        "CMC: share of queries with a true match in the top r"))
     return [p for p in paths if p is not None]
 
 
