@@ -176,22 +176,24 @@ def visualize_evaluation(q_feats, q_items, g_feats, g_items, out_dir, results=No
 # Training curves from metrics.jsonl
 
 def read_metrics(path):
-    """The rows of a metrics.jsonl file (one JSON object per line), with clear errors for a missing or bad file."""
+    """The rows of a metrics.jsonl file (a folder means its metrics.jsonl). A line that is not JSON (say, cut
+    short by a killed run) is skipped with a warning; ValueError when the file is missing or has no rows."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: {path}: no such file (train.py writes OUTPUT_DIR/metrics.jsonl after each epoch)")
+        raise ValueError(f"{path}: no such file (train.py writes OUTPUT_DIR/metrics.jsonl after each epoch)")
     rows = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise SystemExit(f"error: {path} line {number} is not JSON ({err.msg}): fix or delete "
-                                     "that line") from None
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                print(f"warning: {path} line {number} is not JSON ({err.msg}): skipped", file=sys.stderr)
+    rows = [r for r in rows if isinstance(r, dict) and "epoch" in r]
     if not rows:
-        raise SystemExit(f"error: {path} holds no rows yet: train at least one epoch")
+        raise ValueError(f"{path} holds no epoch rows yet: train at least one epoch")
     return rows
 
 
@@ -251,7 +253,7 @@ def curves_figure(rows):
 
 def plot_curves(metrics_jsonl_path, out_png):
     """OUTPUT_DIR/curves.png from OUTPUT_DIR/metrics.jsonl (a folder or the file); returns out_png (None without
-    matplotlib)."""
+    matplotlib). ValueError when there is no file or no row."""
     fig = curves_figure(read_metrics(metrics_jsonl_path))
     return None if fig is None else _save(fig, out_png)
 
@@ -322,7 +324,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     folder = args.output_dir if os.path.isdir(args.output_dir) else os.path.dirname(args.output_dir)
     out = args.out or os.path.join(folder, "curves.png")
-    if plot_curves(args.output_dir, out) is None:
+    try:
+        drawn = plot_curves(args.output_dir, out)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if drawn is None:
         raise SystemExit("error: drawing curves.png needs matplotlib: pip install matplotlib")
     print(f"wrote {out}")
     return out

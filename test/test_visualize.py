@@ -127,8 +127,12 @@ def test_curves_png_from_metrics_jsonl_with_the_command(tmp_path, capsys):
     assert f"wrote {tmp_path / 'curves.png'}" in capsys.readouterr().out
     with Image.open(tmp_path / "curves.png") as image:
         assert image.format == "PNG" and image.width >= 800
-    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n")
-    with pytest.raises(SystemExit, match="line 2 is not JSON"):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]) + '{"epoch": 5, "lr')
+    capsys.readouterr()
+    visualize.main(["curves", str(tmp_path), "-o", str(tmp_path / "cut.png")])  # a run killed while writing a row
+    assert "line 5 is not JSON" in capsys.readouterr().err and (tmp_path / "cut.png").exists()
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="no epoch rows yet"):
         visualize.main(["curves", str(tmp_path)])
     with pytest.raises(SystemExit, match="no such file"):
         visualize.main(["curves", str(tmp_path / "nowhere")])
