@@ -208,9 +208,9 @@ def _panel(ax, rows, keys, scale=1.0, log=False):
     drawn = 0
     for key, label in keys:
         epochs, values = _series(rows, key)
-        if log:
-            epochs, values = zip(*[(e, v) for e, v in zip(epochs, values) if v > 0]) if any(
-                v > 0 for v in values) else ([], [])
+        if log:  # a log axis cannot show 0 (a loss term that is switched off)
+            kept = [(e, v) for e, v in zip(epochs, values) if v > 0]
+            epochs, values = [e for e, _ in kept], [v for _, v in kept]
         if epochs:
             ax.plot(epochs, np.asarray(values) * scale, marker="o" if len(epochs) <= 30 else None, markersize=3,
                     label=label)
