@@ -22,7 +22,7 @@ data/synthetic: | $(STAMP)
 	$(PY) data.py synthesize data/synthetic
 
 demo: $(STAMP) data/synthetic
-	$(PY) data.py baseline data/synthetic
+	$(PY) evaluate.py baseline data/synthetic
 	rm -rf output/demo
 	$(PY) train.py $(DEMO_FLAGS)
 

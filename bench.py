@@ -1,6 +1,6 @@
 """Measured speed of every stage: loader, training step (vs the bare backbone step), end to end, feature
-extraction and the evaluator. Prints one table (stage | figure | value | unit | device | dtype | batch | input)
-and, with --json, writes the same rows.
+extraction, the evaluator, the centroid protocols and k-reciprocal re-ranking. Prints one table (stage | figure |
+value | unit | device | dtype | batch | input) and, with --json, writes the same rows.
 
     python bench.py                               # CPU preset, < 5 minutes on 2 cores
     python bench.py --device cuda --json b.json   # accelerator preset: 256x128, fp32/bf16/fp16, CUDA-graphed
@@ -9,6 +9,7 @@ and, with --json, writes the same rows.
     python bench.py --device cuda --gpu-augment   # also decode (+ augment) on the device (workers read bytes)
     python bench.py --device cuda --stages step --dtypes bf16 --graph-ids 16 --graph-compiled \
         --compile-dtypes bf16 --compile-mode max-autotune-no-cudagraphs   # torch.compile variants (minutes)
+    python bench.py --stages rerank               # k-reciprocal re-ranking at Market-1501 size only
 
 Every eager training figure runs train.py's own code: train.build_optimizers, train.train_one_epoch
 (compute_losses, backward_and_step) on a batch already on the device (the step) or on the real loader (end to
@@ -36,27 +37,31 @@ import utils
 from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported
 from data import (DataError, DeviceAugmentLoader, PKSampler, build_datasets, build_test_loader, device_test_batches,
                   read_dataset, synthesize, throughput)
-from evaluate import benchmark_centroids, benchmark_metrics, extract_features
-from loss import CenterLoss
+from evaluate import (_peak_rss_mib, _reset_peak_rss, benchmark_centroids, benchmark_metrics, extract_features,
+                      synthetic_problem)
+from loss import CenterLoss, compute_losses
 from model import ARCHS, build_model
+from rerank import rerank_distances
 
 # Defaults of each preset; any flag given on the command line wins.
 PRESETS = {
     "tiny": dict(model="resnet18", size=[64, 32], loader_size=[64, 32], ids=4, instances=4, large_ids=0,
                  dtypes=["fp32"], compile_dtypes=[], warmup=1, rounds=3, steps=1, synth_ids=40,
                  images_per_id=8, epochs=2, feature_images=64, metrics_size=[200, 1000, 100],
-                 loader_batches=3, e2e_dtype="fp32", centroid_dim=32, centroid_rounds=1, graph_ids=[]),
+                 loader_batches=3, e2e_dtype="fp32", centroid_dim=32, centroid_rounds=1, graph_ids=[],
+                 rerank_size=[200, 1000, 64]),
     "cpu": dict(model="resnet50", size=[64, 32], loader_size=[256, 128], ids=16, instances=4, large_ids=0,
                 dtypes=["fp32"], compile_dtypes=[], warmup=1, rounds=7, steps=1, synth_ids=80,
                 images_per_id=16, epochs=2, feature_images=256, metrics_size=[3368, 15913, 751],
-                loader_batches=10, e2e_dtype="fp32", centroid_dim=2048, centroid_rounds=3, graph_ids=[]),
+                loader_batches=10, e2e_dtype="fp32", centroid_dim=2048, centroid_rounds=3, graph_ids=[],
+                rerank_size=[3368, 15913, 2048]),
     "device": dict(model="resnet50", size=[256, 128], loader_size=[256, 128], ids=16, instances=4, large_ids=64,
                    dtypes=["fp32", "bf16", "fp16"], compile_dtypes=["bf16"], warmup=10, rounds=7, steps=20,
                    synth_ids=600, images_per_id=16, epochs=3, feature_images=0, metrics_size=[3368, 15913, 751],
                    loader_batches=20, e2e_dtype="bf16", centroid_dim=2048, centroid_rounds=3,
-                   graph_ids=[16, 32, 64]),
+                   graph_ids=[16, 32, 64], rerank_size=[3368, 15913, 2048]),
 }
-STAGES = ("loader", "step", "e2e", "features", "metrics", "centroids")
+STAGES = ("loader", "step", "e2e", "features", "metrics", "centroids", "losses", "rerank")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -98,6 +103,8 @@ def get_args_parser():
     p.add_argument("--feature-images", type=int, help="images embedded in the feature stage (0: all)")
     p.add_argument("--metrics-size", type=int, nargs=3, metavar=("QUERIES", "GALLERY", "IDS"),
                    help="evaluator problem (default Market-1501's 3368 15913 751)")
+    p.add_argument("--rerank-size", type=int, nargs=3, metavar=("QUERIES", "GALLERY", "DIM"),
+                   help="re-ranking problem (default Market-1501's 3368 15913 with 2048-d embeddings)")
     p.add_argument("--gpu-augment", action="store_true",
                    help="also measure decoding (torchvision.io.decode_jpeg) on the device: the augmenting training "
                         "loader, its epochs (eager and CUDA-graphed), and feature extraction")
@@ -522,6 +529,50 @@ def bench_centroids(args):
                          device, "fp32", "-", size))
     return rows
 
+
+def _memory_mark(device):
+    """Start a peak-memory measurement: reset the peak; returns the memory in use now (MiB)."""
+    if device.type == "cpu":
+        _reset_peak_rss()
+        return _peak_rss_mib()  # the peak was just reset to the current resident size
+    getattr(torch, device.type).reset_peak_memory_stats(device)
+    return getattr(torch, device.type).memory_allocated(device) / 2**20
+
+
+def _memory_peak(device):
+    """Peak memory (MiB) since _memory_mark: resident size on the CPU, allocated device memory otherwise."""
+    if device.type == "cpu":
+        return _peak_rss_mib()
+    return getattr(torch, device.type).max_memory_allocated(device) / 2**20
+
+
+def bench_rerank(args):
+    """rerank.rerank_distances (k1 20, k2 6, lambda 0.3) on a synthetic problem: seconds, peak memory (and the
+    memory in use before the call: the difference is what re-ranking adds)."""
+    num_query, num_gallery, dim = args.rerank_size
+    device = args.device
+    q_feats, _, _, g_feats, _, _ = synthetic_problem(num_query, num_gallery, max(2, round(num_gallery / 21.2)), 6,
+                                                     dim=dim, device=device)
+    rerank_distances(q_feats[:64], g_feats[:256])  # warm-up: first-call allocations and kernel choices
+    utils.synchronize(device)
+    before = _memory_mark(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    dist = rerank_distances(q_feats, g_feats)
+    utils.synchronize(device)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    peak = _memory_peak(device)
+    assert dist.shape == (num_query, num_gallery) and bool(torch.isfinite(dist).all())
+    size, figure = [f"{num_query}+{num_gallery}", dim], "rerank_distances k1=20 k2=6 lambda=0.3"
+    where = "resident memory of the process" if device.type == "cpu" else "device memory allocated"
+    rows = [make_row("rerank", f"{figure}, {plural(torch.get_num_threads(), 'thread')}", seconds, "s", device,
+                     "fp32", "-", size),
+            make_row("rerank", f"{figure}: peak {where}", peak, "MiB", device, "fp32", "-", size),
+            make_row("rerank", f"{where} before it (the inputs included)", before, "MiB", device, "fp32", "-", size)]
+    if device.type == "cpu":
+        rows.append(make_row("rerank", f"{figure}: process CPU time", cpu_seconds, "s", device, "fp32", "-", size))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------
 # Main
 
@@ -531,6 +582,59 @@ def step_configs(args):
     if args.large_ids:
         configs.append((args.e2e_dtype, False, args.large_ids))
     return configs + [(dtype, True, args.ids) for dtype in args.compile_dtypes]
+
+
+def _median_ms(step, device, warmup, iters):
+    """Median wall time of step() in ms after warm-up calls."""
+    _, seconds = utils.timed(step, device, repeats=iters, warmup=warmup)
+    return statistics.median(seconds) * 1000
+
+
+def benchmark_losses(model_name="resnet50", num_ids=16, num_instances=4, num_classes=751, size=None,
+                     device="cpu", amp=False, warmup=1, iters=3, loss_iters=20):
+    """Time the four losses (forward+backward) and the model's forward+backward on one P x K batch."""
+    device = torch.device(device)
+    size = size or ((128, 64) if device.type == "cpu" else (256, 128))
+    amp_dtype, _ = utils.amp_settings(device.type, amp, "bf16" if device.type == "cpu" else "fp16")
+    model = build_model(model_name, num_classes).to(device).to(memory_format=torch.channels_last).train()
+    center_loss = CenterLoss(num_classes, model.feat_dim).to(device)
+    batch = num_ids * num_instances
+    images = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
+    pids = torch.arange(num_ids, device=device).repeat_interleave(num_instances)
+
+    def model_step():
+        model.zero_grad(set_to_none=True)
+        with utils.autocast(device, amp_dtype):
+            feat, logits = model(images)
+        (feat.float().mean() + logits.float().mean()).backward()
+
+    with utils.autocast(device, amp_dtype):
+        feat, logits = model(images)
+    feat, logits = feat.detach().requires_grad_(), logits.detach().requires_grad_()
+
+    def loss_step():
+        feat.grad = logits.grad = center_loss.centers.grad = None
+        with utils.autocast(device, amp_dtype):
+            total, _ = compute_losses(feat, logits, pids, center_loss, num_instances)
+        total.backward()
+
+    backbone_ms = _median_ms(model_step, device, warmup, iters)
+    losses_ms = _median_ms(loss_step, device, 3, loss_iters)
+    return {"model": model_name, "batch": batch, "size": tuple(size), "device": str(device), "amp": amp,
+            "backbone_ms": backbone_ms, "losses_ms": losses_ms, "ratio": losses_ms / backbone_ms}
+
+
+def bench_losses(args):
+    """The four losses' forward+backward against the model's on one P x K batch (benchmark_losses)."""
+    device, dtype = args.device, args.e2e_dtype
+    res = benchmark_losses(args.model, args.ids, args.instances, size=tuple(args.size), device=str(device),
+                           amp=dtype != "fp32", iters=max(1, args.rounds // 2))
+    row = lambda figure, value, unit: make_row("losses", figure, value, unit, device,  # noqa: E731
+                                               precision_text(dtype, device), batch_text(args.ids, args.instances),
+                                               args.size)
+    return [row(f"{args.model} forward+backward", res["backbone_ms"], "ms"),
+            row("four losses forward+backward (751 classes)", res["losses_ms"], "ms"),
+            row("losses / model step", 100 * res["ratio"], "%")]
 
 
 def graph_runs(args, notes):
@@ -575,6 +679,10 @@ def planned_runs(args, root, notes):
         runs.append(("evaluator", lambda: bench_metrics(args)))
     if "centroids" in args.stages:
         runs.append(("centroid evaluation protocols", lambda: bench_centroids(args)))
+    if "losses" in args.stages:
+        runs.append(("the four losses against the model", lambda: bench_losses(args)))
+    if "rerank" in args.stages:
+        runs.append(("k-reciprocal re-ranking", lambda: bench_rerank(args)))
     return runs + steps[len(args.dtypes):] + graphed_compiled
 
 

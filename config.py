@@ -108,11 +108,16 @@ SCHEMA = [
     ("TEST.FLIP_FEATS", False, "ours: average the embeddings of each image and its mirror", None),
     ("TEST.MAX_RANK", 50, "ours: length of the CMC curve", None),
     ("TEST.CAMERA_AGNOSTIC", False, "ours: no same-camera removal (single-camera data)", None),
+    ("TEST.RERANK", False, "ours: k-reciprocal re-ranking (Zhong et al. 2017) of the per-image and centroid "
+     "galleries", None),
+    ("TEST.RERANK_K1", 20, "ours: re-ranking k1 (k-reciprocal neighbours)", None),
+    ("TEST.RERANK_K2", 6, "ours: re-ranking k2 (local query expansion)", None),
+    ("TEST.RERANK_LAMBDA", 0.3, "ours: re-ranking weight of the original distance", None),
     ("TEST.CENTROID_PROTOCOL", "standard", "ours: standard (the Market rule on centroids) | original (the original's "
      "code, its camera-index bug included: the paper's numbers) | original_fixed | all (the three side by side)",
      ("standard", "original", "original_fixed", "all")),
     ("GPU_IDS", (), "device ids the local ranks use, e.g. [0] or 0 1 2 3 (default: all visible)", None),
-    ("LOG_DIR", "", "where TensorBoard event files go (default: OUTPUT_DIR)", None),
+    ("LOG_DIR", "", "where TensorBoard event files go (default: OUTPUT_DIR; needs the tensorboard package)", None),
     ("USE_MIXED_PRECISION", True, "mixed precision on accelerators (SOLVER.AMP_DTYPE; the CPU runs fp32)", None),
     ("OUTPUT_DIR", "output", "where config.yaml, metrics.jsonl, last.pth and best.pth go", None),
     ("REPRODUCIBLE", False, "run REPRODUCIBLE_NUM_RUNS times with seeds REPRODUCIBLE_SEED, +1, ... into "

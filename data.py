@@ -2,7 +2,6 @@
 
     python data.py synthesize data/synthetic                  # write the synthetic data set
     python data.py check data --dataset dukemtmcreid          # counts per split, decode every image
-    python data.py baseline data/synthetic                    # raw-pixel nearest-neighbour mAP
     python data.py throughput data --dataset synthetic --workers 0 2
     python data.py sampler-stats data --dataset synthetic   # batch make-up of both PK samplers per epoch
     python data.py sampler-stats --simulate market           # ... on a Market-1501-sized label list
@@ -1082,22 +1081,7 @@ def synthesize(out, ids=120, images_per_id=16, cameras=6, size=(128, 64), seed=0
 
 
 # ----------------------------------------------------------------------------------------------
-# Raw-pixel baseline, check, throughput and the command line
-
-
-def pixel_baseline_map(root, name='synthetic', size=(32, 16)):
-    """mAP of nearest-neighbour retrieval on raw pixels (resized, L2-normalised, Euclidean)."""
-    ds = read_dataset(name, root)
-
-    def pixels(items):  # [N, h*w*3]
-        x = np.stack([np.asarray(load_image(p).resize(size[::-1], Image.BILINEAR), np.float32).ravel()
-                      for p, _, _ in items])
-        return torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
-
-    from evaluate import evaluate_rank  # the project's evaluator (Market-1501 protocol)
-    distmat = torch.cdist(pixels(ds['query']), pixels(ds['gallery']))
-    (q_pids, q_camids), (g_pids, g_camids) = item_labels(ds['query']), item_labels(ds['gallery'])
-    return evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids)['mAP']
+# Check, throughput and the command line
 
 
 def check(root, name):
@@ -1159,7 +1143,7 @@ def print_sampler_statistics(pids, num_ids, num_instances, samplers=SAMPLERS, ep
 
 
 def main(argv=None):
-    """The data CLI: synthesize, check, baseline, throughput, sampler-stats."""
+    """The data CLI: synthesize, check, throughput, sampler-stats."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
     p = commands.add_parser('synthesize', help='write the synthetic data set (Market-1501 layout)')
@@ -1172,9 +1156,6 @@ def main(argv=None):
     p = commands.add_parser('check', help='counts per split; decode every image and list bad ones')
     p.add_argument('root')
     p.add_argument('--dataset', required=True, help=f'one of {", ".join(DATASETS)}')
-    p = commands.add_parser('baseline', help='raw-pixel nearest-neighbour mAP')
-    p.add_argument('root')
-    p.add_argument('--dataset', default='synthetic')
     p = commands.add_parser('throughput', help='decoded + augmented training images/s per worker')
     p.add_argument('root')
     p.add_argument('--dataset', default='synthetic')
@@ -1203,8 +1184,6 @@ def main(argv=None):
                   + f' ({time.perf_counter() - start:.1f} s)')
         elif args.command == 'check':
             return 1 if check(args.root, args.dataset) else 0
-        elif args.command == 'baseline':
-            print(f'raw-pixel nearest-neighbour mAP: {100 * pixel_baseline_map(args.root, args.dataset):.1f}%')
         elif args.command == 'sampler-stats':
             pids = (simulated_pids(args.simulate) if args.simulate
                     else [pid for _, pid, _ in read_dataset(args.dataset, args.root)['train']])

@@ -2,6 +2,7 @@
 
     python evaluate.py --MODEL.PRETRAIN_PATH output/best.pth --DATASETS.NAMES market1501 --DATASETS.ROOT_DIR data
     python evaluate.py --benchmark [--device cuda]
+    python evaluate.py baseline data/synthetic    # raw-pixel nearest-neighbour mAP
 
 Protocol (Market-1501, as torchreid and fast-reid): for each query, gallery items with the same pid and
 the same camera are removed; a query left without a true match is skipped and counted. Gallery items
@@ -19,12 +20,16 @@ import sys
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import config
 import utils
-from data import DataError, build_datasets, build_test_loader, device_test_batches, item_labels
+from data import (DataError, build_datasets, build_test_loader, device_test_batches, item_labels, load_image,
+                  read_dataset)
 from model import WeightError, model_from_checkpoint
+from rerank import rerank_distances
+from visualize import visualize_evaluation
 
 CHUNK_BYTES = 32 * 2**20  # temporaries per chunk (and worker); small chunks stay in cache, reuse the heap
 BYTES_PER_ITEM = 16       # per (query, gallery item) of a chunk: at most 16 B live at once (distance and
@@ -631,8 +636,13 @@ def evaluate_splits(model, data, cfg, device, amp_dtype=None, rank=0, world_size
     g_feats = extract_split(model, data["gallery"], cfg, device, amp_dtype, rank, world_size, size)
     if rank != 0:
         return None, None
-    results = evaluate_features(q_feats, *item_labels(data["query"]), g_feats, *item_labels(data["gallery"]),
-                                raw_feats=True, **evaluation_arguments(cfg, data["has_cameras"]))
+    labels = (*item_labels(data["query"]), g_feats, *item_labels(data["gallery"]))
+    arguments = {"raw_feats": True, **evaluation_arguments(cfg, data["has_cameras"])}
+    if cfg.TEST.RERANK:
+        results = evaluate_reranked(q_feats, *labels, k1=cfg.TEST.RERANK_K1, k2=cfg.TEST.RERANK_K2,
+                                    lambda_value=cfg.TEST.RERANK_LAMBDA, **arguments)
+    else:
+        results = evaluate_features(q_feats, *labels, **arguments)
     if cfg.TEST.FEAT_NORM:
         q_feats, g_feats = _normalize(q_feats), _normalize(g_feats)
     return results, (q_feats, g_feats)
@@ -848,7 +858,117 @@ def run_benchmark(device="cpu", large=True):
 
 
 # ---------------------------------------------------------------------------------------------------
+# k-reciprocal re-ranking (rerank.py) per image and per centroid
+
+def _matrix_source(dist):
+    """evaluate's (block distances, pair distances) source over a [Q, N] matrix."""
+    return lambda a, b, c0, c1: dist[a:b, c0:c1], lambda rows, cols: dist[rows, cols]
+
+
+def _other_camera_grid(q_pids, q_camids, g_feats, g_pids, g_camids, normalize):
+    """Each identity's centroid of its gallery images outside camera c, for EVERY camera c it has such images for
+    (not only the pairs queries need: the re-ranking pool then owes nothing to the queries' identities), and each
+    query's row there (-1: its identity has no gallery image outside its camera)."""
+    gallery_pids, g_slots = torch.unique(g_pids, return_inverse=True)
+    sums, counts = _group_sums(g_feats, g_slots, len(gallery_pids))
+    num_cams, q_cams, g_cams = _camera_codes(q_camids, g_camids)
+    slots = torch.nonzero(gallery_pids > 0)[:, 0]
+    keys = (slots[:, None] * num_cams + torch.arange(num_cams, device=slots.device)).reshape(-1)  # sorted
+    means, others = _other_camera_means(g_feats, g_slots, g_cams, num_cams, sums, counts, keys)
+    keys, means = keys[others > 0], means[others > 0]
+    q_slots = _query_slots(q_pids, gallery_pids)
+    q_keys = q_slots * num_cams + q_cams
+    rows = torch.searchsorted(keys, q_keys).clamp_(max=max(len(keys) - 1, 0))
+    found = (q_slots >= 0) & (q_pids > 0) & (keys[rows] == q_keys) if len(keys) else torch.zeros_like(q_pids).bool()
+    return (_normalize(means) if normalize else means), torch.where(found, rows, -1)
+
+
+def _standard_reranked(rerank, q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
+                       camera_agnostic, normalize, chunk_bytes):
+    """Per-query metrics of evaluate's standard centroid rule on re-ranked distances. The pool holds the queries,
+    the identity centroids, the distractor images and, camera-aware, every other-cameras centroid; a query's own
+    identity then takes its other-cameras centroid's distance (as evaluate._own_centroid_source)."""
+    no_camera = int(torch.cat([q_camids, g_camids]).min()) - 1
+    (feats, pids, camids), _ = _standard_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, False, normalize,
+                                                    no_camera)
+    if not camera_aware:
+        return _per_query(_matrix_source(rerank(q_feats, feats)), len(q_feats), len(feats), q_pids, pids,
+                             q_camids, camids, q_feats.device, camera_agnostic, chunk_bytes)
+    own_feats, q_own = _other_camera_grid(q_pids, q_camids, g_feats, g_pids, g_camids, normalize)
+    dist = rerank(q_feats, torch.cat([feats, own_feats]))
+    num_centroids = int((pids > 0).sum())
+
+    def pairs(rows, cols):  # asked for true matches only: a centroid column is the query's own identity
+        return dist[rows, torch.where(cols < num_centroids, len(feats) + q_own[rows], cols)]
+    q_camids = torch.where((q_own < 0) & (q_pids > 0), no_camera, q_camids)  # no such centroid: no true match
+    return _per_query((_matrix_source(dist)[0], pairs), len(q_feats), len(feats), q_pids, pids, q_camids, camids,
+                         q_feats.device, camera_agnostic, chunk_bytes)
+
+
+def _original_reranked(rerank, q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware, index_bug,
+                       normalize, chunk_bytes):
+    """Per-query metrics of evaluate's original centroid rules on re-ranked distances (as _original_per_query)."""
+    feats, pids, sets, q_bits = _original_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
+                                                     index_bug, normalize)
+    source = _matrix_source(rerank(_normalize(q_feats) if normalize else q_feats, feats))
+    if not camera_aware:
+        return _per_query(source, len(q_feats), len(feats), q_pids, pids, q_camids, torch.zeros_like(pids),
+                             q_feats.device, True, chunk_bytes)
+    return _per_query(source, len(q_feats), len(feats), q_pids, pids, q_bits, sets, q_feats.device, False,
+                         chunk_bytes, camera_sets=True)
+
+
+def evaluate_reranked(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, k1=20, k2=6, lambda_value=0.3,
+                      keep_camid_centroids=True, max_rank=50, camera_agnostic=False, normalize_centroids=True,
+                      chunk_bytes=None, centroid_protocol="standard", raw_feats=False):
+    """evaluate.evaluate_features (same arguments, same result keys) on k-reciprocal re-ranked distances.
+
+    Per image the gallery images are re-ranked; per centroid the gallery of each centroid rule (its centroids,
+    and its distractor images where the rule keeps them; for the camera-aware standard rule also every identity's
+    other-cameras centroids), pooled with all queries as the paper's probes.
+    """
+    _check_protocol(centroid_protocol, CENTROID_PROTOCOLS + ("all",))
+    protocols = CENTROID_PROTOCOLS if centroid_protocol == "all" else (centroid_protocol,)
+    chunk_bytes, device = chunk_bytes or CHUNK_BYTES, q_feats.device
+    q_feats, g_feats = q_feats.float(), g_feats.float().to(device)
+    q_pids, q_camids, g_pids, g_camids = (_as_tensor(x, device, torch.int64) for x in (q_pids, q_camids, g_pids,
+                                                                                            g_camids))
+    unit = raw_feats and normalize_centroids  # raw embeddings: normalised for all but the original rules
+    unit_q, unit_g = (_normalize(q_feats), _normalize(g_feats)) if unit else (q_feats, g_feats)
+    rerank = lambda q, g: rerank_distances(q, g, k1, k2, lambda_value)  # noqa: E731
+    labels = (q_pids, g_pids, q_camids, g_camids)  # evaluate_rank's order
+    results = {"image": evaluate_rank(rerank(unit_q, unit_g), *labels, max_rank, camera_agnostic, chunk_bytes)}
+    camera_aware = keep_camid_centroids and not camera_agnostic
+    for protocol in protocols:
+        if protocol == "standard":
+            per_query = _standard_reranked(rerank, unit_q, q_pids, q_camids, unit_g, g_pids, g_camids,
+                                           camera_aware, camera_agnostic, normalize_centroids, chunk_bytes)
+        else:
+            raw_q, raw_g = (q_feats, g_feats) if raw_feats else (unit_q, unit_g)
+            per_query = _original_reranked(rerank, raw_q, q_pids, q_camids, raw_g, g_pids, g_camids, camera_aware,
+                                           protocol == "original", normalize_centroids, chunk_bytes)
+        result = _finish(per_query, max_rank, False, *labels)
+        results[centroid_key(protocol, protocols)] = {**result, "protocol": protocol}
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
 # CLI
+
+def pixel_baseline_map(root, name="synthetic", size=(32, 16)):
+    """mAP of nearest-neighbour retrieval on raw pixels (resized, L2-normalised, Euclidean): the floor a model
+    must beat on a data set."""
+    ds = read_dataset(name, root)
+
+    def pixels(items):  # [N, h*w*3]
+        x = np.stack([np.asarray(load_image(p).resize(size[::-1], Image.BILINEAR), np.float32).ravel()
+                      for p, _, _ in items])
+        return torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
+
+    distmat = torch.cdist(pixels(ds["query"]), pixels(ds["gallery"]))
+    (q_pids, q_camids), (g_pids, g_camids) = item_labels(ds["query"]), item_labels(ds["gallery"])
+    return evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids)["mAP"]
+
 
 def evaluation_arguments(cfg, has_cameras):
     """evaluate_features keyword arguments from the configuration (train.py and evaluate.py alike)."""
@@ -877,7 +997,6 @@ def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
     results, (q_feats, g_feats) = evaluate_splits(model, data, cfg, device, amp_dtype, size=size)
     visualize_dir = visualize_dir or (os.path.join(cfg.OUTPUT_DIR, "visualize") if cfg.TEST.VISUALIZE == "yes" else "")
     if visualize_dir:
-        from retrieve import visualize_evaluation
         limit = min(cfg.TEST.VISUALIZE_MAX_NUMBER, len(data["query"]))
         written = visualize_evaluation(q_feats.cpu(), data["query"], g_feats.cpu(), data["gallery"],
                                        visualize_dir, results, top_k=cfg.TEST.VISUALIZE_TOPK, limit=limit,
@@ -910,6 +1029,17 @@ def main(argv=None):
         parser.add_argument("--no-large", action="store_true", help="skip the 1,000,000-item gallery run")
         opts = parser.parse_args(argv)
         return run_benchmark(opts.device, large=not opts.no_large)
+    if argv[:1] == ["baseline"]:
+        parser = argparse.ArgumentParser(prog="evaluate.py baseline", description="Raw-pixel nearest-neighbour mAP.")
+        parser.add_argument("root", help="DATASETS.ROOT_DIR (the folder holding the data set, or the data set)")
+        parser.add_argument("--dataset", default="synthetic", help="DATASETS.NAMES (default: synthetic)")
+        opts = parser.parse_args(argv[1:])
+        try:
+            print(f"raw-pixel nearest-neighbour mAP: {100 * pixel_baseline_map(opts.root, opts.dataset):.1f}%")
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     cfg, opts, given = config.parse_args(argv, OPTIONS, prog="evaluate.py")
     return evaluate_checkpoint_cli(cfg, given, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH, opts["visualize"])
 

@@ -4,17 +4,13 @@ center loss, and their weighted total. All distances are computed in float32, ou
 Every loss takes is_real [B] (bool, None = all real): the all-zero "mock" images that pad a short identity
 when the sampler does not resample (data.PKSampler(use_resampling=False)) are masked as the original's
 training_step masks them. Masks are weights, not indices, so no loss reads a value back to the host.
-
-    python loss.py --benchmark            # the four losses vs the ResNet50 forward+backward, one run
+What they cost against the model's step: `python bench.py --stages losses`.
 """
-import argparse
-import statistics
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import utils
 
 DISTANCES = ("euclidean", "cosine")
 
@@ -169,77 +165,3 @@ def compute_losses(feat, logits, pids, center_loss, num_instances, margin=0.5, d
     total = (ctl_weight * terms["centroid_triplet"] + triplet_weight * terms["triplet"]
              + xent_weight * terms["xent"] + center_weight * terms["center"])
     return total, {name: value.detach() for name, value in terms.items()}
-
-
-def _median_ms(step, device, warmup, iters):
-    """Median wall time of step() in ms after warm-up calls."""
-    _, seconds = utils.timed(step, device, repeats=iters, warmup=warmup)
-    return statistics.median(seconds) * 1000
-
-
-def benchmark_losses(model_name="resnet50", num_ids=16, num_instances=4, num_classes=751, size=None,
-                     device="cpu", amp=False, warmup=1, iters=3, loss_iters=20):
-    """Time the four losses (forward+backward) and the model's forward+backward on one P x K batch."""
-    from model import build_model  # only the benchmark needs the model
-
-    device = torch.device(device)
-    size = size or ((128, 64) if device.type == "cpu" else (256, 128))
-    amp_dtype, _ = utils.amp_settings(device.type, amp, "bf16" if device.type == "cpu" else "fp16")
-    model = build_model(model_name, num_classes).to(device).to(memory_format=torch.channels_last).train()
-    center_loss = CenterLoss(num_classes, model.feat_dim).to(device)
-    batch = num_ids * num_instances
-    images = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
-    pids = torch.arange(num_ids, device=device).repeat_interleave(num_instances)
-
-    def model_step():
-        model.zero_grad(set_to_none=True)
-        with utils.autocast(device, amp_dtype):
-            feat, logits = model(images)
-        (feat.float().mean() + logits.float().mean()).backward()
-
-    with utils.autocast(device, amp_dtype):
-        feat, logits = model(images)
-    feat, logits = feat.detach().requires_grad_(), logits.detach().requires_grad_()
-
-    def loss_step():
-        feat.grad = logits.grad = center_loss.centers.grad = None
-        with utils.autocast(device, amp_dtype):
-            total, _ = compute_losses(feat, logits, pids, center_loss, num_instances)
-        total.backward()
-
-    backbone_ms = _median_ms(model_step, device, warmup, iters)
-    losses_ms = _median_ms(loss_step, device, 3, loss_iters)
-    return {"model": model_name, "batch": batch, "size": tuple(size), "device": str(device), "amp": amp,
-            "backbone_ms": backbone_ms, "losses_ms": losses_ms, "ratio": losses_ms / backbone_ms}
-
-
-def main():
-    """CLI: python loss.py --benchmark [--device cuda --size 256 128 --amp]."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--benchmark", action="store_true", help="time the losses against the model")
-    parser.add_argument("--model", default="resnet50", help="backbone (default resnet50)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                        help="input size (default 256 128 on an accelerator, 128 64 on the CPU)")
-    parser.add_argument("--ids", type=int, default=16, help="identities per batch P (default 16)")
-    parser.add_argument("--instances", type=int, default=4, help="images per identity K (default 4)")
-    parser.add_argument("--iters", type=int, default=3, help="timed model steps (default 3)")
-    parser.add_argument("--amp", action="store_true", help="autocast (fp16 on GPUs, bf16 on the CPU)")
-    args = parser.parse_args()
-    if not args.benchmark:
-        parser.error("nothing to do: pass --benchmark")
-    try:
-        result = benchmark_losses(args.model, args.ids, args.instances, size=args.size, device=args.device,
-                                  amp=args.amp, iters=args.iters)
-    except (ValueError, RuntimeError) as error:
-        raise SystemExit(f"error: {error}")
-    size = "x".join(map(str, result["size"]))
-    print(f"{result['model']} forward+backward, {result['batch']} images at {size} on {result['device']}"
-          f"{' with autocast' if result['amp'] else ''}: {result['backbone_ms']:.1f} ms")
-    print(f"four losses forward+backward (P={args.ids}, K={args.instances}, 751 classes): "
-          f"{result['losses_ms']:.2f} ms")
-    print(f"ratio: {100 * result['ratio']:.2f} % of the model step")
-
-
-if __name__ == "__main__":
-    main()

@@ -4,6 +4,7 @@
     python retrieve.py embed CKPT --dataset market1501 --root data --split gallery -o gallery.pt
     python retrieve.py index gallery.pt -o index.pt --centroids [--camera-aware]
     python retrieve.py query index.pt new_photos/ --checkpoint CKPT --top-k 5 --json out.json --visualize vis/
+    python retrieve.py query index.pt query.pt --rerank                # k-reciprocal re-ranking of the entries
     python retrieve.py bench                                           # gallery sizes and search times
 
 Embeddings are the model's eval-mode BNNeck output, L2-normalised, so the (Euclidean) distance of two
@@ -22,15 +23,16 @@ import shutil
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import utils
-from data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, build_test_transform, item_labels,
-                  load_image, read_dataset)
+from data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, build_test_transform, load_image,
+                  read_dataset)
 from evaluate import EvaluationError, extract_features, identity_centroids, synthetic_problem
 from model import BACKBONE_EMB_SIZES, WeightError, model_from_checkpoint
+from rerank import RerankError, rerank_distances
+from visualize import draw_query_results
 
 DEFAULT_SIZE = (256, 128)
 SHARED = -2    # exclude_camids code: an entry every query sees (images, unlabelled images)
@@ -398,8 +400,14 @@ def query_groups(index, q_camids):
     return torch.where(torch.isin(q_camids, cameras), q_camids, torch.full_like(q_camids, ALL_CAMS))
 
 
-def search_index(index, q_feats, q_camids, k=5, backend="torch", device="cpu"):
-    """(distances [Q, k], entry indices [Q, k]); -1 / nan pad when a query's group has fewer than k entries."""
+def search_index(index, q_feats, q_camids, k=5, backend="torch", device="cpu", rerank=None):
+    """(distances [Q, k], entry indices [Q, k]); -1 / nan pad when a query's group has fewer than k entries.
+
+    rerank: None, or rerank_distances' keywords (k1, k2, lambda_value): each group's entries are then ranked by
+    k-reciprocal re-ranked distances, all queries pooled with them as the paper's probes, and those are returned.
+    """
+    if rerank is not None and backend != "torch":
+        raise RetrievalError("--rerank computes every query-entry distance with torch: drop --backend faiss")
     groups = query_groups(index, q_camids)
     dist = torch.full((len(q_feats), k), float("nan"))
     idx = torch.full((len(q_feats), k), -1, dtype=torch.int64)
@@ -407,6 +415,12 @@ def search_index(index, q_feats, q_camids, k=5, backend="torch", device="cpu"):
         rows = torch.nonzero(groups == group)[:, 0]
         entries = torch.nonzero((index["exclude_camids"] == group) | (index["exclude_camids"] == SHARED))[:, 0]
         width = min(k, len(entries))
+        if rerank is not None:
+            g_feats = index["feats"][entries].float().to(device)
+            reranked = rerank_distances(q_feats.float().to(device), g_feats, **rerank)[rows.to(device)]
+            top, found = reranked.topk(width, dim=1, largest=False)
+            dist[rows, :width], idx[rows, :width] = top.cpu(), entries[found.cpu()]
+            continue
         if backend == "faiss":
             sims, found = search_faiss(q_feats[rows], index["feats"][entries], width)
         elif backend == "torch":
@@ -468,123 +482,6 @@ def write_csv(results, path):
             for h in r["results"]:
                 writer.writerow([r["query"], r["identity"], h["rank"], h["identity"], h["distance"], h["path"],
                                  h["images"]])
-
-
-# ---------------------------------------------------------------------------------------------------
-# Pictures: ranked lists and CMC curves (PIL only)
-
-GREEN, RED, GREY = (0, 170, 0), (215, 25, 25), (150, 150, 150)
-
-
-def _font(size=11):
-    """PIL's built-in font (scalable in recent Pillow, the bitmap one otherwise)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def draw_ranked_list(query_path, result_paths, out_path, query_label="", result_labels=(), distances=(),
-                     tile=(128, 64)):
-    """PNG: the query, then its top-k left to right; a result is framed green when its label is the
-    query's, red when not, grey when the query has no label."""
-    h, w = tile
-    pad, border, caption = 8, 4, 30
-    font = _font()
-    canvas = Image.new("RGB", (pad + (len(result_paths) + 1) * (w + pad) + pad, h + 2 * pad + caption), "white")
-    draw = ImageDraw.Draw(canvas)
-    tiles = [(query_path, "query", query_label or "?", (40, 40, 40))]
-    for rank, path in enumerate(result_paths):
-        label = result_labels[rank] if rank < len(result_labels) else ""
-        colour = GREY if not query_label else GREEN if label == query_label else RED
-        dist = f" {distances[rank]:.3f}" if rank < len(distances) else ""
-        tiles.append((path, f"#{rank + 1}{dist}", label or "-", colour))
-    for i, (path, line1, line2, colour) in enumerate(tiles):
-        x = pad + i * (w + pad) + (pad if i else 0)  # a wider gap after the query
-        try:
-            image = load_image(path).resize((w - 2 * border, h - 2 * border))
-        except DataError:
-            image = Image.new("RGB", (w - 2 * border, h - 2 * border), (230, 230, 230))
-        draw.rectangle([x, pad, x + w - 1, pad + h - 1], fill=colour)
-        canvas.paste(image, (x + border, pad + border))
-        draw.text((x, pad + h + 3), line1, fill="black", font=font)
-        draw.text((x, pad + h + 16), line2[:12], fill=colour if i else "black", font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    canvas.save(out_path, format="PNG")
-    return out_path
-
-
-def draw_query_results(results, out_dir, limit=50):
-    """One ranked-list PNG per query (the first `limit`) from query_results(); returns the paths."""
-    paths = []
-    for i, r in enumerate(results[:limit]):
-        stem = os.path.splitext(os.path.basename(r["query"]))[0]
-        paths.append(draw_ranked_list(r["query"], [h["path"] for h in r["results"]],
-                                      os.path.join(out_dir, f"query_{i:04d}_{stem}.png"), r["identity"],
-                                      [h["identity"] for h in r["results"]], [h["distance"] for h in r["results"]]))
-    return paths
-
-
-def draw_cmc_curve(curves, out_path, title="CMC", size=(640, 420)):
-    """PNG line plot of CMC curves {label: cmc array (fractions, rank 1 first)}, y in %."""
-    width, height = size
-    left, right, top, bottom = 56, 16, 30, 44
-    font = _font(12)
-    canvas = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(canvas)
-    curves = {label: np.asarray(cmc, dtype=float) * 100 for label, cmc in curves.items()}
-    max_rank = max(len(c) for c in curves.values())
-    low = min(90.0, np.floor(min(c.min() for c in curves.values()) / 10) * 10)  # y from low to 100 %
-    x_of = lambda r: left + (r - 1) / max(max_rank - 1, 1) * (width - left - right)  # noqa: E731
-    y_of = lambda v: top + (100 - v) / (100 - low) * (height - top - bottom)  # noqa: E731
-    step = 2 if 100 - low <= 10 else 10
-    for v in np.arange(low, 100.001, step):
-        draw.line([x_of(1), y_of(v), x_of(max_rank), y_of(v)], fill=(225, 225, 225))
-        draw.text((8, y_of(v) - 7), f"{v:.0f}%", fill="black", font=font)
-    for r in sorted({1, 5, 10, 20, 30, 40, 50, max_rank} & set(range(1, max_rank + 1))):
-        draw.text((x_of(r) - 4, height - bottom + 6), str(r), fill="black", font=font)
-    draw.rectangle([x_of(1), y_of(100), x_of(max_rank), y_of(low)], outline="black")
-    draw.text((width // 2 - 20, height - 18), "rank", fill="black", font=font)
-    draw.text((left, 8), title, fill="black", font=font)
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
-    # the legend sits bottom right, where a rising CMC curve rarely is
-    legend_x, legend_y = x_of(max_rank) - 190, y_of(low) - 8 - 16 * len(curves)
-    draw.rectangle([legend_x - 6, legend_y - 4, x_of(max_rank) - 6, y_of(low) - 6], fill="white", outline=GREY)
-    for i, (label, cmc) in enumerate(curves.items()):
-        colour = colours[i % len(colours)]
-        draw.line([(x_of(r + 1), y_of(v)) for r, v in enumerate(cmc)], fill=colour, width=2)
-        draw.text((legend_x, legend_y + 16 * i), f"{label}: R1 {cmc[0]:.1f}%", fill=colour, font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    canvas.save(out_path, format="PNG")
-    return out_path
-
-
-def visualize_evaluation(q_feats, q_items, g_feats, g_items, out_dir, results=None, top_k=5, limit=50,
-                         camera_agnostic=False):
-    """evaluate.py --visualize: ranked lists of the first `limit` queries (items (path, pid, camid)) over the
-    gallery, same identity + camera removed as the protocol does, and cmc.png given evaluate_features' results."""
-    q_items = q_items[:limit]
-    q_pids, q_cams = (torch.from_numpy(x) for x in item_labels(q_items))
-    g_pids, g_cams = (torch.from_numpy(x) for x in item_labels(g_items))
-    normalize = torch.nn.functional.normalize  # ranks by cosine: the evaluator's order with TEST.FEAT_NORM on
-    sims = normalize(q_feats[:limit].float(), dim=1) @ normalize(g_feats.float(), dim=1).T  # [q, N], q <= limit
-    if not camera_agnostic:
-        sims.masked_fill_((q_pids[:, None] == g_pids[None, :]) & (q_cams[:, None] == g_cams[None, :]), float("-inf"))
-    top_sims, top_idx = sims.topk(min(top_k, sims.shape[1]), dim=1)
-    label = lambda pid: str(pid) if pid > 0 else ""  # noqa: E731  (pid 0: distractor, no identity)
-    paths = []
-    for i, (path, pid, _) in enumerate(q_items):
-        kept = top_idx[i][top_sims[i] > float("-inf")].tolist()
-        dists = (2 - 2 * top_sims[i][:len(kept)]).clamp(min=0).sqrt().tolist()
-        name = f"query_{i:04d}_{os.path.splitext(os.path.basename(path))[0]}.png"
-        paths.append(draw_ranked_list(path, [g_items[j][0] for j in kept], os.path.join(out_dir, name), label(pid),
-                                      [label(g_items[j][1]) for j in kept], dists))
-    if results is not None:
-        curves = {name: results[kind]["cmc"] for kind, name in (("image", "per image"), ("centroid", "centroid"))
-                  if kind in results}
-        paths.append(draw_cmc_curve(curves, os.path.join(out_dir, "cmc.png"),
-                                    "CMC: share of queries with a true match in the top r"))
-    return paths
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -732,10 +629,14 @@ def cmd_query(args):
     device = _device(args.device)
     q_feats, items, skipped = _query_embeddings(args, index, device)
     q_camids = torch.tensor([camid for _, _, camid in items], dtype=torch.int64)
-    dist, idx = search_index(index, q_feats, q_camids, args.top_k, args.backend, device)
+    rerank = ({"k1": args.rerank_k1, "k2": args.rerank_k2, "lambda_value": args.rerank_lambda} if args.rerank
+              else None)
+    dist, idx = search_index(index, q_feats, q_camids, args.top_k, args.backend, device, rerank)
     results = query_results(index, items, dist, idx)
+    how = (f"k-reciprocal re-ranking (k1 {args.rerank_k1}, k2 {args.rerank_k2}, lambda {args.rerank_lambda})"
+           if rerank else f"backend {args.backend}")
     print(f"{args.index}: {describe_index(index)}; {len(results)} queries, top-{args.top_k} "
-          f"{'identities' if index['entry'] == 'centroid' else 'images'}, backend {args.backend}")
+          f"{'identities' if index['entry'] == 'centroid' else 'images'}, {how}")
     print(format_table(results, args.show))
     correct, labelled = top1_accuracy(results)
     if labelled:
@@ -743,7 +644,7 @@ def cmd_query(args):
     if skipped:
         print(f"skipped {len(skipped)} unreadable images: {', '.join(skipped[:3])}")
     info = {"index": args.index, "entry": index["entry"], "backend": args.backend, "top_k": args.top_k,
-            "fingerprint": index["fingerprint"], "skipped": list(skipped)}
+            "fingerprint": index["fingerprint"], "skipped": list(skipped), "rerank": rerank}
     if args.json:
         write_json(results, args.json, info)
         print(f"wrote {args.json}")
@@ -805,6 +706,12 @@ def get_parser():
     p.add_argument("--visualize", metavar="DIR", help="write a ranked-list PNG per query (green/red frames by label)")
     p.add_argument("--visualize-limit", type=int, default=50, help="PNGs for at most this many queries (default: 50)")
     p.add_argument("--show", type=int, default=20, help="queries printed in the table (default: 20)")
+    p.add_argument("--rerank", action="store_true",
+                   help="k-reciprocal re-ranking (Zhong et al. 2017) of the index entries: distances become "
+                        "(1 - lambda) Jaccard + lambda scaled distance; its cost grows with (queries + entries)^2")
+    p.add_argument("--rerank-k1", type=int, default=20, help="k-reciprocal neighbours (default: 20)")
+    p.add_argument("--rerank-k2", type=int, default=6, help="neighbours of the local query expansion (default: 6)")
+    p.add_argument("--rerank-lambda", type=float, default=0.3, help="weight of the original distance (default: 0.3)")
     _common(p)
     p = sub.add_parser("bench", help="gallery size and query time per image vs per centroid; 1,000,000-vector search")
     p.add_argument("--queries", type=int, default=3368)
@@ -826,7 +733,7 @@ def main(argv=None):
     commands = {"embed": cmd_embed, "index": cmd_index, "query": cmd_query, "bench": run_bench}
     try:
         return commands[args.command](args)
-    except (RetrievalError, DataError, WeightError, EvaluationError) as err:
+    except (RetrievalError, DataError, WeightError, EvaluationError, RerankError) as err:
         raise SystemExit(f"error: {err}")
 
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import config
 import utils
+import visualize
 from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported
 from data import DataError, DeviceAugmentLoader, build_datasets, build_train_loader
 from evaluate import evaluate_checkpoint_cli, evaluate_splits, format_results
@@ -28,6 +29,7 @@ from model import WeightError, build_model, load_weights, stem_relu_message
 
 OPTIONS = [  # what is not a configuration key (config.parse adds --config_file)
     ("resume", ("--resume",), "", "auto (OUTPUT_DIR/last.pth if present) or a checkpoint path"),
+    ("plot", ("--plot",), "", "redraw OUTPUT_DIR/curves.png from OUTPUT_DIR/metrics.jsonl and exit"),
     ("local_rank", ("--local_rank", "--local-rank"), None, "set by torch.distributed.launch"),
 ]
 
@@ -88,6 +90,7 @@ class TrainState:
     amp_dtype: torch.dtype = None
     apex_amp: object = None
     graphed: object = None  # cuda_graph.GraphedStep when the step runs as one CUDA graph
+    writer: object = None  # TensorBoard SummaryWriter on rank 0 when tensorboard is installed
     next_epoch: int = 0
     next_step: int = 0
     best_metric: float = None
@@ -468,11 +471,23 @@ def run(cfg, given, resume_flag, device, rank, world_size):
     except (DataError, WeightError) as err:
         raise SystemExit(f"error: {err}")
     describe_run(cfg, state, device, world_size, len(state.sampler))
+    if rank == 0:
+        state.writer = visualize.open_tensorboard(cfg.LOG_DIR or cfg.OUTPUT_DIR)
+        visualize.log_config_text(state.writer, config.to_yaml(cfg))
     resume_path = resolve_resume(resume_flag, cfg)
     if resume_path:
         resume(resume_path, state)
     wrap_for_training(state, cfg, device, world_size)
     build_graphed_step(state, cfg, device)
+    try:
+        return train_epochs(state, loader, cfg, data, device, rank, world_size)
+    finally:
+        if state.writer is not None:
+            state.writer.close()
+
+
+def train_epochs(state, loader, cfg, data, device, rank, world_size):
+    """The epochs from state.next_epoch on; the exit code (128 + signal when stopped)."""
     for epoch in range(state.next_epoch, cfg.SOLVER.MAX_EPOCHS):
         state.sampler.set_epoch(epoch, start_step=state.next_step)
         try:
@@ -515,6 +530,9 @@ def finish_epoch(state, cfg, data, device, epoch, stats, rank, world_size):
             utils.save_atomic(saved, os.path.join(output_dir, f"checkpoint_epoch{epoch + 1}.pth"))
         with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        visualize.log_scalars(state.writer, epoch + 1, record)
+        if "mAP" in record:  # curves.png after every evaluation
+            visualize.plot_curves(os.path.join(output_dir, "metrics.jsonl"), os.path.join(output_dir, "curves.png"))
     utils.barrier()
 
 
@@ -552,6 +570,8 @@ def summarise_runs(output_dirs, summary_path):
 def main(argv=None):
     """Parse the configuration, then train (REPRODUCIBLE: several seeded runs and their summary) or only test."""
     cfg, opts, given = parse_args(argv)
+    if opts["plot"]:
+        return visualize.main(["curves", opts["plot"]])
     device_type = utils.pick_device_type(cfg.MODEL.DEVICE)
     local_rank = None if opts["local_rank"] is None else int(opts["local_rank"])
     device, rank, world_size, _ = utils.init_distributed(device_type, cfg.GPU_IDS, local_rank)

@@ -7,7 +7,7 @@
 #               eager batch; loader with all cores; end to end with the CPU loader, with decoding + augmentation
 #               on the GPU, and with both and the CUDA-graphed step; feature extraction with the CPU loader and
 #               with decoding on the GPU; the evaluator)
-#               First, on a GPU, the CUDA-only tests (test_cuda_graph.py, test_device_eval.py: the graphed step
+#               First, on a GPU, the CUDA-only tests (test_cuda_graph.py, test_device_eval.py, test_rerank.py: the graphed step
 #               trains exactly like the eager one; nvjpeg batches): gpu_tests.log, within the same time limit
 #               (GPU_TESTS=0 skips them).
 #   no GPU:     says that it FELL BACK and runs the CPU preset instead.
@@ -47,7 +47,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 start=$(date +%s)
 tests_status=0
 if [ -n "$gpu" ] && [ "${GPU_TESTS:-1}" = 1 ]; then  # CI has no GPU: these tests run here or nowhere
-  timeout 90 "$PYTHON" -m pytest -q -p no:cacheprovider -rs test/test_cuda_graph.py test/test_device_eval.py \
+  timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider -rs test/test_cuda_graph.py test/test_device_eval.py \
+    test/test_rerank.py::test_same_distances_on_the_gpu \
     >"$out_dir/gpu_tests.log" 2>&1
   tests_status=$?
   grep -E "^(FAILED|ERROR)|passed|failed" "$out_dir/gpu_tests.log" | sed 's/^/GPU tests: /'

@@ -317,16 +317,6 @@ def test_synthetic_set_is_deterministic_market_named_with_junk_and_distractors(t
         data.synthesize(again, ids=16, progress=False)
 
 
-def test_pixel_baseline_is_perfect_when_gallery_images_copy_the_queries(tmp_path):
-    colours = {1: (250, 0, 0), 2: (0, 250, 0), 3: (0, 0, 250)}
-    folder = tmp_path / 'synthetic'
-    for pid, colour in colours.items():
-        write_jpeg(str(folder / 'bounding_box_train' / f'{pid:04d}_c1s1_000001_00.jpg'), colour)
-        write_jpeg(str(folder / 'query' / f'{pid:04d}_c1s1_000002_00.jpg'), colour)
-        write_jpeg(str(folder / 'bounding_box_test' / f'{pid:04d}_c2s1_000003_00.jpg'), colour)
-    assert data.pixel_baseline_map(str(tmp_path)) == pytest.approx(1.0)
-
-
 # ------------------------------------------------------------------------------------------------
 # Bad input
 

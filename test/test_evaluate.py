@@ -271,6 +271,12 @@ def test_evaluate_splits_embeds_both_splits_and_returns_results_and_a_table(synt
     assert "mAP %" in lines[0] and "mINP %" in lines[0]
     assert lines[1].startswith("per image") and lines[2].startswith("centroid")
     assert f"{100 * results['centroid']['mAP']:.2f}" in lines[2]
+    # TEST.RERANK goes through the same path; lambda 1 keeps the original distances' order
+    reranked, _ = ev.evaluate_splits(model, data, cfg.replace({"TEST.RERANK": True, "TEST.RERANK_LAMBDA": 1.0,
+                                                               "TEST.RERANK_K1": 4, "TEST.RERANK_K2": 2}),
+                                     torch.device("cpu"))
+    for kind in ("image", "centroid"):
+        assert reranked[kind]["mAP"] == pytest.approx(results[kind]["mAP"], abs=1e-6)
 
 
 def test_large_gallery_memory_stays_bounded():
@@ -308,3 +314,18 @@ def test_cli_evaluates_a_checkpoint_both_ways(synthetic_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         ev.main(["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", synthetic_root])
     assert stop.value.code == 2 and "give MODEL.PRETRAIN_PATH (or TEST.WEIGHT)" in capsys.readouterr().err
+
+
+def test_pixel_baseline_is_perfect_when_gallery_images_copy_the_queries(tmp_path, capsys):
+    from PIL import Image
+    colours = {1: (250, 0, 0), 2: (0, 250, 0), 3: (0, 0, 250)}
+    for pid, colour in colours.items():
+        for sub, name in (("bounding_box_train", "c1s1_000001"), ("query", "c1s1_000002"),
+                          ("bounding_box_test", "c2s1_000003")):
+            path = tmp_path / "synthetic" / sub / f"{pid:04d}_{name}_00.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 16), colour).save(path)
+    assert ev.pixel_baseline_map(str(tmp_path)) == pytest.approx(1.0)
+    assert ev.main(["baseline", str(tmp_path)]) == 0
+    assert "raw-pixel nearest-neighbour mAP: 100.0%" in capsys.readouterr().out
+

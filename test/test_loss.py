@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loss import (CenterLoss, batch_hard_triplet_loss, benchmark_losses, build_center_optimizer,  # noqa: E402
+from loss import (CenterLoss, batch_hard_triplet_loss, build_center_optimizer,  # noqa: E402
                   centroid_triplet_loss, compute_losses, cross_entropy_label_smooth, scale_center_grads)
 
 # a rotation by atan(4/3): points given on a line become genuine 2-D features, distances unchanged
@@ -248,13 +248,6 @@ def test_ctl_refuses_bad_batches():
         centroid_triplet_loss(feats, torch.tensor([0, 1, 0, 1, 2, 3, 2, 3]), 2)
     with pytest.raises(ValueError, match="unknown distance"):
         batch_hard_triplet_loss(feats, torch.arange(4).repeat_interleave(2), distance="manhattan")
-
-
-def test_benchmark_reports_both_times_from_one_run():
-    result = benchmark_losses("resnet18", num_ids=2, num_instances=2, num_classes=5, size=(32, 16),
-                              iters=1, loss_iters=2)
-    assert result["backbone_ms"] > 0 and result["losses_ms"] > 0
-    assert result["ratio"] == pytest.approx(result["losses_ms"] / result["backbone_ms"])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """retrieve.py: embed -> index -> query with a trained tiny model, both backends, centroid entries, the
-fingerprint and input checks, resumable embedding, ranked-list and CMC pictures, the benchmark functions."""
+fingerprint and input checks, resumable embedding, re-ranking, the pictures' entry points, the benchmark
+functions."""
 import itertools
 import json
 import os
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 import retrieve
+import visualize
 from data import build_train_loader, read_dataset, synthesize
 from loss import compute_losses
 from model import build_model
@@ -275,28 +277,48 @@ def test_interrupted_embed_resumes_without_redoing(setup, gallery, tmp_path, mon
 # ---------------------------------------------------------------------------------------------------
 # pictures and outputs
 
-def frame_colour(png, tile_index, tile=(128, 64), pad=8):
-    """RGB of the frame of tile tile_index (0 = query) in a draw_ranked_list picture."""
-    x = pad + tile_index * (tile[1] + pad) + (pad if tile_index else 0)
-    return Image.open(png).convert("RGB").getpixel((x + 1, pad + tile[0] // 2))
-
-
-def test_visualize_writes_pngs_framed_green_or_red_and_json_csv(setup, gallery, tmp_path):
+def test_visualize_writes_pngs_and_json_csv(setup, gallery, tmp_path):
     vis, out_json, out_csv = tmp_path / "vis", tmp_path / "r.json", tmp_path / "r.csv"
     results = run("query", gallery["images"], setup["query_dir"], "--checkpoint", setup["trained"], "--top-k", "4",
                   "--visualize", str(vis), "--visualize-limit", "6", "--json", str(out_json), "--csv", str(out_csv))
     pngs = sorted(vis.iterdir())
-    assert len(pngs) == 6
-    for png, result in zip(pngs, results):
+    assert len(pngs) == 6  # the frames' colours: test_visualize.py
+    for png in pngs:
         with Image.open(png) as image:
             assert image.format == "PNG"
             image.verify()
-        for rank, hit in enumerate(result["results"]):
-            wanted = retrieve.GREEN if hit["identity"] == result["identity"] else retrieve.RED
-            assert frame_colour(png, rank + 1) == wanted
     saved = json.loads(out_json.read_text())
-    assert saved["queries"] == json.loads(json.dumps(results))
+    assert saved["queries"] == json.loads(json.dumps(results)) and saved["info"]["rerank"] is None
     assert len(out_csv.read_text().splitlines()) == 1 + sum(len(r["results"]) for r in results)
+
+
+def test_rerank_ranks_the_index_entries_by_reranked_distances(setup, gallery, tmp_path):
+    from rerank import rerank_distances
+    out_json = tmp_path / "r.json"
+    results = run("query", gallery["images"], setup["query_dir"], "--checkpoint", setup["trained"], "--top-k", "5",
+                  "--rerank", "--rerank-k1", "10", "--rerank-k2", "3", "--rerank-lambda", "0.2", "--json",
+                  str(out_json))
+    index = retrieve.load_index(gallery["images"])
+    model = retrieve.load_model(setup["trained"])
+    q_feats, items, _ = retrieve.embed_in_memory(model, retrieve.collect_images([setup["query_dir"]]),
+                                                 torch.device("cpu"), SIZE)
+    expected_dist, expected = rerank_distances(q_feats, index["feats"], 10, 3, 0.2).topk(5, dim=1, largest=False)
+    assert [[h["path"] for h in r["results"]] for r in results] == \
+           [[index["paths"][j] for j in row] for row in expected.tolist()]
+    assert torch.allclose(torch.tensor([[h["distance"] for h in r["results"]] for r in results]), expected_dist,
+                          atol=1e-5)
+    assert json.loads(out_json.read_text())["info"]["rerank"] == {"k1": 10, "k2": 3, "lambda_value": 0.2}
+    # a camera-aware centroid index: a query sees only its camera's centroids and the shared entries, best first
+    aware = retrieve.load_index(gallery["aware"])
+    q_camids = torch.tensor([camid for _, _, camid in items])
+    dist, idx = retrieve.search_index(aware, q_feats, q_camids, 5, rerank={"k1": 10, "k2": 3, "lambda_value": 0.2})
+    groups = retrieve.query_groups(aware, q_camids)
+    seen = aware["exclude_camids"][idx]
+    assert ((seen == groups[:, None]) | (seen == retrieve.SHARED)).all() and (idx >= 0).all()
+    assert (dist.diff(dim=1) >= 0).all() and len(set(groups.tolist())) > 1
+    with pytest.raises(SystemExit, match="drop --backend faiss"):
+        run("query", gallery["images"], setup["query_dir"], "--checkpoint", setup["trained"], "--rerank",
+            "--backend", "faiss")
 
 
 def test_cmc_curve_and_evaluation_pictures_are_valid_pngs(setup, gallery, tmp_path):
@@ -314,7 +336,7 @@ def test_cmc_curve_and_evaluation_pictures_are_valid_pngs(setup, gallery, tmp_pa
     g_items = list(zip(g_emb["paths"], g_emb["pids"].tolist(), g_emb["camids"].tolist()))
     results = evaluate_features(q_emb["feats"], q_emb["pids"], q_emb["camids"], g_emb["feats"], g_emb["pids"],
                                 g_emb["camids"], max_rank=20)
-    paths = retrieve.visualize_evaluation(q_emb["feats"], q_items, g_emb["feats"], g_items, str(tmp_path / "eval"),
+    paths = visualize.visualize_evaluation(q_emb["feats"], q_items, g_emb["feats"], g_items, str(tmp_path / "eval"),
                                           results, top_k=5, limit=4)
     assert len(paths) == 5 and paths[-1].endswith("cmc.png") and len(ds["query"]) >= 4
     for path in paths:

@@ -76,8 +76,22 @@ def test_two_epochs_write_finite_metrics_and_both_checkpoints(two_epoch_run):
     last = torch.load(two_epoch_run / "last.pth", map_location="cpu", weights_only=True)
     assert last["epoch"] == 1 and last["next_epoch"] == 2 and last["config"]["MODEL.NAME"] == "resnet18"
     assert last["best_metric"] == max(r["centroid_mAP"] for r in rows)
+    assert (two_epoch_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     numbered = torch.load(two_epoch_run / "checkpoint_epoch1.pth", map_location="cpu", weights_only=True)
     assert numbered["next_epoch"] == 1 and (two_epoch_run / "checkpoint_epoch2.pth").exists()
+
+
+def test_tensorboard_holds_every_loss_term_lr_speed_metric_and_the_config(two_epoch_run):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(two_epoch_run), size_guidance={accumulator.TENSORS: 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"]) | set(events.Tags()["tensors"])
+    expected = {"loss/total", "loss/centroid_triplet", "loss/triplet", "loss/xent", "loss/center", "train/lr",
+                "train/images_per_s"} | {f"{kind}/{metric}" for kind in ("image", "centroid")
+                                          for metric in ("mAP", "rank1", "rank5", "rank10", "mINP")}
+    assert expected <= tags, expected - tags
+    assert [e.step for e in events.Scalars("centroid/mAP")] == [1, 2]
+    assert any("config" in tag for tag in tags)
 
 
 def test_device_augmentation_trains_and_evaluates(synthetic_root, tmp_path):
