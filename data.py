@@ -1089,9 +1089,10 @@ class GuardedImages(Dataset):
         if path in self._logged or not self.log_path:
             return
         self._logged.add(path)
-        print(f"warning: skipped {path}: {message}", file=sys.stderr, flush=True)
+        why = check_image(path) or message  # the decoder's reason, as the check before training gives it
+        print(f"warning: skipped {path}: {why}", file=sys.stderr, flush=True)
         with open(self.log_path, "a") as f:
-            f.write(f"{path}\t{message}\n")
+            f.write(f"{path}\t{why}\n")
 
 
 def with_dataset(loader, dataset, **changes):

@@ -626,10 +626,11 @@ def resume_hint(output_dir):
     return "no last.pth was saved yet: start again with the same command"
 
 
-def bad_image_line(message, where, output_dir):
+def bad_image_line(message, where, cfg):
     """The one line that ends a run stopped by a bad image (after a line break: the progress bar holds the line)."""
-    return (f"\nerror: {message}; stopped at {where}, saved {output_dir}/last.pth: replace the file (or set "
-            f"--DATALOADER.SKIP_BAD true), then continue with: {resume_command(output_dir)}")
+    skip = "" if cfg.DATALOADER.SKIP_BAD else " (or set --DATALOADER.SKIP_BAD true)"  # set: a device decode failed
+    return (f"\nerror: {message}; stopped at {where}, saved {cfg.OUTPUT_DIR}/last.pth: replace the file{skip}, "
+            f"then continue with: {resume_command(cfg.OUTPUT_DIR)}")
 
 
 def log_skipped(output_dir, bad):
@@ -808,10 +809,10 @@ def train_epochs(cfg, data, loader, state, device, rank, world_size, trained_sta
             except BadImageStop as stop:  # one process: stop before the step that would use the file
                 step = state.next_step + stop.step
                 save_or_stop(save_checkpoints(state, cfg, epoch, step, rank, world_size, ["last.pth"], stop.torch_rng))
-                raise RunStop(2, bad_image_line(stop.message, f"epoch {epoch + 1}, step {step}", cfg.OUTPUT_DIR))
+                raise RunStop(2, bad_image_line(stop.message, f"epoch {epoch + 1}, step {step}", cfg))
             if stopped_at is not None and stopped_at < len(state.sampler):  # mid-epoch: save where it stopped
                 save_or_stop(save_checkpoints(state, cfg, epoch, stopped_at, rank, world_size, ["last.pth"]))
-                return stopped(f"epoch {epoch + 1}, step {stopped_at}", cfg.OUTPUT_DIR)
+                return stopped(f"epoch {epoch + 1}, step {stopped_at}", cfg)
         trained_stats, state.next_step = None, 0
         try:
             finish_epoch(state, cfg, data, device, epoch, stats, rank, world_size)
@@ -819,9 +820,9 @@ def train_epochs(cfg, data, loader, state, device, rank, world_size, trained_sta
             steps = len(state.sampler)
             save_or_stop(save_checkpoints(state, cfg, epoch, steps, rank, world_size, ["last.pth"],
                                           extra={"epoch_stats": stats}))
-            raise RunStop(2, bad_image_line(stop.message, f"the evaluation after epoch {epoch + 1}", cfg.OUTPUT_DIR))
+            raise RunStop(2, bad_image_line(stop.message, f"the evaluation after epoch {epoch + 1}", cfg))
         if stopped_at is not None:  # the signal came on the epoch's last step: the epoch is complete
-            return stopped(f"the end of epoch {epoch + 1}", cfg.OUTPUT_DIR)
+            return stopped(f"the end of epoch {epoch + 1}", cfg)
     return 0
 
 
@@ -857,15 +858,15 @@ def finish_epoch(state, cfg, data, device, epoch, stats, rank, world_size):
     save_or_stop(failure)  # also the epoch's barrier
 
 
-def stopped(where, output_dir):
+def stopped(where, cfg):
     """After a stop at a step boundary: say where and why. Exit code 2 for a bad image (the rank that met it says
     which), 128 + signal for SIGINT/SIGTERM."""
     if STOP["image_stop"]:
         message = bad_image_message()
         if message:
-            print(bad_image_line(message, where, output_dir), file=sys.stderr, flush=True)
+            print(bad_image_line(message, where, cfg), file=sys.stderr, flush=True)
         return 2
-    print(f"stopped at {where}: saved {output_dir}/last.pth (continue with --resume auto)", flush=True)
+    print(f"stopped at {where}: saved {cfg.OUTPUT_DIR}/last.pth (continue with --resume auto)", flush=True)
     return 128 + STOP["signal"]
 
 

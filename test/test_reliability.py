@@ -480,7 +480,8 @@ def test_a_bad_image_one_rank_replaced_stops_every_rank_at_the_next_agreement(tm
         assert train.agree(torch.device("cpu"), -1) == (False, -1) and not train.STOP["image_stop"]
         flag.value = b"cannot read image /d/0001_c1s1_000001_00.jpg: image file is truncated"
         assert train.agree(torch.device("cpu"), -1) == (True, -1) and train.STOP["image_stop"]
-        assert train.stopped("epoch 1, step 3", str(tmp_path)) == 2
+        cfg, _, _ = train.parse_args(["--OUTPUT_DIR", str(tmp_path)])
+        assert train.stopped("epoch 1, step 3", cfg) == 2
         lines = error_lines(capsys.readouterr().err)
         assert len(lines) == 1 and "/d/0001_c1s1_000001_00.jpg" in lines[0] and "epoch 1, step 3" in lines[0]
         assert "--resume auto" in lines[0]
