@@ -15,6 +15,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -383,6 +384,9 @@ def read_checkpoint(path, value, output_dir):
     except OSError as err:
         raise ResumeError(f"--resume {value}: cannot read {path} ({err.strerror or err})") from None
     except Exception as err:  # noqa: BLE001  (zip, pickle and EOF errors all mean a damaged file)
+        if "weights only load failed" in str(err).lower():  # whole, but pickled objects: another program's file
+            raise ResumeError(f"--resume {value}: {path} is not a checkpoint of train.py (it holds Python objects): "
+                              f"to start from its weights use --MODEL.PRETRAIN_PATH {path}") from None
         best = os.path.join(output_dir, "best.pth")
         instead = "continue from best.pth (its epoch) with --resume best, or " \
             if value == "auto" and os.path.exists(best) else ""
@@ -798,7 +802,8 @@ def train_epochs(cfg, data, loader, state, device, rank, world_size, trained_sta
     """The epochs from state.next_epoch: train, then finish (evaluate, save); stops save where they are."""
     for epoch in range(state.next_epoch, cfg.SOLVER.MAX_EPOCHS):
         stopped_at = None
-        if trained_stats is not None and state.next_step >= len(state.sampler):
+        evaluate_only = trained_stats is not None and state.next_step >= len(state.sampler)
+        if evaluate_only:
             stats = trained_stats  # stopped between training and evaluating this epoch: evaluate now
         else:
             state.sampler.set_epoch(epoch, start_step=state.next_step)
@@ -815,7 +820,10 @@ def train_epochs(cfg, data, loader, state, device, rank, world_size, trained_sta
                 return stopped(f"epoch {epoch + 1}, step {stopped_at}", cfg)
         trained_stats, state.next_step = None, 0
         try:
-            finish_epoch(state, cfg, data, device, epoch, stats, rank, world_size)
+            with warnings.catch_warnings():
+                if evaluate_only:  # the resumed optimizer stepped before the stop: torch cannot know it
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+                finish_epoch(state, cfg, data, device, epoch, stats, rank, world_size)
         except BadImageStop as stop:  # in the evaluation: the epoch is trained, the schedule not yet stepped
             steps = len(state.sampler)
             save_or_stop(save_checkpoints(state, cfg, epoch, steps, rank, world_size, ["last.pth"],
