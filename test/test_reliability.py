@@ -410,7 +410,9 @@ def test_a_rank_killed_mid_epoch_is_named_and_the_other_exits(synthetic_root, tm
     assert rank0.returncode == 1, err
     lines = error_lines(err)
     assert len(lines) == 1 and "rank 0: rank 1 stopped responding" in lines[0]
-    assert "no last.pth was saved yet" in lines[0]  # killed in epoch 1: nothing to resume from
+    out = tmp_path / "out"
+    hint = f"continue from {out}/last.pth with:" if (out / "last.pth").exists() else "no last.pth was saved yet"
+    assert hint in lines[0]  # the hint says the truth about what there is to resume from
 
 
 def run_two_ranks(args, port):
