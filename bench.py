@@ -3,12 +3,17 @@ extraction and the evaluator. Prints one table (stage | figure | value | unit | 
 and, with --json, writes the same rows.
 
     python bench.py                               # CPU preset, < 5 minutes on 2 cores
-    python bench.py --device cuda --json b.json   # accelerator preset: 256x128, fp32/bf16/fp16, compile, big batch
+    python bench.py --device cuda --json b.json   # accelerator preset: 256x128, fp32/bf16/fp16, CUDA-graphed
+                                                  # bf16 step at 64/128/256 images, compile, big batch
     python bench.py --tiny                        # seconds (the test's mode)
-    python bench.py --device cuda --gpu-augment   # also decode + augment on the device (workers read bytes)
+    python bench.py --device cuda --gpu-augment   # also decode (+ augment) on the device (workers read bytes)
+    python bench.py --device cuda --stages step --dtypes bf16 --graph-ids 16 --graph-compiled \
+        --compile-dtypes bf16 --compile-mode max-autotune-no-cudagraphs   # torch.compile variants (minutes)
 
-Every training figure runs train.py's own code: train.build_optimizers, train.train_one_epoch (compute_losses,
-backward_and_step) on a batch already on the device (the step) or on the real loader (end to end).
+Every eager training figure runs train.py's own code: train.build_optimizers, train.train_one_epoch
+(compute_losses, backward_and_step) on a batch already on the device (the step) or on the real loader (end to
+end); the graphed figures run cuda_graph.GraphedStep on the same model, losses and optimizers (end to end:
+train.train_one_epoch with SOLVER.CUDA_GRAPH true).
 """
 import argparse
 import datetime
@@ -28,9 +33,10 @@ import torchvision
 import config
 import train
 import utils
-from data import (DataError, DeviceAugmentLoader, PKSampler, build_datasets, build_test_loader, read_dataset,
-                  synthesize, throughput)
-from evaluate import benchmark_metrics, extract_features
+from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported
+from data import (DataError, DeviceAugmentLoader, PKSampler, build_datasets, build_test_loader, device_test_batches,
+                  read_dataset, synthesize, throughput)
+from evaluate import benchmark_centroids, benchmark_metrics, extract_features
 from loss import CenterLoss
 from model import ARCHS, build_model
 
@@ -39,17 +45,19 @@ PRESETS = {
     "tiny": dict(model="resnet18", size=[64, 32], loader_size=[64, 32], ids=4, instances=4, large_ids=0,
                  dtypes=["fp32"], compile_dtypes=[], warmup=1, rounds=3, steps=1, synth_ids=40,
                  images_per_id=8, epochs=2, feature_images=64, metrics_size=[200, 1000, 100],
-                 loader_batches=3, e2e_dtype="fp32"),
+                 loader_batches=3, e2e_dtype="fp32", centroid_dim=32, centroid_rounds=1, graph_ids=[]),
     "cpu": dict(model="resnet50", size=[64, 32], loader_size=[256, 128], ids=16, instances=4, large_ids=0,
                 dtypes=["fp32"], compile_dtypes=[], warmup=1, rounds=7, steps=1, synth_ids=80,
                 images_per_id=16, epochs=2, feature_images=256, metrics_size=[3368, 15913, 751],
-                loader_batches=10, e2e_dtype="fp32"),
+                loader_batches=10, e2e_dtype="fp32", centroid_dim=2048, centroid_rounds=3, graph_ids=[]),
     "device": dict(model="resnet50", size=[256, 128], loader_size=[256, 128], ids=16, instances=4, large_ids=64,
                    dtypes=["fp32", "bf16", "fp16"], compile_dtypes=["bf16"], warmup=10, rounds=7, steps=20,
                    synth_ids=600, images_per_id=16, epochs=3, feature_images=0, metrics_size=[3368, 15913, 751],
-                   loader_batches=20, e2e_dtype="bf16"),
+                   loader_batches=20, e2e_dtype="bf16", centroid_dim=2048, centroid_rounds=3,
+                   graph_ids=[16, 32, 64]),
 }
-STAGES = ("loader", "step", "e2e", "features", "metrics")
+STAGES = ("loader", "step", "e2e", "features", "metrics", "centroids")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -71,6 +79,12 @@ def get_args_parser():
     p.add_argument("--large-ids", type=int, help="P of the larger-batch step run (0: none)")
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, help="step precisions (fp32 = no autocast)")
     p.add_argument("--compile-dtypes", nargs="*", choices=DTYPES, help="precisions also timed with torch.compile")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode of the compiled rows (default: default)")
+    p.add_argument("--graph-ids", type=int, nargs="*",
+                   help="P of each CUDA-graphed step run, at --e2e-dtype (device preset: 16 32 64; CUDA only)")
+    p.add_argument("--graph-compiled", action="store_true",
+                   help="also time the CUDA-graphed step with a torch.compile'd model (at --ids; compiles for minutes)")
     p.add_argument("--e2e-dtype", choices=DTYPES, help="precision of the end-to-end epochs")
     p.add_argument("--e2e-compile", action="store_true", help="torch.compile the end-to-end model")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
@@ -85,7 +99,8 @@ def get_args_parser():
     p.add_argument("--metrics-size", type=int, nargs=3, metavar=("QUERIES", "GALLERY", "IDS"),
                    help="evaluator problem (default Market-1501's 3368 15913 751)")
     p.add_argument("--gpu-augment", action="store_true",
-                   help="also measure the loader that decodes (torchvision.io.decode_jpeg) and augments on the device")
+                   help="also measure decoding (torchvision.io.decode_jpeg) on the device: the augmenting training "
+                        "loader, its epochs (eager and CUDA-graphed), and feature extraction")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads of the main process (default: torch's choice, or 1 when the CPU is busy)")
     p.add_argument("--note", default="", help="a line printed above the table and stored in the JSON")
@@ -190,9 +205,10 @@ def prepare_data(args, tmp):
     return root
 
 
-def precision_text(dtype, device, compiled=False):
-    """'fp32', 'bf16 cl compiled' ...: the precision plus channels-last (accelerators) and torch.compile."""
-    return dtype + (" cl" if device.type != "cpu" else "") + (" compiled" if compiled else "")
+def precision_text(dtype, device, compiled=False, mode="default"):
+    """'fp32', 'bf16 cl compiled' ...: the precision plus channels-last (accelerators) and torch.compile (mode)."""
+    compiled_text = " compiled" + (f" {mode}" if mode != "default" else "") if compiled else ""
+    return dtype + (" cl" if device.type != "cpu" else "") + compiled_text
 
 
 def amp_for(dtype, device):
@@ -268,14 +284,14 @@ class RepeatedBatch:
         return (self.batch for _ in self.batch_sampler)
 
 
-def train_config(args, num_ids, dtype, compiled, extra=()):
+def train_config(args, num_ids, dtype, extra=()):
     """train.py's own configuration for a run of this bench (everything else at the defaults)."""
     cfg, _, _ = config.parse([
         "--MODEL.NAME", args.model, "--MODEL.PRETRAINED", "false", "--MODEL.DEVICE", args.device.type,
         "--SOLVER.IMS_PER_BATCH", str(num_ids), "--DATALOADER.NUM_INSTANCE", str(args.instances),
         "--INPUT.SIZE_TRAIN", *map(str, args.size), "--INPUT.SIZE_TEST", *map(str, args.size),
         "--USE_MIXED_PRECISION", str(dtype != "fp32"), "--SOLVER.AMP_DTYPE", "fp16" if dtype == "fp32" else dtype,
-        "--SOLVER.COMPILE", str(compiled), "--DATALOADER.NUM_WORKERS", str(args.workers), *extra])
+        "--SOLVER.CUDA_GRAPH", "false", "--DATALOADER.NUM_WORKERS", str(args.workers), *extra])
     return cfg
 
 
@@ -302,28 +318,37 @@ def full_round(state, batch, cfg, device, steps):
     return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
 
 
-def bench_step(args, dtype, compiled, num_ids, notes, num_classes=751):
-    """Full training step vs bare backbone step on one batch, alternating rounds: images/s and the ratio."""
+def step_setup(args, dtype, num_ids, num_classes=751):
+    """train.py's configuration, model, center loss and optimizers for a step measurement, and one
+    device-resident identity-major P x K batch (images, pids, camids, is_real)."""
     device, K = args.device, args.instances
-    cfg = train_config(args, num_ids, dtype, compiled)
+    cfg = train_config(args, num_ids, dtype)
     torch.manual_seed(0)
     model = build_model(args.model, num_classes, cfg.MODEL.LAST_STRIDE)
     center_loss = CenterLoss(num_classes, model.feat_dim).to(device)
     model.to(device, memory_format=utils.memory_format(device))
-    optimizer, center_optimizer, scheduler = train.build_optimizers(cfg, model, center_loss)
+    optimizers = train.build_optimizers(cfg, model, center_loss)  # (optimizer, center optimizer, scheduler)
+    images = torch.randn(num_ids * K, 3, *args.size, device=device).contiguous(
+        memory_format=utils.memory_format(device))
+    pids = torch.arange(num_ids, device=device).repeat_interleave(K)  # identity-major, as the PK sampler gives
+    return cfg, model, center_loss, optimizers, (images, pids, torch.zeros_like(pids), torch.ones_like(pids).bool())
+
+
+def bench_step(args, dtype, compiled, num_ids, notes):
+    """Full training step vs bare backbone step on one batch, alternating rounds: images/s and the ratio."""
+    device, K = args.device, args.instances
+    cfg, model, center_loss, optimizers, batch = step_setup(args, dtype, num_ids)
+    images = batch[0]
     bare_optimizer = train.build_optimizers(cfg, model.backbone, center_loss)[0]  # the same Adam, backbone only
     amp_dtype, full_scaler = amp_for(dtype, device)
     _, bare_scaler = amp_for(dtype, device)
-    memory_format = utils.memory_format(device)
-    images = torch.randn(num_ids * K, 3, *args.size, device=device).contiguous(memory_format=memory_format)
-    pids = torch.arange(num_ids, device=device).repeat_interleave(K)  # identity-major, as the PK sampler gives
-    batch = (images, pids, torch.zeros_like(pids))
-    state = train.TrainState(model, center_loss, optimizer, center_optimizer, scheduler, full_scaler, None,
-                             train_model=torch.compile(model) if compiled else model, amp_dtype=amp_dtype)
+    mode = {"mode": args.compile_mode} if args.compile_mode != "default" else {}
+    state = train.TrainState(model, center_loss, *optimizers, full_scaler, None,
+                             train_model=torch.compile(model, **mode) if compiled else model, amp_dtype=amp_dtype)
 
     def pooled(x):  # the backbone and global average pooling: [B, 3, H, W] -> [B, D]
         return model.backbone(x).mean(dim=(2, 3))
-    bare_forward = torch.compile(pooled) if compiled else pooled
+    bare_forward = torch.compile(pooled, **mode) if compiled else pooled
     run_full = lambda n: full_round(state, batch, cfg, device, n)  # noqa: E731
     run_bare = lambda n: bare_round(bare_forward, bare_optimizer, bare_scaler, images, device,  # noqa: E731
                                     amp_dtype, n)
@@ -342,7 +367,7 @@ def bench_step(args, dtype, compiled, num_ids, notes, num_classes=751):
     if any(skipped):
         notes.append(f"{dtype}: the loss scaler skipped {skipped} (full, bare) optimizer steps while timing "
                      f"(non-finite fp16 gradients); those steps did less work")
-    precision, batch_name = precision_text(dtype, device, compiled), batch_text(num_ids, K)
+    precision, batch_name = precision_text(dtype, device, compiled, args.compile_mode), batch_text(num_ids, K)
     images_per_step = num_ids * K
     row = lambda figure, value, unit: make_row("step", figure, value, unit, device, precision,  # noqa: E731
                                                batch_name, args.size)
@@ -358,6 +383,40 @@ def bench_step(args, dtype, compiled, num_ids, notes, num_classes=751):
     return rows
 
 
+def graph_round(graphed, images, pids, device, steps):
+    """Seconds per graphed step, with train_one_epoch's per-step bookkeeping (the loss sums stay on the device)."""
+    sums = torch.zeros(5, device=device)
+    utils.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        sums += graphed.step(images, pids)
+    utils.synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_graph_step(args, dtype, num_ids, compiled=False):
+    """Images/s of the full step captured in a CUDA graph (cuda_graph.GraphedStep), on one device batch."""
+    device = args.device
+    amp_dtype, _ = amp_for(dtype, device)
+    supported, reason = graph_supported(device, amp_dtype)
+    if not supported:
+        raise RuntimeError(reason)
+    cfg, model, center_loss, optimizers, (images, pids, _, _) = step_setup(args, dtype, num_ids)
+    mode = {"mode": args.compile_mode} if args.compile_mode != "default" else {}
+    graphed = GraphedStep(torch.compile(model, **mode) if compiled else model, center_loss, list(optimizers[:2]),
+                          train.loss_arguments(cfg), args.instances, cfg.SOLVER.CENTER_LOSS_WEIGHT,
+                          amp_dtype, tuple(images.shape), device)
+    graph_round(graphed, images, pids, device, WARMUP_STEPS + args.warmup)  # eager warm-up, capture, replays
+    if not graphed.captured:
+        raise RuntimeError(graphed.fallback_reason)
+    seconds = [graph_round(graphed, images, pids, device, args.steps) for _ in range(args.rounds)]
+    what = "CUDA graph of a compiled model" if compiled else "one CUDA graph"
+    return [make_row("step", f"graphed full step: fwd, 4 losses, bwd, Adam + center SGD ({what})",
+                     num_ids * args.instances / statistics.median(seconds), "images/s", device,
+                     precision_text(dtype, device, compiled, args.compile_mode), batch_text(num_ids, args.instances),
+                     args.size)]
+
+
 def release(device):
     """Free cached device memory and compiled graphs between configurations."""
     torch._dynamo.reset()
@@ -368,16 +427,19 @@ def release(device):
 # ---------------------------------------------------------------------------------------------------
 # Stage 3: real epochs with the loader
 
-def bench_end_to_end(args, root, device_augment=False):
-    """Images/s of real train.py epochs (train.build_everything + train.train_one_epoch), first epoch not counted."""
+def bench_end_to_end(args, root, device_augment=False, graph=False):
+    """Images/s of real train.py epochs (train.build_state + train.train_one_epoch, eager or with the CUDA-graphed
+    step), first epoch not counted."""
     device, dtype = args.device, args.e2e_dtype
-    cfg = train_config(args, args.ids, dtype, args.e2e_compile,
+    cfg = train_config(args, args.ids, dtype,
                        ["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", root,
-                        "--INPUT.DEVICE_AUGMENT", str(device_augment)])
+                        "--INPUT.DEVICE_AUGMENT", str(device_augment), "--SOLVER.CUDA_GRAPH", str(graph)])
     torch.manual_seed(0)
     data = build_datasets(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR)
     loader, state = train.build_state(cfg, data, device, 0, 1)
-    train.wrap_for_training(state, cfg, device, 1)
+    if args.e2e_compile:
+        state.train_model = torch.compile(state.train_model)
+    train.build_graphed_step(state, cfg, device)
     sampler = state.sampler
     seconds = waiting = steps = 0.0
     for epoch in range(max(2, args.epochs)):
@@ -388,6 +450,7 @@ def bench_end_to_end(args, root, device_augment=False):
             waiting += stats["data_time_s"] * len(sampler)
             steps += len(sampler)
     where = f"decode+augment on {device.type}" if device_augment else plural(args.workers, "loader worker")
+    where += ", CUDA-graphed step" if graph else ""
     precision, batch = precision_text(dtype, device, args.e2e_compile), batch_text(args.ids, args.instances)
     return [make_row("e2e", f"training epochs, {where}", steps * args.ids * args.instances / seconds, "images/s",
                      device, precision, batch, args.size),
@@ -408,15 +471,21 @@ def bench_features(args, root):
     model = build_model(args.model, data["num_train_pids"]).to(device, memory_format=utils.memory_format(device))
     extract_features(model, build_test_loader(items[:batch_size], args.size, batch_size, 0), device,
                      amp_dtype=amp_dtype)  # warm-up: first-call allocations and kernel choices
-    loader = build_test_loader(items, args.size, batch_size, args.workers)
-    utils.synchronize(device)
-    start = time.perf_counter()
-    extract_features(model, loader, device, amp_dtype=amp_dtype)
-    utils.synchronize(device)
-    seconds = time.perf_counter() - start
-    return [make_row("features", f"extract_features, {len(items)} images, {plural(args.workers, 'worker')}",
-                     len(items) / seconds, "images/s", device, precision_text(args.e2e_dtype, device),
-                     str(batch_size), args.size)]
+    loaders = {plural(args.workers, "worker"): lambda: build_test_loader(items, args.size, batch_size, args.workers)}
+    if args.gpu_augment:
+        loaders[f"decode on {device.type} ({plural(args.workers, 'worker')} read bytes)"] = (
+            lambda: device_test_batches(items, args.size, batch_size, args.workers, device))
+    rows = []
+    for where, make_loader in loaders.items():
+        loader = make_loader()
+        utils.synchronize(device)
+        start = time.perf_counter()
+        extract_features(model, loader, device, amp_dtype=amp_dtype)
+        utils.synchronize(device)
+        rows.append(make_row("features", f"extract_features, {len(items)} images, {where}",
+                             len(items) / (time.perf_counter() - start), "images/s", device,
+                             precision_text(args.e2e_dtype, device), str(batch_size), args.size))
+    return rows
 
 
 def bench_metrics(args):
@@ -439,6 +508,20 @@ def bench_metrics(args):
     return rows
 
 
+def bench_centroids(args):
+    """evaluate.benchmark_centroids: per image, the old per-camera centroid rule and each protocol, one problem."""
+    num_query, num_gallery, num_ids = args.metrics_size
+    res = benchmark_centroids(num_query, num_gallery, num_ids, dim=args.centroid_dim, device=str(args.device),
+                              rounds=args.centroid_rounds)
+    size, device = (num_query, num_gallery), args.device
+    problem = f"{num_ids} ids, {res['num_cams']} cams, {res['dim']}-d"
+    names = {"per_image": "per image", "old_per_camera_centroids": "centroids, old per-camera rule, baseline"}
+    rows = [make_row("centroids", f"{names.get(r['name'], 'centroids, ' + r['name'])} ({problem})", r["seconds"],
+                     "s", device, "fp32", "-", size) for r in res["rows"]]
+    rows.append(make_row("centroids", "centroids standard / old per-camera rule", res["standard_over_old"], "x",
+                         device, "fp32", "-", size))
+    return rows
+
 # ---------------------------------------------------------------------------------------------------
 # Main
 
@@ -450,6 +533,21 @@ def step_configs(args):
     return configs + [(dtype, True, args.ids) for dtype in args.compile_dtypes]
 
 
+def graph_runs(args, notes):
+    """(title, function) of the CUDA-graphed step runs, and of the compiled one (a note says why there are none)."""
+    supported, reason = graph_supported(args.device, amp_for(args.e2e_dtype, args.device)[0])
+    if not supported:
+        if (args.graph_ids or args.graph_compiled) and args.device.type == "cuda":
+            notes.append(f"no CUDA-graphed rows: {reason}")
+        return [], []
+    precision = precision_text(args.e2e_dtype, args.device)
+    runs = [(f"graphed training step: {precision}, {batch_text(n, args.instances)} images",
+             lambda n=n: bench_graph_step(args, args.e2e_dtype, n)) for n in args.graph_ids]
+    compiled = [(f"graphed training step, compiled model: {precision}, {batch_text(args.ids, args.instances)} images",
+                 lambda: bench_graph_step(args, args.e2e_dtype, args.ids, compiled=True))] if args.graph_compiled else []
+    return runs, compiled
+
+
 def planned_runs(args, root, notes):
     """(title, function returning rows) of every measurement the chosen stages make, in order."""
     runs = []
@@ -457,20 +555,27 @@ def planned_runs(args, root, notes):
         runs.append(("loader", lambda: bench_loader(args, root)))
         if args.gpu_augment:
             runs.append((f"loader, decode+augment on {args.device.type}", lambda: bench_device_loader(args, root)))
-    steps = [(f"training step: {precision_text(dtype, args.device, compiled)}, {batch_text(num_ids, args.instances)} "
-              "images", lambda d=dtype, c=compiled, n=num_ids: bench_step(args, d, c, n, notes))
+    steps = [((f"training step: {precision_text(dtype, args.device, compiled, args.compile_mode)}, "
+               f"{batch_text(num_ids, args.instances)} images"),
+              lambda d=dtype, c=compiled, n=num_ids: bench_step(args, d, c, n, notes))
              for dtype, compiled, num_ids in step_configs(args)] if "step" in args.stages else []
-    runs += steps[:len(args.dtypes)]  # the rest (compiled, larger batch) are slow: they go last
+    graphed, graphed_compiled = graph_runs(args, notes) if "step" in args.stages else ([], [])
+    runs += steps[:len(args.dtypes)] + graphed  # the rest (compiled, larger batch) are slow: they go last
     if "e2e" in args.stages:
         runs.append(("end to end, CPU loader", lambda: bench_end_to_end(args, root)))
         if args.gpu_augment:
             runs.append((f"end to end, decode+augment on {args.device.type}",
                          lambda: bench_end_to_end(args, root, device_augment=True)))
+        if args.gpu_augment and graph_supported(args.device, amp_for(args.e2e_dtype, args.device)[0])[0]:
+            runs.append((f"end to end, decode+augment on {args.device.type}, CUDA-graphed step",
+                         lambda: bench_end_to_end(args, root, device_augment=True, graph=True)))
     if "features" in args.stages:
         runs.append(("feature extraction", lambda: bench_features(args, root)))
     if "metrics" in args.stages:
         runs.append(("evaluator", lambda: bench_metrics(args)))
-    return runs + steps[len(args.dtypes):]
+    if "centroids" in args.stages:
+        runs.append(("centroid evaluation protocols", lambda: bench_centroids(args)))
+    return runs + steps[len(args.dtypes):] + graphed_compiled
 
 
 def run_stages(args, root, meta, rows, notes):

@@ -30,6 +30,8 @@ SCHEMA = [
     ("MODEL.KEEP_CAMID_CENTROIDS", True, "a query's own identity's centroid leaves out the query's camera", None),
     ("MODEL.RESUME_TRAINING", False, "continue the run saved in MODEL.PRETRAIN_PATH (schedule, optimizer, "
      "sampler), as --resume PATH does", None),
+    ("MODEL.STEM_RELU", "auto", "ours: a ReLU after the stem's bn1; auto = the original's nets (none, IBN-a nets "
+     "keep theirs)", ("auto", "true", "false")),
     ("MODEL.DEVICE", "auto", "ours: auto | npu | cuda | cpu (auto: NPU if torch_npu imports, else CUDA, else CPU)",
      ("auto", "npu", "cuda", "cpu")),
     ("INPUT.SIZE_TRAIN", (256, 128), "training image size H W", None),
@@ -40,7 +42,7 @@ SCHEMA = [
     ("INPUT.PIXEL_STD", (0.229, 0.224, 0.225), "normalisation std (RGB, 0-1 scale)", None),
     ("INPUT.PADDING", 10, "padding before the random crop, pixels", None),
     ("INPUT.DEVICE_AUGMENT", False, "ours: decode JPEGs and augment whole batches on the training device "
-     "(nvjpeg on CUDA); loader workers then only read files", None),
+     "(nvjpeg on CUDA), and decode the evaluation's images there too; loader workers then only read files", None),
     ("DATASETS.NAMES", ("market1501",), "data set names; several train on their union, the first is evaluated",
      None),
     ("DATASETS.ROOT_DIR", "data", "folder holding the data set folder (or the data set folder itself)", None),
@@ -92,8 +94,11 @@ SCHEMA = [
     ("SOLVER.LABEL_SMOOTH", 0.1, "ours: label smoothing epsilon of the cross-entropy", None),
     ("SOLVER.LOG_PERIOD", 20, "ours: steps between progress-bar updates (the only host syncs of a step)", None),
     ("SOLVER.SYNC_BN", False, "ours: synchronise BatchNorm statistics across devices", None),
-    ("SOLVER.COMPILE", False, "ours: torch.compile the model", None),
-    ("SOLVER.AMP_DTYPE", "fp16", "ours: fp16 | bf16 for mixed precision", ("fp16", "bf16")),
+    ("SOLVER.CUDA_GRAPH", "auto", "ours: the whole training step (forward, 4 losses, backward, Adam, center SGD) "
+     "as one CUDA graph; auto: on for CUDA with bf16 or fp32, a no-op elsewhere (said once)",
+     ("auto", "true", "false")),
+    ("SOLVER.AMP_DTYPE", "auto", "ours: auto (bf16 where the device computes it natively, else fp16) | fp16 | bf16",
+     ("auto", "fp16", "bf16")),
     ("SOLVER.AMP_BACKEND", "native", "ours: native (torch.amp) | apex", ("native", "apex")),
     ("SOLVER.AMP_OPT_LEVEL", "O2", "ours: apex opt level (with SOLVER.AMP_BACKEND apex)", None),
     ("SOLVER.SEED", 0, "ours: seed of the sampler, augmentation and initialisation", None),
@@ -108,6 +113,9 @@ SCHEMA = [
     ("TEST.FLIP_FEATS", False, "ours: average the embeddings of each image and its mirror", None),
     ("TEST.MAX_RANK", 50, "ours: length of the CMC curve", None),
     ("TEST.CAMERA_AGNOSTIC", False, "ours: no same-camera removal (single-camera data)", None),
+    ("TEST.CENTROID_PROTOCOL", "standard", "ours: standard (the Market rule on centroids) | original (the original's "
+     "code, its camera-index bug included: the paper's numbers) | original_fixed | all (the three side by side)",
+     ("standard", "original", "original_fixed", "all")),
     ("GPU_IDS", (), "device ids the local ranks use, e.g. [0] or 0 1 2 3 (default: all visible)", None),
     ("LOG_DIR", "", "where TensorBoard event files go (default: OUTPUT_DIR)", None),
     ("USE_MIXED_PRECISION", True, "mixed precision on accelerators (SOLVER.AMP_DTYPE; the CPU runs fp32)", None),

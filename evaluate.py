@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 import config
 import utils
+from data import DataError, build_datasets, build_test_loader, device_test_batches, item_labels
+from model import WeightError, model_from_checkpoint
 
 CHUNK_BYTES = 32 * 2**20  # temporaries per chunk (and worker); small chunks stay in cache, reuse the heap
 BYTES_PER_ITEM = 16       # per (query, gallery item) of a chunk: at most 16 B live at once (distance and
@@ -75,6 +77,7 @@ def gallery_by_pid(g_pids):
 def _same_pid_pairs(q_pids, by_pid):
     """(rows, cols) of all (query, gallery item) pairs with the same pid, row-major, without a [Q, N] mask."""
     order, sorted_pids = by_pid
+    q_pids = q_pids.contiguous()  # a column slice of a chunk: searchsorted wants its values contiguous
     starts = torch.searchsorted(sorted_pids, q_pids)                               # [Q]
     counts = torch.searchsorted(sorted_pids, q_pids, right=True) - starts         # [Q]
     rows = torch.repeat_interleave(torch.arange(len(q_pids), device=q_pids.device), counts)
@@ -83,18 +86,26 @@ def _same_pid_pairs(q_pids, by_pid):
 
 
 def rank_true_matches(source, start, stop, num_gallery, q_pids, q_camids, g_camids, by_pid,
-                      camera_agnostic=False, block=None):
+                      camera_agnostic=False, block=None, camera_sets=False):
     """1-based ranks of the true matches of queries start..stop among their kept gallery items.
 
     source = (block_distances(a, b, c0, c1) -> [b-a, c1-c0], pair_distances(rows, cols) -> [T]);
     q_pids/q_camids [stop-start], g_camids [N] int64 on the source's device; by_pid = gallery_by_pid(g_pids).
+    A same-pid item is a true match when its camera differs from the query's, and removed otherwise;
+    with camera_sets, q_camids are camera bits and g_camids camera-set bit masks, and it is a true match
+    when the query's camera is not in the item's set (the original's centroids, see evaluate_centroids).
     The gallery is visited in blocks of `block` items, so memory does not grow with it. Returns
     (ranks [Q, M] int64, ascending per row, valid in the first num_matches[q] columns; num_matches [Q]).
     """
     block_distances, pair_distances = source
     num_query, device = stop - start, q_pids.device
     rows, cols = _same_pid_pairs(q_pids, by_pid)                                   # few pairs per query
-    is_match = torch.ones_like(rows, dtype=torch.bool) if camera_agnostic else g_camids[cols] != q_camids[rows]
+    if camera_agnostic:
+        is_match = torch.ones_like(rows, dtype=torch.bool)
+    elif camera_sets:
+        is_match = (g_camids[cols] & q_camids[rows]) == 0
+    else:
+        is_match = g_camids[cols] != q_camids[rows]
     match_rows, match_cols = rows[is_match], cols[is_match]                        # row-major still
     num_matches = torch.bincount(match_rows, minlength=num_query)                  # [Q]
     width = max(int(num_matches.max()), 1) if num_query else 1
@@ -162,7 +173,7 @@ def _workers(device, num_chunks):
 
 
 def _per_query(source, num_query, num_gallery, q_pids, g_pids, q_camids, g_camids, device,
-               camera_agnostic, chunk_bytes):
+               camera_agnostic, chunk_bytes, camera_sets=False):
     """Per-query metrics (CPU tensors) of queries 0..num_query whose distances `source` gives."""
     q_pids, q_camids = _as_tensor(q_pids, device, torch.int64), _as_tensor(q_camids, device, torch.int64)
     by_pid = gallery_by_pid(_as_tensor(g_pids, device, torch.int64))
@@ -172,7 +183,7 @@ def _per_query(source, num_query, num_gallery, q_pids, g_pids, q_camids, g_camid
     def chunk(a):
         b = min(a + rows, num_query)
         ranks, num_matches = rank_true_matches(source, a, b, num_gallery, q_pids[a:b], q_camids[a:b], g_camids,
-                                               by_pid, camera_agnostic, block)
+                                               by_pid, camera_agnostic, block, camera_sets)
         return {k: v.cpu() for k, v in _query_metrics(ranks, num_matches).items()}
 
     starts = range(0, num_query, rows)
@@ -298,6 +309,31 @@ def _normalize(x):
     return torch.nn.functional.normalize(x, dim=1)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Centroid evaluation: single-image queries against per-identity gallery centroids, by one of three rules
+
+CENTROID_PROTOCOLS = ("standard", "original", "original_fixed")
+PROTOCOL_NOTES = {
+    "standard": "the Market rule on centroids: the query's identity from its gallery images of the other "
+                "cameras, every other identity from all its images, distractors as single images",
+    "original": "centroids-reid a1825b7's rule, its camera-index bug included (the paper's table)",
+    "original_fixed": "centroids-reid a1825b7's rule with its camera index corrected",
+}
+
+
+def _check_protocol(centroid_protocol, allowed=CENTROID_PROTOCOLS):
+    """Raise EvaluationError naming the valid protocols when centroid_protocol is not one of them."""
+    if centroid_protocol not in allowed:
+        raise EvaluationError(f"centroid_protocol {centroid_protocol!r} is unknown: choose one of "
+                              f"{', '.join(allowed)}")
+
+
+def _group_sums(feats, groups, num_groups):
+    """(sums [G, D], counts [G]) of feats' rows by group id 0..G-1; rows with id G are left out (no copy)."""
+    sums = torch.zeros(num_groups + 1, feats.shape[1], device=feats.device).index_add_(0, groups, feats)
+    return sums[:-1], torch.bincount(groups, minlength=num_groups + 1)[:-1]
+
+
 def identity_centroids(g_feats, g_pids, g_camids=None, exclude_camid=None, normalize=True):
     """Mean embedding per gallery identity (pid > 0), from its images of cameras != exclude_camid.
 
@@ -309,62 +345,248 @@ def identity_centroids(g_feats, g_pids, g_camids=None, exclude_camid=None, norma
     pids, slot = torch.unique(g_pids, return_inverse=True)                         # [P], [N]
     if exclude_camid is not None:
         slot = slot.masked_fill(_as_tensor(g_camids, g_feats.device, torch.int64) == exclude_camid, len(pids))
-    sums = torch.zeros(len(pids) + 1, g_feats.shape[1], device=g_feats.device).index_add_(0, slot, g_feats)
-    counts = torch.bincount(slot, minlength=len(pids) + 1)[:-1]                    # [P]
+    sums, counts = _group_sums(g_feats, slot, len(pids))
     has_images = (counts > 0) & (pids > 0)  # pid 0 = distractors: never averaged into one "identity"
-    centroids = sums[:-1][has_images] / counts[has_images, None]
+    centroids = sums[has_images] / counts[has_images, None]
     return (_normalize(centroids) if normalize else centroids), pids[has_images]
 
 
-def _centroid_gallery(g_feats, g_pids, g_camids, exclude_camid, normalize):
-    """Centroids (camid -1: never the query's camera) followed by the distractor images, as a gallery."""
-    centroids, pids = identity_centroids(g_feats, g_pids, g_camids, exclude_camid, normalize)
-    g_pids_t = _as_tensor(g_pids, g_feats.device, torch.int64)
-    distractors = g_pids_t == 0
-    feats = torch.cat([centroids, g_feats.float()[distractors]])
-    pids = torch.cat([pids, g_pids_t[distractors]])
-    camids = torch.cat([torch.full_like(pids[:len(centroids)], -1),
-                        _as_tensor(g_camids, g_feats.device, torch.int64)[distractors]])
-    return feats, pids, camids
+def _camera_codes(q_camids, g_camids):
+    """Cameras as indices 0..K-1 over the cameras query and gallery use: (K, query indices, gallery indices)."""
+    cams = torch.unique(torch.cat([q_camids, g_camids]))
+    return len(cams), torch.searchsorted(cams, q_camids), torch.searchsorted(cams, g_camids)
+
+
+def _query_slots(q_pids, pids):
+    """Index of each query's pid in the sorted gallery pids; -1 where the gallery lacks that pid."""
+    if len(pids) == 0:
+        return torch.full_like(q_pids, -1)
+    slots = torch.searchsorted(pids, q_pids).clamp_(max=len(pids) - 1)
+    return torch.where(pids[slots] == q_pids, slots, -1)
+
+
+def _other_camera_means(g_feats, g_slots, g_cams, num_cams, sums, counts, pair_keys):
+    """Per pair key = identity slot * num_cams + camera (sorted, unique): the mean of that identity's gallery
+    images of the OTHER cameras [K, D], and how many they are [K] (0: none; the mean row is then 0).
+
+    The identity's sum minus its sum on that camera: one index_add over the gallery serves all pairs."""
+    if len(pair_keys) == 0:
+        return g_feats.new_zeros(0, g_feats.shape[1]), counts.new_zeros(0)
+    g_keys = g_slots * num_cams + g_cams                                           # [N]
+    rows = torch.searchsorted(pair_keys, g_keys).clamp_(max=len(pair_keys) - 1)
+    rows = torch.where(pair_keys[rows] == g_keys, rows, len(pair_keys))           # images of no pair: left out
+    cam_sums, cam_counts = _group_sums(g_feats, rows, len(pair_keys))
+    pair_slots = pair_keys // num_cams
+    others = counts[pair_slots] - cam_counts
+    return (sums[pair_slots] - cam_sums) / others.clamp(min=1)[:, None], others
+
+
+def _standard_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware, normalize, no_camera):
+    """The standard rule's gallery and, camera-aware, each query's own-identity centroid.
+
+    Returns ((feats, pids, camids), own): the gallery is one centroid per identity (pid > 0) from all its
+    images, camid no_camera, then the distractor images as they are. own = (own_feats [K, D], q_own [Q]):
+    one centroid of an identity's images from the cameras other than c per (identity, camera c) pair some
+    query needs, and each query's row there (-1: its identity has no gallery image outside its camera, or
+    none at all); None when not camera_aware.
+    """
+    pids, g_slots = torch.unique(g_pids, return_inverse=True)                      # [P], [N]
+    sums, counts = _group_sums(g_feats, g_slots, len(pids))
+    is_identity = pids > 0  # pid 0 = distractors: never averaged into one "identity"
+    centroids = sums[is_identity] / counts[is_identity, None]
+    distractors = g_pids == 0
+    feats = torch.cat([_normalize(centroids) if normalize else centroids, g_feats[distractors]])
+    c_pids = torch.cat([pids[is_identity], g_pids[distractors]])
+    c_camids = torch.cat([torch.full_like(pids[is_identity], no_camera), g_camids[distractors]])
+    if not camera_aware:
+        return (feats, c_pids, c_camids), None
+    num_cams, q_cams, g_cams = _camera_codes(q_camids, g_camids)
+    q_slots = _query_slots(q_pids, pids)
+    needs = (q_slots >= 0) & (q_pids > 0)
+    keys, q_keys = torch.unique((q_slots * num_cams + q_cams)[needs], return_inverse=True)
+    own, others = _other_camera_means(g_feats, g_slots, g_cams, num_cams, sums, counts, keys)
+    q_own = torch.full_like(q_pids, -1)
+    q_own[needs] = torch.where(others[q_keys] > 0, q_keys, -1)
+    return (feats, c_pids, c_camids), (_normalize(own) if normalize else own, q_own)
+
+
+def _own_centroid_source(q_feats, feats, num_centroids, own_feats, q_own):
+    """Distances to the standard gallery, with each query's own-identity centroid (a column below
+    num_centroids) replaced by its other-cameras centroid own_feats[q_own]. rank_true_matches asks
+    pair distances only for true matches and masks all same-pid columns of the blocks, so the
+    replacement happens in the pair distances alone: the blocks stay one matrix product."""
+    blocks, pairs = _feature_source(q_feats, feats)
+    own_pairs = _feature_source(q_feats, own_feats)[1]
+
+    def replaced(rows, cols):
+        dist = pairs(rows, cols)
+        own = cols < num_centroids
+        dist[own] = own_pairs(rows[own], q_own[rows[own]])
+        return dist
+    return blocks, replaced
+
+
+def _standard_per_query(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware, camera_agnostic,
+                        normalize, chunk_bytes):
+    """Per-query metrics of the standard rule (see evaluate_centroids)."""
+    no_camera = int(torch.cat([q_camids, g_camids]).min()) - 1 if len(q_camids) + len(g_camids) else -1
+    (feats, pids, camids), own = _standard_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
+                                                   normalize, no_camera)
+    source = _feature_source(q_feats, feats)
+    if own is not None:
+        own_feats, q_own = own
+        source = _own_centroid_source(q_feats, feats, int((pids > 0).sum()), own_feats, q_own)
+        # a query without an other-cameras centroid shares its identity centroid's camera: that one is removed
+        q_camids = torch.where((q_own < 0) & (q_pids > 0), no_camera, q_camids)
+    return _per_query(source, len(q_feats), len(feats), q_pids, pids, q_camids, camids, q_feats.device,
+                      camera_agnostic, chunk_bytes)
+
+
+def _first_of_each(slots, sets):
+    """Mask of the first row of every distinct (slot, set) pair."""
+    if len(slots) == 0:
+        return torch.zeros(0, dtype=torch.bool, device=slots.device)
+    _, groups = torch.unique(torch.stack([slots, sets], 1), dim=0, return_inverse=True)
+    rows = torch.arange(len(slots), device=slots.device)
+    first = torch.full((int(groups.max()) + 1,), len(slots), device=slots.device).scatter_reduce_(
+        0, groups, rows, "amin")
+    return torch.zeros_like(slots, dtype=torch.bool).index_fill_(0, first, True)
+
+
+def _original_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware, index_bug, normalize):
+    """The original's centroids: (feats, pids, camera-set bit masks or None, query camera bits or None)."""
+    if index_bug:  # its camids[inds]: gallery offsets read in [query camids, gallery camids]
+        g_camids = torch.cat([q_camids, g_camids])[:len(g_camids)]
+    pids, g_slots = torch.unique(g_pids, return_inverse=True)  # every gallery label, pid 0 included
+    sums, counts = _group_sums(g_feats, g_slots, len(pids))
+    if not camera_aware:
+        means = sums / counts[:, None]
+        return (_normalize(means) if normalize else means), pids, None, None
+    num_cams, q_cams, g_cams = _camera_codes(q_camids, g_camids)
+    if num_cams > 62:
+        raise EvaluationError(f"centroid_protocol original: {num_cams} cameras, at most 62 are supported "
+                              "(camera sets are int64 bit masks); evaluate camera-agnostically instead")
+    bits = 1 << torch.arange(num_cams, device=g_feats.device)
+    seen = torch.zeros(len(pids), num_cams, dtype=torch.bool, device=g_feats.device)
+    seen[g_slots, g_cams] = True
+    q_slots = _query_slots(q_pids, pids)
+    keys = torch.unique((q_slots * num_cams + q_cams)[q_slots >= 0])  # identity, then camera: its loop order
+    slots, cams = keys // num_cams, keys % num_cams
+    sets = (seen[slots] * bits).sum(1) & ~bits[cams]  # the cameras each centroid is made from
+    keep = sets != 0  # no image outside that camera: no centroid
+    keep[keep.clone()] = _first_of_each(slots[keep], sets[keep])  # a camera set seen before: dropped
+    means, _ = _other_camera_means(g_feats, g_slots, g_cams, num_cams, sums, counts, keys[keep])
+    return (_normalize(means) if normalize else means), pids[slots[keep]], sets[keep], bits[q_cams]
+
+
+def _original_per_query(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware, index_bug,
+                        normalize, chunk_bytes):
+    """Per-query metrics of the original's rule (see evaluate_centroids)."""
+    feats, pids, sets, q_bits = _original_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
+                                                  index_bug, normalize)
+    q_feats = _normalize(q_feats) if normalize else q_feats  # its R1_mAP.compute normalises queries too
+    if not camera_aware:  # its dummy camids (queries 0, centroids 1): nothing is removed
+        return _per_query(_feature_source(q_feats, feats), len(q_feats), len(feats), q_pids, pids, q_camids,
+                          torch.zeros_like(pids), q_feats.device, True, chunk_bytes)
+    return _per_query(_feature_source(q_feats, feats), len(q_feats), len(feats), q_pids, pids, q_bits, sets,
+                      q_feats.device, False, chunk_bytes, camera_sets=True)
 
 
 def evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=True,
                        max_rank=50, camera_agnostic=False, normalize_centroids=True, chunk_bytes=CHUNK_BYTES,
-                       return_per_query=False):
-    """Single-image queries against per-identity gallery centroids; distractor images stay as they are.
+                       return_per_query=False, centroid_protocol="standard", raw_feats=False):
+    """Single-image queries against per-identity gallery centroids, by one of three rules; metrics as
+    evaluate_rank's, with result["protocol"] = centroid_protocol.
 
-    With keep_camid_centroids (and cameras), a query of camera c sees each identity's centroid of its
-    gallery images from cameras != c, so the same-camera rule still holds; identities with no such
-    image have no centroid for that camera. Otherwise one centroid per identity from all its images.
+    "standard" (Market's rule on centroids): a query (pid p, camera c) is compared with p's centroid of
+    p's gallery images from cameras != c, with every other identity's centroid of all its gallery images
+    (camera c included: those are the hardest negatives), and with each distractor (pid 0) image as it
+    is. A query whose identity has no gallery image outside camera c has no true match: skipped and
+    counted, as per image. One centroid per identity plus one per (identity, camera) pair that queries
+    need; the own-identity distance is replaced inside the chunked ranking, no loop over queries.
+    Centroids are the mean of the given embeddings, L2-normalised when normalize_centroids.
+
+    "original" reproduces centroids-reid a1825b7 (modelling/bases.py validation_create_centroids,
+    utils/reid_metric.py R1_mAP.compute, utils/eval_reid.py eval_func), step for step:
+      1. gallery labels are taken in sorted order, pid 0 included; a label that no query has gets NO
+         centroid (so with cameras, distractors and unqueried identities drop out of the gallery);
+      2. per label, for each camera its queries use (sorted): a centroid of the label's gallery images
+         whose camera differs from it, skipped when there is none, and dropped when the set of cameras
+         it is made from equals that of an earlier centroid of the label; it keeps that camera set;
+      3. the gallery cameras of step 2 are read with its bug: camids[inds] with gallery offsets into
+         [query camids, gallery camids], i.e. gallery image j "has" item j's camera of that list;
+      4. the mean is taken on the embeddings as given, then queries and centroids are L2-normalised
+         when normalize_centroids (its TEST.FEAT_NORM);
+      5. a same-identity centroid is removed for a query whose camera is in its camera set; the other
+         same-identity centroids are true matches; a query left without one is skipped;
+      6. keep_camid_centroids=False or camera_agnostic: one centroid per gallery label from all its
+         images, pid 0 averaged into one "identity", nothing removed (its dummy camids).
+    Not reproduced: its ties follow np.argsort (quicksort, unordered); here ties go by gallery order.
+    Step 3 depends on the order of the items: the original listed files in glob order (unsorted).
+    "original_fixed" is the same with step 3 corrected (each gallery image's own camera).
+
+    Caller contract: the original averaged RAW embeddings (BN output) and normalised after. Pass
+    raw_feats=True with raw embeddings (extract_features(..., feat_norm=False)) to reproduce it exactly:
+    then "standard" L2-normalises every image first when normalize_centroids (what per-image
+    evaluation sees). With raw_feats=False (the default, extract_features' output, already normalised
+    when feat_norm is on) the "original" rules average the normalised embeddings: a close variant.
     """
-    q_pids_t = _as_tensor(q_pids, "cpu", torch.int64)
-    q_camids_t = _as_tensor(q_camids, "cpu", torch.int64)
-    by_camera = keep_camid_centroids and not camera_agnostic
-    groups = torch.unique(q_camids_t).tolist() if by_camera else [None]
-    per_query = {}
-    for camid in groups:  # a loop over query cameras (at most ~15), each one vectorised
-        rows = torch.arange(len(q_pids_t)) if camid is None else torch.nonzero(q_camids_t == camid)[:, 0]
-        c_feats, c_pids, c_camids = _centroid_gallery(g_feats, g_pids, g_camids, camid, normalize_centroids)
-        source = _feature_source(q_feats[rows.to(q_feats.device)], c_feats)
-        part = _per_query(source, len(rows), len(c_feats), q_pids_t[rows], c_pids, q_camids_t[rows], c_camids,
-                          q_feats.device, camera_agnostic, chunk_bytes)
-        for key, values in part.items():
-            per_query.setdefault(key, torch.zeros(len(q_pids_t), dtype=values.dtype))[rows] = values
-    return _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids)
+    _check_protocol(centroid_protocol)
+    _check_lengths((len(q_feats), len(g_feats)), q_pids, g_pids, q_camids, g_camids)
+    device = q_feats.device
+    q_feats, g_feats = q_feats.float(), g_feats.float().to(device)
+    labels = [_as_tensor(x, device, torch.int64) for x in (q_pids, q_camids, g_pids, g_camids)]
+    camera_aware = keep_camid_centroids and not camera_agnostic
+    if centroid_protocol == "standard":
+        if raw_feats and normalize_centroids:
+            q_feats, g_feats = _normalize(q_feats), _normalize(g_feats)
+        per_query = _standard_per_query(q_feats, labels[0], labels[1], g_feats, labels[2], labels[3], camera_aware,
+                                        camera_agnostic, normalize_centroids, chunk_bytes)
+    else:
+        per_query = _original_per_query(q_feats, labels[0], labels[1], g_feats, labels[2], labels[3], camera_aware,
+                                        centroid_protocol == "original", normalize_centroids, chunk_bytes)
+    result = _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids)
+    result["protocol"] = centroid_protocol
+    return result
+
+
+def centroid_key(protocol, protocols):
+    """The results key of a protocol's centroid row: 'centroid' for the first, 'centroid_<protocol>' after."""
+    return "centroid" if protocol == protocols[0] else f"centroid_{protocol}"
 
 
 def evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=True,
-                      max_rank=50, camera_agnostic=False, normalize_centroids=True, chunk_bytes=CHUNK_BYTES):
-    """Evaluate embeddings per image and per centroid: {'image': metrics, 'centroid': metrics}."""
+                      max_rank=50, camera_agnostic=False, normalize_centroids=True, chunk_bytes=CHUNK_BYTES,
+                      centroid_protocol="standard", raw_feats=False):
+    """Evaluate embeddings per image and per centroid: {'image': metrics, 'centroid': metrics}.
+
+    centroid_protocol: one of CENTROID_PROTOCOLS (evaluate_centroids), or "all": then 'centroid' holds
+    the standard row and 'centroid_original', 'centroid_original_fixed' the others (each row names its
+    protocol in res['protocol']). raw_feats=True: q/g feats are raw embeddings; per-image and standard
+    evaluation L2-normalise them first when normalize_centroids (TEST.FEAT_NORM), the original rules
+    average them raw as the original did.
+    """
+    _check_protocol(centroid_protocol, CENTROID_PROTOCOLS + ("all",))
+    protocols = CENTROID_PROTOCOLS if centroid_protocol == "all" else (centroid_protocol,)
     common = dict(max_rank=max_rank, camera_agnostic=camera_agnostic, chunk_bytes=chunk_bytes)
-    return {"image": evaluate_feature_ranks(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, **common),
-            "centroid": evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
-                                           keep_camid_centroids=keep_camid_centroids,
-                                           normalize_centroids=normalize_centroids, **common)}
+    unit_q, unit_g = (_normalize(q_feats.float()), _normalize(g_feats.float())) if raw_feats and \
+        normalize_centroids else (q_feats, g_feats)
+    results = {"image": evaluate_feature_ranks(unit_q, q_pids, q_camids, unit_g, g_pids, g_camids, **common)}
+    for protocol in protocols:
+        raw = raw_feats and protocol != "standard"
+        results[centroid_key(protocol, protocols)] = evaluate_centroids(
+            q_feats if raw else unit_q, q_pids, q_camids, g_feats if raw else unit_g, g_pids, g_camids,
+            keep_camid_centroids=keep_camid_centroids, normalize_centroids=normalize_centroids,
+            centroid_protocol=protocol, raw_feats=raw, **common)
+    return results
 
 
 def extract_features(model, loader, device, flip=False, feat_norm=True, amp_dtype=None):
-    """Embed every image of a loader of (img, pid, camid): (feats [N, D] float32 CPU, pids, camids numpy)."""
+    """Embed every image of a loader of (img, pid, camid): (feats [N, D] float32 CPU, pids, camids numpy).
+
+    The loader may be build_test_loader's (host tensors) or data.device_test_batches (images decoded on the
+    device). Embeddings stay on the device until the end: one transfer, no host sync per batch, so the host
+    prepares the next batch while the device embeds this one."""
     model.eval()
     feats, pids, camids = [], [], []
     with torch.inference_mode(), utils.autocast(device, amp_dtype):
@@ -374,34 +596,66 @@ def extract_features(model, loader, device, flip=False, feat_norm=True, amp_dtyp
             emb = model(imgs).float()
             if flip:  # the mirror image is as likely a view of the person: average the two embeddings
                 emb = (emb + model(imgs.flip(-1)).float()) / 2
-            feats.append((_normalize(emb) if feat_norm else emb).cpu())
+            feats.append(_normalize(emb) if feat_norm else emb)
             pids.append(np.asarray(batch_pids))
             camids.append(np.asarray(batch_camids))
     if not feats:
         raise EvaluationError("the loader yielded no images: the query or gallery list is empty")
-    return torch.cat(feats), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64)
+    return torch.cat(feats).cpu(), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64)
 
 
-def evaluate_model(model, query_loader, gallery_loader, device, flip=False, feat_norm=True,
-                   keep_camid_centroids=True, amp_dtype=None, max_rank=50, camera_agnostic=False):
-    """Extract query and gallery embeddings and evaluate them per image and per centroid."""
-    q_feats, q_pids, q_camids = extract_features(model, query_loader, device, flip, feat_norm, amp_dtype)
-    g_feats, g_pids, g_camids = extract_features(model, gallery_loader, device, flip, feat_norm, amp_dtype)
-    return evaluate_features(q_feats.to(device), q_pids, q_camids, g_feats.to(device), g_pids, g_camids,
-                             keep_camid_centroids=keep_camid_centroids, max_rank=max_rank,
-                             camera_agnostic=camera_agnostic, normalize_centroids=feat_norm)
+def extract_split(model, items, cfg, device, amp_dtype=None, rank=0, world_size=1, size=None):
+    """Embed this rank's contiguous shard of (path, pid, camid) items and gather every shard, in order, on every
+    rank: [N, D] on the device."""
+    start, end = utils.shard_bounds(len(items), rank, world_size)
+    if start == end:  # more ranks than a shard needs (e.g. 5 items, 4 ranks): nothing to embed, still gather
+        return utils.gather_rows(torch.zeros(0, model.feat_dim, device=device), len(items))
+    args = (items[start:end], size or cfg.INPUT.SIZE_TEST, cfg.TEST.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS)
+    normalisation = {"pixel_mean": cfg.INPUT.PIXEL_MEAN, "pixel_std": cfg.INPUT.PIXEL_STD}
+    if cfg.INPUT.DEVICE_AUGMENT:  # decode, resize and normalise on the device: the CPU loader stops being the limit
+        loader = device_test_batches(*args, device, **normalisation)
+    else:
+        loader = build_test_loader(*args, **normalisation)
+    # raw embeddings: the original's centroid rule averages them before normalising (evaluate_features)
+    feats, _, _ = extract_features(model, loader, device, flip=cfg.TEST.FLIP_FEATS, feat_norm=False,
+                                   amp_dtype=amp_dtype)
+    return utils.gather_rows(feats.to(device), len(items))  # metrics then run on the device too
+
+
+def evaluate_splits(model, data, cfg, device, amp_dtype=None, rank=0, world_size=1, size=None):
+    """The one evaluation path (per epoch in train.py, sharded over ranks; the evaluate CLI): embed query and
+    gallery, evaluate per image and per centroid. Returns (results, (q_feats, g_feats)) on rank 0, (None, None)
+    on the others; the features are L2-normalised when TEST.FEAT_NORM."""
+    utils.broadcast_buffers(model)  # every shard embedded by the model rank 0 holds
+    q_feats = extract_split(model, data["query"], cfg, device, amp_dtype, rank, world_size, size)
+    g_feats = extract_split(model, data["gallery"], cfg, device, amp_dtype, rank, world_size, size)
+    if rank != 0:
+        return None, None
+    results = evaluate_features(q_feats, *item_labels(data["query"]), g_feats, *item_labels(data["gallery"]),
+                                raw_feats=True, **evaluation_arguments(cfg, data["has_cameras"]))
+    if cfg.TEST.FEAT_NORM:
+        q_feats, g_feats = _normalize(q_feats), _normalize(g_feats)
+    return results, (q_feats, g_feats)
 
 
 def format_results(results):
-    """A small table of mAP, R1, R5, R10, mINP in % for the per-image and centroid results."""
-    lines = [f"{'':10s} {'mAP %':>7s} {'R1 %':>7s} {'R5 %':>7s} {'R10 %':>7s} {'mINP %':>7s} {'queries':>8s}"]
-    for kind, label in (("image", "per image"), ("centroid", "centroid")):
-        res = results.get(kind)
-        if res is None:
-            continue
+    """A small table of mAP, R1, R5, R10, mINP in % for the per-image and centroid rows, then a line naming
+    the centroid protocol(s); with several protocols their rows follow the per-image row, one each."""
+    centroid_rows = [res for key, res in results.items() if key.startswith("centroid") and res is not None]
+    several = len(centroid_rows) > 1
+    rows = [("per image", results["image"])] if results.get("image") is not None else []
+    rows += [(f"centroid {res['protocol']}" if several and "protocol" in res else "centroid", res)
+             for res in centroid_rows]
+    width = max([10] + [len(label) for label, _ in rows])
+    lines = [f"{'':{width}s} {'mAP %':>7s} {'R1 %':>7s} {'R5 %':>7s} {'R10 %':>7s} {'mINP %':>7s} {'queries':>8s}"]
+    for label, res in rows:
         cmc = [100 * res["cmc"][k - 1] if k <= len(res["cmc"]) else float("nan") for k in (1, 5, 10)]
-        lines.append(f"{label:10s} {100 * res['mAP']:7.2f} {cmc[0]:7.2f} {cmc[1]:7.2f} {cmc[2]:7.2f} "
+        lines.append(f"{label:{width}s} {100 * res['mAP']:7.2f} {cmc[0]:7.2f} {cmc[1]:7.2f} {cmc[2]:7.2f} "
                      f"{100 * res['mINP']:7.2f} {res['num_valid_queries']:8d}")
+    named = [res["protocol"] for res in centroid_rows if res.get("protocol") in PROTOCOL_NOTES]
+    if named:
+        lines.append(f"centroid protocol{'s' if len(named) > 1 else ''}: " +
+                     "; ".join(f"{name} = {PROTOCOL_NOTES[name]}" for name in named))
     return "\n".join(lines)
 
 
@@ -466,6 +720,59 @@ def benchmark_metrics(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6
     else:
         _, out["device_argsort_s"] = _timed(lambda: torch.argsort(distmat, dim=1), device)
     return out
+
+
+def _per_camera_centroids_baseline(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, max_rank=50,
+                                   chunk_bytes=CHUNK_BYTES):
+    """The camera-aware centroid evaluation before issue #12, kept ONLY as benchmark_centroids' baseline.
+
+    Its rule is wrong (neither Market's nor the original's): a query of camera c saw EVERY identity's
+    centroid made without camera c. One gallery per query camera, each ranked vectorised."""
+    q_pids_t, q_camids_t = _as_tensor(q_pids, "cpu", torch.int64), _as_tensor(q_camids, "cpu", torch.int64)
+    g_pids_t = _as_tensor(g_pids, g_feats.device, torch.int64)
+    g_camids_t = _as_tensor(g_camids, g_feats.device, torch.int64)
+    distractors = g_pids_t == 0
+    per_query = {}
+    for camid in torch.unique(q_camids_t).tolist():
+        rows = torch.nonzero(q_camids_t == camid)[:, 0]
+        centroids, pids = identity_centroids(g_feats, g_pids_t, g_camids_t, camid)
+        c_feats = torch.cat([centroids, g_feats.float()[distractors]])
+        c_pids = torch.cat([pids, g_pids_t[distractors]])
+        c_camids = torch.cat([torch.full_like(pids, -1), g_camids_t[distractors]])
+        part = _per_query(_feature_source(q_feats[rows.to(q_feats.device)], c_feats), len(rows), len(c_feats),
+                          q_pids_t[rows], c_pids, q_camids_t[rows], c_camids, q_feats.device, False, chunk_bytes)
+        for key, values in part.items():
+            per_query.setdefault(key, torch.zeros(len(q_pids_t), dtype=values.dtype))[rows] = values
+    return _finish(per_query, max_rank, False, q_pids, g_pids, q_camids, g_camids)
+
+
+def benchmark_centroids(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, dim=2048, device="cpu", seed=0,
+                        rounds=3):
+    """Seconds (median of rounds, taken in turn) of per-image evaluation, the old per-camera centroid
+    evaluation and each centroid protocol, on one Market-sized synthetic problem of dim-d embeddings.
+
+    Returns {"rows": [{"name", "seconds", "mAP", "R1", "skipped"}], "standard_over_old": ratio, sizes}."""
+    # random noise separates identities better in more dimensions: grown as dim ** 0.34, the per-image
+    # mAP stays near the 64-d default's (measured at 2048-d: ~80%), not a trivial 100%
+    problem = synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=dim, noise=0.95 * (dim / 64) ** 0.34,
+                                device=device, seed=seed)
+    runs = {"per_image": lambda: evaluate_feature_ranks(*problem),
+            "old_per_camera_centroids": lambda: _per_camera_centroids_baseline(*problem)}
+    runs.update({name: (lambda name=name: evaluate_centroids(*problem, centroid_protocol=name))
+                 for name in CENTROID_PROTOCOLS})
+    few = (problem[0][:16], problem[1][:16], problem[2][:16], *problem[3:])
+    evaluate_centroids(*few)  # warm-up: first-call allocations
+    seconds, results = {name: [] for name in runs}, {}
+    for _ in range(rounds):  # in turn, so that a drifting load hits every variant alike
+        for name, run in runs.items():
+            results[name], spent = _timed(run, device)
+            seconds[name].append(spent)
+    rows = [{"name": name, "seconds": float(np.median(seconds[name])), "mAP": res["mAP"],
+             "R1": float(res["cmc"][0]), "skipped": res["num_skipped_queries"]} for name, res in results.items()]
+    by_name = {row["name"]: row for row in rows}
+    return {"device": str(device), "num_query": num_query, "num_gallery": num_gallery, "num_ids": num_ids,
+            "num_cams": num_cams, "dim": dim, "threads": torch.get_num_threads(), "rounds": rounds, "rows": rows,
+            "standard_over_old": by_name["standard"]["seconds"] / by_name["old_per_camera_centroids"]["seconds"]}
 
 
 def _peak_rss_mib():
@@ -547,7 +854,7 @@ def evaluation_arguments(cfg, has_cameras):
     """evaluate_features keyword arguments from the configuration (train.py and evaluate.py alike)."""
     return {"keep_camid_centroids": cfg.MODEL.KEEP_CAMID_CENTROIDS and has_cameras,
             "max_rank": cfg.TEST.MAX_RANK, "camera_agnostic": cfg.TEST.CAMERA_AGNOSTIC,
-            "normalize_centroids": cfg.TEST.FEAT_NORM}
+            "normalize_centroids": cfg.TEST.FEAT_NORM, "centroid_protocol": cfg.TEST.CENTROID_PROTOCOL}
 
 
 OPTIONS = [("visualize", ("--visualize",), "", "write ranked lists and the CMC curves as PNG files to DIR "
@@ -556,8 +863,6 @@ OPTIONS = [("visualize", ("--visualize",), "", "write ranked lists and the CMC c
 
 def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
     """Evaluate a checkpoint per image and per centroid on the first of DATASETS.NAMES; print the table."""
-    from data import build_datasets, build_test_loader, item_labels
-    from model import model_from_checkpoint
     if not checkpoint:
         raise EvaluationError("no checkpoint to evaluate: give MODEL.PRETRAIN_PATH (or TEST.WEIGHT), "
                               "ours or an original .ckpt")
@@ -569,23 +874,17 @@ def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
     # the size the model was trained for, unless INPUT.SIZE_TEST is given
     size = cfg.INPUT.SIZE_TEST if size_given or model.input_size is None else model.input_size
     print(f"input size {size[0]}x{size[1]}")
-    feats = {}
-    for split in ("query", "gallery"):
-        loader = build_test_loader(data[split], size, cfg.TEST.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS)
-        feats[split] = extract_features(model, loader, device, cfg.TEST.FLIP_FEATS, cfg.TEST.FEAT_NORM,
-                                        amp_dtype)[0].to(device)
-    results = evaluate_features(feats["query"], *item_labels(data["query"]), feats["gallery"],
-                                *item_labels(data["gallery"]), **evaluation_arguments(cfg, data["has_cameras"]))
+    results, (q_feats, g_feats) = evaluate_splits(model, data, cfg, device, amp_dtype, size=size)
     visualize_dir = visualize_dir or (os.path.join(cfg.OUTPUT_DIR, "visualize") if cfg.TEST.VISUALIZE == "yes" else "")
     if visualize_dir:
         from retrieve import visualize_evaluation
         limit = min(cfg.TEST.VISUALIZE_MAX_NUMBER, len(data["query"]))
-        written = visualize_evaluation(feats["query"].cpu(), data["query"], feats["gallery"].cpu(), data["gallery"],
+        written = visualize_evaluation(q_feats.cpu(), data["query"], g_feats.cpu(), data["gallery"],
                                        visualize_dir, results, top_k=cfg.TEST.VISUALIZE_TOPK, limit=limit,
                                        camera_agnostic=cfg.TEST.CAMERA_AGNOSTIC)
         print(f"wrote {len(written)} pictures to {visualize_dir} (ranked lists of the first {limit} queries, cmc.png)")
     if not cfg.MODEL.USE_CENTROIDS:
-        results.pop("centroid")
+        results = {"image": results["image"]}
     print(f"{data['name']}: {len(data['query'])} queries, {len(data['gallery'])} gallery images, "
           f"checkpoint {checkpoint}")
     print(format_results(results))
@@ -594,8 +893,6 @@ def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
 
 def evaluate_checkpoint_cli(cfg, given, checkpoint, visualize_dir=""):
     """evaluate_checkpoint for a command line: user errors become `error: ...` and exit code 2."""
-    from data import DataError
-    from model import WeightError
     try:
         return evaluate_checkpoint(cfg, checkpoint, "INPUT.SIZE_TEST" in given, visualize_dir)
     except (EvaluationError, DataError, WeightError) as err:  # user errors: the message, no traceback

@@ -2,9 +2,11 @@
 
     python export.py output/best.pth model.onnx [--size 256 128] [--check-images photos/]
 
-The graph is the eval-mode model: images [B, 3, H, W] (ImageNet-normalised, as data.build_test_transform
-makes them; B is dynamic) -> embeddings [B, D], the BNNeck output (L2-normalise it before comparing, as
-retrieve.py does). Optional packages: onnx and onnxscript (the exporter), onnxruntime (the check).
+The graph is the eval-mode model: images [B, 3, H, W] (RGB scaled to 0-1, then normalised with the
+checkpoint's INPUT.PIXEL_MEAN / INPUT.PIXEL_STD, ImageNet's by default, as data.build_test_transform makes
+them; B is dynamic) -> embeddings [B, D], the BNNeck output (L2-normalise it before comparing, as
+retrieve.py does). The file's metadata (metadata_props) records that contract: input_size, pixel_mean,
+pixel_std. Optional packages: onnx and onnxscript (the exporter), onnxruntime (the check).
 """
 import argparse
 import os
@@ -14,9 +16,9 @@ import warnings
 import numpy as np
 import torch
 
-from data import DataError, build_test_transform, load_image, synthesize
+from data import IMAGENET_MEAN, IMAGENET_STD, DataError, build_test_transform, load_image, synthesize
 from model import WeightError
-from retrieve import DEFAULT_SIZE, RetrievalError, collect_images, input_size_for, load_model
+from retrieve import DEFAULT_SIZE, RetrievalError, collect_images, input_size_for, load_model, normalisation_of
 
 INSTALL_HINT = "pip install onnx onnxscript onnxruntime"
 
@@ -51,12 +53,24 @@ def export_onnx(model, out_path, size=DEFAULT_SIZE, opset=None):
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     program.save(out_path, external_data=False)  # one self-contained file (weights inside)
+    write_contract(out_path, size, *normalisation_of(model))
     return out_path
 
 
-def check_images(folder=None, count=8, size=DEFAULT_SIZE):
+def write_contract(onnx_path, size, pixel_mean, pixel_std):
+    """Record what the graph expects in the file's metadata: input size and the normalisation of its input."""
+    import onnx
+    graph = onnx.load(onnx_path)
+    contract = {"input_size": f"{size[0]} {size[1]}", "input": "RGB in 0-1, then (x - pixel_mean) / pixel_std",
+                "pixel_mean": " ".join(map(str, pixel_mean)), "pixel_std": " ".join(map(str, pixel_std))}
+    for key, value in contract.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, onnx_path)
+
+
+def check_images(folder=None, count=8, size=DEFAULT_SIZE, normalisation=(IMAGENET_MEAN, IMAGENET_STD)):
     """[count, 3, H, W] test-transformed images from a folder, or from a small generated set when None."""
-    transform = build_test_transform(size)
+    transform = build_test_transform(size, *normalisation)
     if folder:
         paths = [p for p, _, _ in collect_images([folder])][:count]
         return torch.stack([transform(load_image(p)) for p in paths])
@@ -107,7 +121,7 @@ def main(argv=None):
               f"[batch, 3, {size[0]}, {size[1]}] -> embeddings [batch, {model.feat_dim}]")
         if args.no_check:
             return 0
-        images = check_images(args.check_images, size=size)
+        images = check_images(args.check_images, size=size, normalisation=normalisation_of(model))
         diff = check_onnx(model, args.out, images)
         verdict = "OK" if diff <= args.tolerance else "TOO LARGE"
         print(f"onnxruntime vs PyTorch on {len(images)} images (batches of 1 and {len(images)}): "

@@ -1,6 +1,10 @@
 """Losses of the centroid method: label-smoothed cross-entropy, batch-hard triplet, Centroid Triplet Loss,
 center loss, and their weighted total. All distances are computed in float32, outside autocast.
 
+Every loss takes is_real [B] (bool, None = all real): the all-zero "mock" images that pad a short identity
+when the sampler does not resample (data.PKSampler(use_resampling=False)) are masked as the original's
+training_step masks them. Masks are weights, not indices, so no loss reads a value back to the host.
+
     python loss.py --benchmark            # the four losses vs the ResNet50 forward+backward, one run
 """
 import argparse
@@ -33,13 +37,25 @@ def pairwise_distance(x, y, distance="euclidean"):
     raise ValueError(f"unknown distance {distance!r}: use one of {', '.join(DISTANCES)}")
 
 
-def cross_entropy_label_smooth(logits, targets, epsilon=0.1):
-    """Cross-entropy against (1 - epsilon) * onehot + epsilon / C, averaged over the batch."""
-    return F.cross_entropy(logits.float(), targets, label_smoothing=epsilon)
+def _real_mean(values, is_real):
+    """Mean of values [N] over the rows where is_real is True (all rows when None)."""
+    if is_real is None:
+        return values.mean()
+    weight = is_real.to(values.dtype)
+    return (values * weight).sum() / weight.sum().clamp_min(1)
 
 
-def batch_hard_triplet_loss(feats, pids, margin=0.5, distance="euclidean"):
-    """mean_a max(0, max_{p: same id, p != a} d(a, p) - min_{n: other id} d(a, n) + margin)."""
+def cross_entropy_label_smooth(logits, targets, epsilon=0.1, is_real=None):
+    """Cross-entropy against (1 - epsilon) * onehot + epsilon / C, averaged over the (real) images."""
+    losses = F.cross_entropy(logits.float(), targets, label_smoothing=epsilon, reduction="none")
+    return _real_mean(losses, is_real)
+
+
+def batch_hard_triplet_loss(feats, pids, margin=0.5, distance="euclidean", is_real=None):
+    """mean_a max(0, max_{p: same id, p != a} d(a, p) - min_{n: other id} d(a, n) + margin).
+
+    With is_real, the mean runs over the real anchors only, while mock images stay candidates for the
+    hardest positive and negative, as in the original (its TripletLoss(mask=isReal))."""
     with _no_autocast(feats):
         dist = pairwise_distance(feats, feats, distance)  # [N, N]
         same = pids[:, None] == pids[None, :]
@@ -48,10 +64,11 @@ def batch_hard_triplet_loss(feats, pids, margin=0.5, distance="euclidean"):
         dist_ap = (dist * (same & others)).amax(dim=1)
         # no negative at all (one identity): d_an = inf and the term is 0
         dist_an = dist.masked_fill(same, float("inf")).amin(dim=1)
-        return F.relu(dist_ap - dist_an + margin).mean()
+        return _real_mean(F.relu(dist_ap - dist_an + margin), is_real)
 
 
-def centroid_triplet_loss(feats, pids, num_instances, margin=0.5, distance="euclidean", check_layout=True):
+def centroid_triplet_loss(feats, pids, num_instances, margin=0.5, distance="euclidean", check_layout=True,
+                          is_real=None):
     """Centroid Triplet Loss over an identity-major batch of P identities x K = num_instances images.
 
     For identity p and slot r: query q_pr = x_pr, centroid c_pr = (sum_k x_pk - x_pr) / (K - 1), the mean
@@ -63,6 +80,11 @@ def centroid_triplet_loss(feats, pids, num_instances, margin=0.5, distance="eucl
 
     i.e. the batch-hard triplet loss on each slot's queries + centroids (labels repeated), averaged over
     the K slots, as the original centroids-reid computes it; here all slots at once.
+
+    With is_real [B], as the original's masks: a centroid is the mean of the identity's other *real* images;
+    slot r of an identity whose image r is a mock has neither query nor centroid (not an anchor, not a
+    negative); each slot's loss is the mean over its anchors, and the slots with fewer than two identities
+    are left out of the mean over slots.
     """
     num, dim = feats.shape
     if num_instances < 2:
@@ -76,16 +98,26 @@ def centroid_triplet_loss(feats, pids, num_instances, margin=0.5, distance="eucl
         raise ValueError(f"the batch must be identity-major: {num_instances} consecutive images per identity")
     with _no_autocast(feats):
         x = feats.float().view(num_ids, num_instances, dim)  # [P, K, D]
-        centroids = (x.sum(dim=1, keepdim=True) - x) / (num_instances - 1)  # [P, K, D]
+        real = (torch.ones(num_ids, num_instances, device=feats.device) if is_real is None
+                else is_real.view(num_ids, num_instances).float())  # [P, K]
+        num_real = real.sum(dim=1, keepdim=True)  # [P, 1]
+        others = num_real - real  # [P, K]: real images besides image r
+        real_sum = (real[..., None] * x).sum(dim=1, keepdim=True)  # [P, 1, D]
+        centroids = (real_sum - real[..., None] * x) / others.clamp_min(1)[..., None]  # [P, K, D]
+        valid = (real * (others > 0)).t().repeat(1, 2)  # [K, 2P]: slot r of the identity has query and centroid
         slots = torch.cat([x, centroids], dim=0).transpose(0, 1)  # [K, 2P, D]: queries, then centroids
         dist = pairwise_distance(slots, slots, distance)  # [K, 2P, 2P]
         members = torch.arange(2 * num_ids, device=feats.device)
         partner = (members + num_ids) % (2 * num_ids)
         dist_ap = dist[:, members, partner]  # [K, 2P]
         labels = id_pids.repeat(2)  # [2P]
-        same = labels[:, None] == labels[None, :]  # [2P, 2P]
-        dist_an = dist.masked_fill(same, float("inf")).amin(dim=-1)  # [K, 2P]
-        return F.relu(dist_ap - dist_an + margin).mean()
+        not_negative = (labels[:, None] == labels[None, :]) | (valid[:, None, :] == 0)  # [K, 2P, 2P]
+        dist_an = dist.masked_fill(not_negative, float("inf")).amin(dim=-1)  # [K, 2P]
+        losses = F.relu(dist_ap - dist_an + margin) * valid  # [K, 2P]
+        anchors = valid.sum(dim=1)  # [K]: 2 x identities present in the slot
+        slot_loss = losses.sum(dim=1) / anchors.clamp_min(1)  # [K]
+        used = (anchors >= 4).float()  # the original skips a slot with fewer than two identities
+        return (slot_loss * used).sum() / used.sum().clamp_min(1)
 
 
 class CenterLoss(nn.Module):
@@ -95,10 +127,10 @@ class CenterLoss(nn.Module):
         super().__init__()
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
 
-    def forward(self, feats, pids):
-        """feats [B, D], pids [B] -> 0-d float32 loss."""
+    def forward(self, feats, pids, is_real=None):
+        """feats [B, D], pids [B] -> 0-d float32 loss (mean over the real images)."""
         with _no_autocast(feats):
-            return (feats.float() - self.centers[pids].float()).pow(2).sum(dim=1).mean()
+            return _real_mean((feats.float() - self.centers[pids].float()).pow(2).sum(dim=1), is_real)
 
 
 def build_center_optimizer(center_loss, lr=0.5):
@@ -121,13 +153,17 @@ def scale_center_grads(center_loss, center_weight):
 
 def compute_losses(feat, logits, pids, center_loss, num_instances, margin=0.5, distance="euclidean",
                    label_smooth=0.1, ctl_weight=1.0, triplet_weight=1.0, xent_weight=1.0,
-                   center_weight=0.0005, check_layout=True):
-    """Weighted total of the four losses and each (unweighted, detached) term for logging."""
+                   center_weight=0.0005, check_layout=True, is_real=None):
+    """Weighted total of the four losses and each (unweighted, detached) term for logging.
+
+    is_real [B] (the train loader's 4th element): mock images are masked as in each loss's docstring; pass
+    the model is_real too (model(images, is_real)), so that its BNNeck normalises with real images only."""
     terms = {
-        "centroid_triplet": centroid_triplet_loss(feat, pids, num_instances, margin, distance, check_layout),
-        "triplet": batch_hard_triplet_loss(feat, pids, margin, distance),
-        "xent": cross_entropy_label_smooth(logits, pids, label_smooth),
-        "center": center_loss(feat, pids) if center_loss is not None
+        "centroid_triplet": centroid_triplet_loss(feat, pids, num_instances, margin, distance, check_layout,
+                                                  is_real),
+        "triplet": batch_hard_triplet_loss(feat, pids, margin, distance, is_real),
+        "xent": cross_entropy_label_smooth(logits, pids, label_smooth, is_real),
+        "center": center_loss(feat, pids, is_real) if center_loss is not None
         else torch.zeros((), device=feat.device),
     }
     total = (ctl_weight * terms["centroid_triplet"] + triplet_weight * terms["triplet"]

@@ -62,11 +62,26 @@ class IBN(nn.Module):
         return torch.cat([inst, self.BN(batch).to(x.dtype)], dim=1)
 
 
+def original_stem_relu(name):
+    """Whether the original centroids-reid builds `name` with a ReLU after the stem's bn1: its plain ResNets
+    (inherited from reid-strong-baseline) have none, its IBN-a nets keep it."""
+    return name.endswith("_ibn_a")
+
+
+def stem_relu_message(model, pretrained):
+    """A line to print once at start when the stem differs from the net the ImageNet weights were trained as."""
+    if not pretrained or model.stem_relu:
+        return ""
+    return (f"{model.name}: no ReLU after the stem's bn1, as in the original centroids-reid; the ImageNet weights "
+            f"were trained with that ReLU (build_model(stem_relu=True) keeps it)")
+
+
 class Backbone(nn.Module):
     """torchvision ResNet without avgpool/fc; keys read conv1.*, bn1.*, layer1.* ... layer4.*."""
 
-    def __init__(self, name="resnet50", last_stride=1, stem_relu=True):
+    def __init__(self, name="resnet50", last_stride=1, stem_relu=None):
         super().__init__()
+        stem_relu = original_stem_relu(name) if stem_relu is None else stem_relu
         net = ARCHS[name][0](weights=None)
         if name.endswith("_ibn_a"):
             for layer in (net.layer1, net.layer2, net.layer3):
@@ -78,7 +93,6 @@ class Backbone(nn.Module):
         strided.stride = (last_stride, last_stride)
         first.downsample[0].stride = (last_stride, last_stride)
         self.conv1, self.bn1, self.maxpool = net.conv1, net.bn1, net.maxpool
-        # the original centroids-reid ResNet has no ReLU after the stem's bn1
         self.relu = nn.ReLU(inplace=True) if stem_relu else nn.Identity()
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
 
@@ -91,7 +105,7 @@ class Backbone(nn.Module):
 class CTLModel(nn.Module):
     """Backbone, global average pooling, BNNeck (bias frozen at 0) and a bias-free classifier."""
 
-    def __init__(self, name="resnet50", num_classes=751, last_stride=1, stem_relu=True):
+    def __init__(self, name="resnet50", num_classes=751, last_stride=1, stem_relu=None):
         super().__init__()
         self.name, self.last_stride = name, last_stride
         self.feat_dim, self.num_classes = BACKBONE_EMB_SIZES[name], num_classes
@@ -107,17 +121,42 @@ class CTLModel(nn.Module):
         """Whether the stem has a ReLU after bn1 (False for the original centroids-reid nets)."""
         return isinstance(self.backbone.relu, nn.ReLU)
 
-    def forward(self, x):
-        """Training: (pre-BN feature [B, D], logits [B, C]); eval: embedding BN(f) [B, D]."""
+    def forward(self, x, is_real=None):
+        """Training: (pre-BN feature [B, D], logits [B, C]); eval: embedding BN(f) [B, D].
+
+        is_real [B] (bool, training only): the BNNeck's batch statistics come from the real images only, as the
+        original applies its BNNeck to the real features alone; mock images still pass through the backbone."""
         feat = self.backbone(x).mean(dim=(2, 3))  # global average pooling, [B, D]
         if not self.training:
             return self.bn(feat)
-        return feat, self.classifier(self.bn(feat))
+        neck = self.bn(feat) if is_real is None else masked_batch_norm(self.bn, feat, is_real)
+        return feat, self.classifier(neck)
+
+
+def masked_batch_norm(bn, x, mask):
+    """Training-mode BatchNorm1d over the rows where mask is True (statistics and running-stat update); every
+    row is normalised with them. No host sync: the mask is a weight, not an index."""
+    weight = mask.to(torch.float32)[:, None]  # [B, 1]
+    count = weight.sum()
+    values = x.float()
+    mean = (weight * values).sum(0) / count
+    var = (weight * (values - mean).pow(2)).sum(0) / count
+    out = (values - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked += 1
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
+            bn.running_mean.lerp_(mean, momentum)
+            bn.running_var.lerp_(var * count / (count - 1).clamp_min(1), momentum)  # unbiased, as BatchNorm
+    return out.to(x.dtype)
 
 
 def build_model(name="resnet50", num_classes=751, last_stride=1, pretrained=False, pretrain_path="",
-                stem_relu=True, center_loss=None):
-    """Build a CTLModel; load pretrain_path, or with pretrained=True the default ImageNet file."""
+                stem_relu=None, center_loss=None):
+    """Build a CTLModel; load pretrain_path, or with pretrained=True the default ImageNet file.
+
+    stem_relu: None follows the original (no ReLU after the stem's bn1, IBN-a nets excepted: see
+    original_stem_relu); True / False force it. A checkpoint that records its stem overrides it when loaded."""
     if name not in ARCHS:
         raise ValueError(f"unknown model name {name!r}: choose one of {', '.join(ARCHS)}")
     if last_stride not in (1, 2):
@@ -268,9 +307,10 @@ def _apply_state(model, state, centers, kind, path, dropped=(), center_loss=None
 
 
 def _stem_relu_of(obj, state, kind):
-    """Stem ReLU the file's net had: recorded in ours, absent in the original's plain ResNets."""
-    if kind == "our checkpoint" and "stem_relu" in obj:
-        return bool(obj["stem_relu"])
+    """Stem ReLU the file's net had: recorded in ours (older ones, without the record, always had it), absent
+    in the original's plain ResNets; None when the file cannot tell (ImageNet weights, plain state dicts)."""
+    if kind == "our checkpoint":
+        return bool(obj.get("stem_relu", True))
     if kind == "original centroids-reid checkpoint":
         # the original's IBN-a net keeps the ReLU; its plain ResNets dropped it
         return "backbone.layer1.0.bn1.IN.weight" in state
@@ -305,12 +345,25 @@ def model_from_checkpoint(path, center_loss=None):
         last_stride = _original_last_stride(obj) if kind.startswith("original") else 1
     num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 1
     stem_relu = _stem_relu_of(obj, state, kind)
+    # a plain state dict does not record its stem: assume the torchvision stem, with the ReLU
     model = build_model(name, num_classes, last_stride, stem_relu=True if stem_relu is None else stem_relu)
     built = (f"built {name}, {num_classes} identities, last stride {last_stride}, "
              f"stem {'with' if model.stem_relu else 'without'} ReLU")
     _apply_state(model, state, centers, kind, path, dropped, center_loss, notes=[built])
     model.input_size = _trained_input_size(obj)
+    model.pixel_mean, model.pixel_std = _trained_normalisation(obj)
     return model.eval()
+
+
+def _trained_normalisation(obj):
+    """(INPUT.PIXEL_MEAN, INPUT.PIXEL_STD) the checkpoint's model was trained with, (None, None) when unrecorded."""
+    try:
+        if isinstance(obj.get("config"), dict):
+            return tuple(obj["config"]["INPUT.PIXEL_MEAN"]), tuple(obj["config"]["INPUT.PIXEL_STD"])
+        inputs = obj["hyper_parameters"]["INPUT"]
+        return tuple(inputs["PIXEL_MEAN"]), tuple(inputs["PIXEL_STD"])
+    except (KeyError, TypeError, ValueError):
+        return None, None
 
 
 def _trained_input_size(obj):

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import utils
-from data import IMAGE_EXTENSIONS, DataError, build_test_transform, item_labels, load_image, read_dataset
+from data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, build_test_transform, item_labels,
+                  load_image, read_dataset)
 from evaluate import EvaluationError, extract_features, identity_centroids, synthetic_problem
 from model import BACKBONE_EMB_SIZES, WeightError, model_from_checkpoint
 
@@ -71,6 +72,11 @@ def model_fingerprint(model):
 def input_size_for(model, size=None):
     """--size when given, else the input size the checkpoint was tested at, else 256x128."""
     return tuple(size or model.input_size or DEFAULT_SIZE)
+
+
+def normalisation_of(model):
+    """(pixel mean, pixel std) the checkpoint was trained with (INPUT.PIXEL_MEAN/STD), else ImageNet's."""
+    return (getattr(model, "pixel_mean", None) or IMAGENET_MEAN), (getattr(model, "pixel_std", None) or IMAGENET_STD)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,9 +139,9 @@ class MarkedImages(Dataset):
     """Paths -> (image, item position, 1), or (zeros, position, 0) for an unreadable file: extract_features'
     pid and camid columns then carry each row's position and whether it decoded."""
 
-    def __init__(self, paths, size):
+    def __init__(self, paths, size, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
         self.paths, self.size = list(paths), tuple(size)
-        self.transform = build_test_transform(self.size)
+        self.transform = build_test_transform(self.size, pixel_mean, pixel_std)
 
     def __len__(self):
         return len(self.paths)
@@ -155,7 +161,7 @@ def amp_dtype_for(device, fp32=False):
 def embed_chunks(model, paths, device, size, batch_size=128, num_workers=0, flip=False, amp_dtype=None,
                  skip_bad=False, chunk_batches=10):
     """Embed paths in chunks of chunk_batches batches; yields (feats [M, D], positions [M], bad positions)."""
-    loader = DataLoader(MarkedImages(paths, size), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    loader = DataLoader(MarkedImages(paths, size, *normalisation_of(model)), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type != "cpu")
     batches = iter(loader)
     with tqdm(total=len(paths), desc="embed", unit="img") as bar:

@@ -1,7 +1,7 @@
 """Train a centroid-triplet ReID model: one entrypoint for one device, torch.distributed.launch and torchrun.
 
     python train.py --DATASETS.NAMES market1501 --DATASETS.ROOT_DIR data --OUTPUT_DIR output
-    python train.py --config_file configs/market1501.yml DATASETS.ROOT_DIR /data
+    python train.py --config_file configs/market1501_256_resnet50.yml DATASETS.ROOT_DIR /data
     python -m torch.distributed.launch --nproc_per_node=8 train.py ...
     torchrun --nproc_per_node=8 train.py ...
 """
@@ -23,12 +23,12 @@ from tqdm import tqdm
 
 import config
 import utils
-from data import (BAD_PID, DataError, DeviceAugmentLoader, GuardedImages, bad_images_report, build_datasets,
-                  build_test_loader, build_train_loader, check_image, dataset_paths, item_labels, preflight_check, with_dataset,
-                  without_paths)
-from evaluate import evaluate_features, evaluation_arguments, extract_features, format_results
+from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported
+from data import (DataError, DeviceAugmentLoader, GuardedImages, bad_images_report, build_datasets,
+                  build_train_loader, dataset_paths, find_bad_images, preflight_check, with_dataset, without_paths)
+from evaluate import evaluate_checkpoint_cli, evaluate_splits, format_results
 from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads
-from model import WeightError, build_model, load_weights
+from model import WeightError, build_model, load_weights, stem_relu_message
 
 OPTIONS = [  # what is not a configuration key (config.parse adds --config_file)
     ("resume", ("--resume",), "", "auto (OUTPUT_DIR/last.pth if present) or a checkpoint path"),
@@ -87,10 +87,11 @@ class TrainState:
     scheduler: object
     scaler: object
     sampler: object
-    train_model: torch.nn.Module = None  # DDP / compiled wrappers of model and center_loss when used
+    train_model: torch.nn.Module = None  # DDP wrappers of model and center_loss when used
     train_center_loss: torch.nn.Module = None
     amp_dtype: torch.dtype = None
     apex_amp: object = None
+    graphed: object = None  # cuda_graph.GraphedStep when the step runs as one CUDA graph
     next_epoch: int = 0
     next_step: int = 0
     best_metric: float = None
@@ -138,6 +139,18 @@ def backward_and_step(total, state, center_weight):
     state.scaler.step(state.optimizer)
     state.scaler.step(state.center_optimizer)
     state.scaler.update()
+
+
+def eager_step(state, images, pids, is_real, num_instances, loss_kwargs, center_weight):
+    """Forward, the four losses, backward and both optimizer steps; the [5] loss row (total, then the terms)."""
+    with utils.autocast(images.device, state.amp_dtype):
+        feat, logits = state.train_model(images, is_real)  # mock images (USE_RESAMPLING False) skip the BNNeck
+    total, terms = compute_losses(feat.float(), logits.float(), pids, state.train_center_loss, num_instances,
+                                  is_real=is_real, **loss_kwargs)
+    for opt in state.optimizers:
+        opt.zero_grad(set_to_none=True)
+    backward_and_step(total, state, center_weight)
+    return torch.stack([total.detach().float()] + [t.float() for t in terms.values()])
 
 
 def agree(device, first_bad_step):
@@ -193,19 +206,16 @@ def train_one_epoch(state, loader, cfg, device, epoch, start_step, world_size):
                disable=not utils.is_main_process(), dynamic_ncols=True, leave=False)
     done, data_time, stopped = 0, 0.0, False
     start = tick = time.perf_counter()
-    for step, (images, pids, _) in enumerate(loader, start=start_step):
+    for step, (images, pids, _, is_real) in enumerate(loader, start=start_step):
         data_time += time.perf_counter() - tick
         images = images.to(device, non_blocking=True, memory_format=channels_last)
-        pids = pids.to(device, non_blocking=True)
+        pids, is_real = pids.to(device, non_blocking=True), is_real.to(device, non_blocking=True)
         if step == start_step and world_size > 1:
             check_disjoint_identities(pids, world_size)
-        with utils.autocast(device, state.amp_dtype):
-            feat, logits = state.train_model(images)
-        total, terms = compute_losses(feat.float(), logits.float(), pids, state.train_center_loss, K, **loss_kwargs)
-        for opt in state.optimizers:
-            opt.zero_grad(set_to_none=True)
-        backward_and_step(total, state, cfg.SOLVER.CENTER_LOSS_WEIGHT)
-        loss_row = torch.stack([total.detach().float()] + [t.float() for t in terms.values()])
+        if state.graphed is not None:
+            loss_row = state.graphed.step(images, pids)  # the same maths, replayed as one CUDA graph
+        else:
+            loss_row = eager_step(state, images, pids, is_real, K, loss_kwargs, cfg.SOLVER.CENTER_LOSS_WEIGHT)
         sums += loss_row
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_row).all(), step, first_bad)
         done += 1
@@ -248,53 +258,15 @@ def loss_arguments(cfg):
 # ---------------------------------------------------------------------------------------------------
 # Evaluation, checkpoints, the main loop
 
-def extract_sharded(model, items, cfg, device, rank, world_size, amp_dtype):
-    """Embed this rank's contiguous shard of items and gather all shards (in order) onto every rank: (features,
-    pids), pid data.BAD_PID marking an image that could not be read (embedded as a blank stand-in)."""
-    start, end = utils.shard_bounds(len(items), rank, world_size)
-    if start == end:  # more ranks than a shard needs (e.g. 5 items, 4 ranks): nothing to embed, still gather
-        feats, pids = torch.zeros(0, model.feat_dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
-        return utils.gather_rows(feats, len(items)), utils.gather_rows(pids, len(items))
-    loader = build_test_loader(items[start:end], cfg.INPUT.SIZE_TEST, cfg.TEST.IMS_PER_BATCH,
-                               cfg.DATALOADER.NUM_WORKERS)
-    loader = with_dataset(loader, GuardedImages(loader.dataset, blank_size=cfg.INPUT.SIZE_TEST),
-                          generator=torch.Generator())  # its seed draw leaves training's random stream alone
-    feats, pids, _ = extract_features(model, loader, device, flip=cfg.TEST.FLIP_FEATS, feat_norm=cfg.TEST.FEAT_NORM,
-                                      amp_dtype=amp_dtype)
-    pids = torch.as_tensor(pids, device=device)
-    return utils.gather_rows(feats.to(device), len(items)), utils.gather_rows(pids, len(items))  # metrics on device
-
-
-def evaluate_epoch(model, data, cfg, device, rank, world_size, amp_dtype):
-    """Per-image and centroid results (on rank 0; None elsewhere), features extracted on every rank. A query or
-    gallery image that cannot be read: DATALOADER.SKIP_BAD leaves it out (skipped.txt), else BadImageStop."""
-    utils.broadcast_buffers(model)  # every shard embedded by the model rank 0 saves
-    q_feats, q_pids = extract_sharded(model, data["query"], cfg, device, rank, world_size, amp_dtype)
-    g_feats, g_pids = extract_sharded(model, data["gallery"], cfg, device, rank, world_size, amp_dtype)
-    q_keep, g_keep = (q_pids != BAD_PID).cpu().numpy(), (g_pids != BAD_PID).cpu().numpy()
-    bad = [path for items, keep in ((data["query"], q_keep), (data["gallery"], g_keep))
-           for (path, _, _), ok in zip(items, keep) if not ok]
-    if bad and not cfg.DATALOADER.SKIP_BAD:  # every rank gathered the same pids: all stop together
-        raise BadImageStop(f"cannot read image {bad[0]}: {check_image(bad[0]) or 'unreadable'}"
-                           + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
-    if rank != 0:
-        return None
-    if bad:
-        log_skipped(cfg.OUTPUT_DIR, [(path, check_image(path) or "unreadable") for path in bad])
-    queries = [item for item, ok in zip(data["query"], q_keep) if ok]
-    gallery = [item for item, ok in zip(data["gallery"], g_keep) if ok]
-    return evaluate_features(q_feats[torch.as_tensor(q_keep, device=device)], *item_labels(queries),
-                             g_feats[torch.as_tensor(g_keep, device=device)], *item_labels(gallery),
-                             **evaluation_arguments(cfg, data["has_cameras"]))
-
-
 def flatten_results(results):
-    """{'image': ..., 'centroid': ...} -> metrics.jsonl keys (fractions): mAP, rank1, ..., centroid_mINP."""
+    """{'image': ..., 'centroid': ..., ['centroid_original': ...]} -> metrics.jsonl keys (fractions): mAP, rank1,
+    ..., centroid_mAP, ..., centroid_original_mAP, ..., and centroid_protocol."""
     row = {}
-    for kind, prefix in (("image", ""), ("centroid", "centroid_")):
-        res = results[kind]
+    for kind, res in results.items():
+        prefix = "" if kind == "image" else kind + "_"
         row.update({f"{prefix}mAP": float(res["mAP"]), f"{prefix}mINP": float(res["mINP"])})
         row.update({f"{prefix}rank{k}": float(res["cmc"][k - 1]) for k in (1, 5, 10) if k <= len(res["cmc"])})
+    row["centroid_protocol"] = results["centroid"]["protocol"]
     return row
 
 
@@ -461,7 +433,9 @@ def build_loader(cfg, data, device, rank, world_size):
     args = (data["train"], cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE, inputs.SIZE_TRAIN,
             cfg.DATALOADER.NUM_WORKERS)
     kwargs = {"seed": cfg.SOLVER.SEED, "rank": rank, "world_size": world_size, "flip_prob": inputs.PROB,
-              "padding": inputs.PADDING, "re_prob": inputs.RE_PROB}
+              "padding": inputs.PADDING, "re_prob": inputs.RE_PROB, "sampler": cfg.DATALOADER.SAMPLER,
+              "use_resampling": cfg.DATALOADER.USE_RESAMPLING, "drop_last": cfg.DATALOADER.DROP_LAST,
+              "pixel_mean": inputs.PIXEL_MEAN, "pixel_std": inputs.PIXEL_STD, "with_is_real": True}
     if inputs.DEVICE_AUGMENT:
         loader = DeviceAugmentLoader(*args, device, **kwargs)
         return loader, loader.batch_sampler
@@ -471,8 +445,12 @@ def build_loader(cfg, data, device, rank, world_size):
 def build_network(cfg, num_classes, device):
     """(model, center loss) on the device, from ImageNet weights or MODEL.PRETRAIN_PATH."""
     pretrain_path = "" if cfg.MODEL.RESUME_TRAINING else cfg.MODEL.PRETRAIN_PATH
-    model = build_model(cfg.MODEL.NAME, num_classes, cfg.MODEL.LAST_STRIDE,
-                        pretrained=cfg.MODEL.PRETRAINED and not pretrain_path)
+    imagenet = cfg.MODEL.PRETRAINED and not pretrain_path
+    model = build_model(cfg.MODEL.NAME, num_classes, cfg.MODEL.LAST_STRIDE, pretrained=imagenet,
+                        stem_relu={"auto": None, "true": True, "false": False}[cfg.MODEL.STEM_RELU])
+    note = stem_relu_message(model, imagenet)
+    if note and utils.is_main_process():
+        print(note)
     emb_size = cfg.MODEL.BACKBONE_EMB_SIZE
     if emb_size and emb_size != model.feat_dim:
         raise SystemExit(f"error: MODEL.BACKBONE_EMB_SIZE {emb_size}: {cfg.MODEL.NAME} gives {model.feat_dim}-d "
@@ -485,7 +463,7 @@ def build_network(cfg, num_classes, device):
 
 
 def wrap_for_training(state, cfg, device, world_size):
-    """DDP (model and centers, whose gradients are averaged like the model's), SyncBN and torch.compile."""
+    """DDP (model and centers, whose gradients are averaged like the model's) and SyncBN."""
     if world_size > 1:
         model = state.model
         if cfg.SOLVER.SYNC_BN:
@@ -493,8 +471,26 @@ def wrap_for_training(state, cfg, device, world_size):
         device_ids = [device.index] if device.type != "cpu" else None
         state.train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         state.train_center_loss = torch.nn.parallel.DistributedDataParallel(state.center_loss, device_ids=device_ids)
-    if cfg.SOLVER.COMPILE:
-        state.train_model = torch.compile(state.train_model)
+
+
+def build_graphed_step(state, cfg, device):
+    """state.graphed: the whole step as one CUDA graph when SOLVER.CUDA_GRAPH allows it; the reason once when not."""
+    if cfg.SOLVER.CUDA_GRAPH == "false":
+        return
+    supported, reason = graph_supported(device, state.amp_dtype, cfg.SOLVER.AMP_BACKEND,
+                                        sync_bn=cfg.SOLVER.SYNC_BN and torch.distributed.is_initialized())
+    if supported and not cfg.DATALOADER.USE_RESAMPLING:
+        supported, reason = False, "mock images (DATALOADER.USE_RESAMPLING False) need the eager step's masks"
+    if not supported:
+        if cfg.SOLVER.CUDA_GRAPH == "true":
+            raise SystemExit(f"error: SOLVER.CUDA_GRAPH true: {reason}; use SOLVER.CUDA_GRAPH auto or false")
+        print(f"CUDA graph: off ({reason})")
+        return
+    K = cfg.DATALOADER.NUM_INSTANCE
+    shape = (cfg.SOLVER.IMS_PER_BATCH * K, 3, *cfg.INPUT.SIZE_TRAIN)
+    state.graphed = GraphedStep(state.train_model, state.train_center_loss, state.optimizers, loss_arguments(cfg), K,
+                                cfg.SOLVER.CENTER_LOSS_WEIGHT, state.amp_dtype, shape, device)
+    print(f"CUDA graph: the training step is captured after {WARMUP_STEPS} eager steps and replayed")
 
 
 def build_state(cfg, data, device, rank, world_size):
@@ -685,6 +681,25 @@ def check_images(cfg, data, rank):
     return without_paths(data, [path for path, _ in bad]), bad
 
 
+def evaluate_epoch(state, data, cfg, device, rank, world_size):
+    """evaluate_splits's results (rank 0), surviving a query or gallery file that cannot be read (one process):
+    BadImageStop without DATALOADER.SKIP_BAD (the epoch is trained: a resumed run evaluates it); with it, the bad
+    files are found, left out of data for good (skipped.txt), and the evaluation repeated. With several ranks the
+    one that meets the file ends the run (run() says which; the others cannot be reached mid-gather)."""
+    while True:
+        try:
+            return evaluate_splits(state.model, data, cfg, device, state.amp_dtype, rank, world_size)[0]
+        except DataError as err:
+            if world_size > 1 or not cfg.DATALOADER.SKIP_BAD:
+                raise (BadImageStop(str(err)) if world_size == 1 else err) from None
+            items = sorted({path for split in ("query", "gallery") for path, _, _ in data[split]})
+            bad = find_bad_images(items, cfg.DATALOADER.NUM_WORKERS, cfg.INPUT.DEVICE_AUGMENT, progress=False)
+            if not bad:  # it failed, then read: a flaky mount; stop rather than go round
+                raise BadImageStop(str(err)) from None
+            log_skipped(cfg.OUTPUT_DIR, bad)
+            data.update(without_paths(data, [path for path, _ in bad]))
+
+
 def checkpoint_bytes(state):
     """An upper bound of a checkpoint's size: weights and buffers, and two optimizer moments per weight."""
     tensors = list(state.model.state_dict().values()) + list(state.center_loss.state_dict().values())
@@ -751,7 +766,7 @@ def prepare(cfg, given, resume_flag, device, rank, world_size):
     try:
         data = build_datasets(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, cfg.DATASETS.JSON_TRAIN_PATH)
     except DataError as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None
     resume_path = resolve_resume(resume_flag, cfg)
     saved = read_checkpoint(resume_path, resume_flag or resume_path, cfg.OUTPUT_DIR) if resume_path else None
     if saved is not None:
@@ -760,7 +775,7 @@ def prepare(cfg, given, resume_flag, device, rank, world_size):
     try:
         loader, state = build_state(cfg, data, device, rank, world_size)
     except (DataError, WeightError) as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None
     check_output_dir(cfg, state, rank)
     if rank == 0:
         write_config(cfg, given)
@@ -770,6 +785,7 @@ def prepare(cfg, given, resume_flag, device, rank, world_size):
     if saved is not None:
         resume(saved, state, resume_path, rank)
     wrap_for_training(state, cfg, device, world_size)
+    build_graphed_step(state, cfg, device)
     return data, guard_train_loader(loader, cfg, world_size), state, (saved or {}).get("epoch_stats")
 
 
@@ -790,6 +806,10 @@ def run(cfg, given, resume_flag, device, rank, world_size):
         if stop.message and rank == 0:
             print(stop.message, file=sys.stderr, flush=True)
         return stop.code
+    except DataError as err:  # several ranks: this one met a bad file in the evaluation
+        print(f"\nerror: rank {rank}: {err}; the other ranks stop too: {resume_hint(cfg.OUTPUT_DIR)}",
+              file=sys.stderr, flush=True)
+        return 2
     except RuntimeError as err:  # a collective that failed because a rank died, or a real error
         message = utils.collective_failure(err) if world_size > 1 else None
         if message is None:
@@ -814,11 +834,12 @@ def train_epochs(cfg, data, loader, state, device, rank, world_size, trained_sta
             except BadImageStop as stop:  # one process: stop before the step that would use the file
                 step = state.next_step + stop.step
                 save_or_stop(save_checkpoints(state, cfg, epoch, step, rank, world_size, ["last.pth"], stop.torch_rng))
-                raise RunStop(2, bad_image_line(stop.message, f"epoch {epoch + 1}, step {step}", cfg))
+                raise RunStop(2, bad_image_line(stop.message, f"epoch {epoch + 1}, step {step}", cfg)) from None
             if stopped_at is not None and stopped_at < len(state.sampler):  # mid-epoch: save where it stopped
                 save_or_stop(save_checkpoints(state, cfg, epoch, stopped_at, rank, world_size, ["last.pth"]))
                 return stopped(f"epoch {epoch + 1}, step {stopped_at}", cfg)
         trained_stats, state.next_step = None, 0
+        torch_rng = torch.get_rng_state()  # the evaluation's loaders draw their seeds from it: a stop there rewinds
         try:
             with warnings.catch_warnings():
                 if evaluate_only:  # the resumed optimizer stepped before the stop: torch cannot know it
@@ -826,9 +847,9 @@ def train_epochs(cfg, data, loader, state, device, rank, world_size, trained_sta
                 finish_epoch(state, cfg, data, device, epoch, stats, rank, world_size)
         except BadImageStop as stop:  # in the evaluation: the epoch is trained, the schedule not yet stepped
             steps = len(state.sampler)
-            save_or_stop(save_checkpoints(state, cfg, epoch, steps, rank, world_size, ["last.pth"],
+            save_or_stop(save_checkpoints(state, cfg, epoch, steps, rank, world_size, ["last.pth"], torch_rng,
                                           extra={"epoch_stats": stats}))
-            raise RunStop(2, bad_image_line(stop.message, f"the evaluation after epoch {epoch + 1}", cfg))
+            raise RunStop(2, bad_image_line(stop.message, f"the evaluation after epoch {epoch + 1}", cfg)) from None
         if stopped_at is not None:  # the signal came on the epoch's last step: the epoch is complete
             return stopped(f"the end of epoch {epoch + 1}", cfg)
     return 0
@@ -841,7 +862,7 @@ def finish_epoch(state, cfg, data, device, epoch, stats, rank, world_size):
     log_epoch(epoch, max_epochs, stats, lr, device)
     record = {"epoch": epoch + 1, "lr": lr, **stats}
     if (epoch + 1) % cfg.SOLVER.EVAL_PERIOD == 0 or epoch + 1 == max_epochs:
-        results = evaluate_epoch(state.model, data, cfg, device, rank, world_size, state.amp_dtype)
+        results = evaluate_epoch(state, data, cfg, device, rank, world_size)
         if rank == 0:
             print(format_results(results), flush=True)
             record.update(flatten_results(results))
@@ -914,7 +935,6 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     if cfg.TEST.ONLY_TEST:
-        from evaluate import evaluate_checkpoint_cli
         evaluate_checkpoint_cli(cfg, given, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH)
         return 0
     signal.signal(signal.SIGINT, request_stop)

@@ -256,10 +256,31 @@ def shard_bounds(total, rank, world_size):
     return min(rank * shard, total), min((rank + 1) * shard, total)
 
 
-def amp_settings(device_type, enabled, dtype_name):
-    """(autocast dtype or None, whether a GradScaler is needed) for a device and --SOLVER.AMP_DTYPE."""
+AMP_DTYPES = ("auto", "bf16", "fp16")
+
+
+def bf16_supported(device_type):
+    """Whether the device type computes bf16 natively: CUDA from compute capability 8 (Ampere), an NPU that
+    reports it (torch_npu's is_bf16_supported), the CPU."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device_type == "npu":
+        is_supported = getattr(getattr(torch, "npu", None), "is_bf16_supported", None)
+        return bool(is_supported is not None and is_supported())
+    return device_type == "cpu"
+
+
+def amp_settings(device_type, enabled, dtype_name="auto"):
+    """(autocast dtype or None, whether a GradScaler is needed) for a device type and --SOLVER.AMP_DTYPE.
+
+    auto: bf16 where the device computes it natively (no loss scaling, the range of fp32), else fp16 with a
+    GradScaler (older GPUs, NPUs that do not report bf16). bf16 and fp16 are taken as given."""
+    if dtype_name not in AMP_DTYPES:
+        raise ValueError(f"--SOLVER.AMP_DTYPE {dtype_name!r}: expected one of {', '.join(AMP_DTYPES)}")
     if not enabled:
         return None, False
+    if dtype_name == "auto":
+        dtype_name = "bf16" if bf16_supported(device_type) else "fp16"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     return dtype, dtype == torch.float16
 

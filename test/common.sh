@@ -2,7 +2,7 @@
 # Shared by the train_*.sh wrappers (Ascend ModelZoo convention). Each wrapper sets Network defaults,
 # RankSize and its own train.py flags, then calls `run_training "$@"`.
 #   --data_path=DIR    the data set folder or the folder above it (required)
-#   --device_id=N      first device id (default 0); logs go to test/output/N/
+#   --device_id=N      first device id (default 0); logs go to test/output/N/ ($TEST_OUTPUT_DIR/N/ when set)
 #   --dataset=NAME     data set name (default DukeMTMC-reID); its recipe configs/<name>_256_resnet50.yml is read
 #                      when there is one (the original's train script for that set)
 #   --rank_size=N      devices for the multi-device wrappers (default: the wrapper's)
@@ -34,7 +34,7 @@ run_training() {
   # CANN's environment only where CANN is installed; elsewhere the same script runs on GPU or CPU.
   if [ -d /usr/local/Ascend ] && [ -f "$test_dir/env_npu.sh" ]; then source "$test_dir/env_npu.sh"; fi
 
-  local out_dir="$test_dir/output/$device_id"
+  local out_dir="${TEST_OUTPUT_DIR:-$test_dir/output}/$device_id"
   mkdir -p "$out_dir"
   local log="$out_dir/train_${device_id}.log"
   local gpu_ids=$(seq -s ' ' "$device_id" $((device_id + RankSize - 1)))

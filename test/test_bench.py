@@ -83,7 +83,8 @@ def augmentation_statistics(batch):
     """[N, 3, H, W] normalised images -> (share of padded pixels, of erased pixels, of images with erasing)."""
     black = -torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225])
     padded = (batch - black[:, None, None]).abs().amax(dim=1) < 1e-4
-    erased = batch.abs().amax(dim=1) == 0  # random erasing writes 0 after normalisation: no real pixel is 0, 0, 0
+    # random erasing writes INPUT.PIXEL_MEAN into the normalised tensor, as the original does
+    erased = (batch - torch.tensor([0.485, 0.456, 0.406])[:, None, None]).abs().amax(dim=1) < 1e-6
     return padded.float().mean().item(), erased.float().mean().item(), erased.flatten(1).any(1).float().mean().item()
 
 

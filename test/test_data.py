@@ -1,8 +1,10 @@
-"""Readers on generated trees, the PK sampler's invariants, transforms, loaders, the synthetic set and
-the messages for bad input."""
+"""Readers on generated trees, transforms (random erasing against the original's algorithm), loaders with
+mock images, the synthetic set and the messages for bad input. The PK sampler: test_sampler.py."""
 import collections
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import torch
 from PIL import Image
 
 import data
-from data import DataError, PKSampler, build_datasets, read_dataset
+from data import DataError, build_datasets, read_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,96 +143,6 @@ def test_several_names_train_on_the_union_and_evaluate_the_first(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Sampler
-
-
-def make_pids(counts):
-    """Dataset pids, identity i repeated counts[i] times, shuffled so indices are not grouped."""
-    pids = np.repeat(np.arange(len(counts)), counts)
-    return np.random.default_rng(0).permutation(pids).tolist()
-
-
-def test_batches_are_p_distinct_identities_times_k_identity_major():
-    pids = make_pids([1, 2, 3, 4, 5, 9, 17, 6, 6, 6, 4, 8])
-    sampler = PKSampler(pids, num_ids=3, num_instances=3, seed=5)
-    batches = list(sampler)
-    assert len(batches) == len(sampler) > 0
-    for batch in batches:
-        batch_pids = np.array(pids)[batch].reshape(3, 3)  # [P, K]
-        assert (batch_pids == batch_pids[:, :1]).all()  # K consecutive indices per identity
-        assert len(set(batch_pids[:, 0])) == 3  # P distinct identities
-
-
-def test_epochs_are_a_pure_function_of_seed_and_epoch():
-    pids = make_pids([5] * 20)
-    a, b = PKSampler(pids, 4, 4, seed=1), PKSampler(pids, 4, 4, seed=1)
-    a.set_epoch(3), b.set_epoch(3)
-    assert list(a) == list(b) == list(a)  # iterating twice gives the same epoch
-    b.set_epoch(4)
-    assert list(a) != list(b)
-    assert list(PKSampler(pids, 4, 4, seed=2)) != list(PKSampler(pids, 4, 4, seed=1))
-    restored = PKSampler(pids, 4, 4)
-    restored.load_state_dict(a.state_dict())
-    assert list(restored) == list(a)
-
-
-def test_a_resumed_epoch_continues_with_the_batches_it_had_not_seen():
-    pids = make_pids([5] * 20)
-    sampler = PKSampler(pids, 4, 4, seed=1)
-    sampler.set_epoch(2)
-    full = list(sampler)
-    sampler.set_epoch(2, start_step=2)
-    assert list(sampler) == full[2:] and len(sampler) == len(full)
-
-
-def test_an_epoch_visits_every_image_about_once():
-    counts = [4, 8, 12, 4, 8, 16, 4, 8, 4, 12] * 3  # multiples of K: no top-up needed
-    pids = make_pids(counts)
-    sampler = PKSampler(pids, num_ids=5, num_instances=4, seed=0)
-    visits = collections.Counter(i for batch in sampler for i in batch)
-    dropped = len(pids) - len(visits)
-    assert max(visits.values()) == 1 and dropped < 5 * 4  # only the last < P chunks are dropped
-
-
-def test_short_identities_are_topped_up_with_their_own_images():
-    pids = make_pids([1, 2, 3, 6, 7] + [4] * 8)
-    for epoch in range(5):
-        sampler = PKSampler(pids, num_ids=4, num_instances=4, seed=0)
-        sampler.set_epoch(epoch)
-        for batch in sampler:
-            for group in np.array(batch).reshape(4, 4):
-                own = [i for i, p in enumerate(pids) if p == pids[group[0]]]
-                assert set(group) <= set(own)  # never another identity's image, never a mock
-                assert len(set(group)) == min(4, len(own))  # distinct images while there are enough
-
-
-def test_two_ranks_are_disjoint_at_every_step_with_equal_steps_and_cover_the_epoch():
-    pids = make_pids([4, 8, 5, 3, 12, 4, 7, 9, 4, 4, 6, 2, 10, 4])
-    ranks = [PKSampler(pids, num_ids=2, num_instances=4, seed=3, rank=r, world_size=2) for r in (0, 1)]
-    for s in ranks:
-        s.set_epoch(1)
-    steps = [list(s) for s in ranks]
-    assert len(steps[0]) == len(steps[1]) == len(ranks[0]) == len(ranks[1])
-    for b0, b1 in zip(*steps):
-        assert not {pids[i] for i in b0} & {pids[i] for i in b1}
-    seen = {i for rank_steps in steps for batch in rank_steps for i in batch}
-    single = PKSampler(pids, num_ids=4, num_instances=4, seed=3)
-    single.set_epoch(1)
-    assert len(seen) >= len(pids) - 4 * 4 and len(steps[0]) == len(single)
-
-
-def test_impossible_batch_sizes_say_what_is_possible():
-    pids = make_pids([4] * 6)
-    with pytest.raises(DataError, match=r'6 identities.*IMS_PER_BATCH <= 6'):
-        PKSampler(pids, num_ids=8, num_instances=4)
-    with pytest.raises(DataError, match=r'IMS_PER_BATCH <= 3 with 2 devices'):
-        PKSampler(pids, num_ids=4, num_instances=4, world_size=2)
-    with pytest.raises(DataError, match='K >= 2'):
-        PKSampler(pids, num_ids=2, num_instances=1)
-    assert data.describe_batch(16, 4) == '16 identities × 4 images = 64 images per device'
-
-
-# ------------------------------------------------------------------------------------------------
 # Transforms and loaders
 
 
@@ -242,8 +154,117 @@ def test_transform_shapes_and_flip():
     assert abs(float(test.mean())) < 2  # ImageNet-normalised, not 0..255
     flipped = data.build_train_transform((64, 32), flip_prob=1.0, padding=0, re_prob=0.0)(image)
     assert torch.allclose(flipped, test.flip(-1))
-    erased = data.build_train_transform((64, 32), flip_prob=0.0, padding=0, re_prob=1.0)(image)
-    assert (erased == 0).all(dim=0).sum() >= 0.02 * 64 * 32  # an erased box filled with the mean
+
+
+def test_pixel_mean_and_std_set_the_normalisation():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 30, 3), dtype=np.uint8))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    imagenet = data.build_test_transform((64, 32))(image)
+    ours = data.build_test_transform((64, 32), pixel_mean=mean, pixel_std=std)(image)
+    pixels = imagenet * torch.tensor(data.IMAGENET_STD)[:, None, None] + torch.tensor(data.IMAGENET_MEAN)[:, None, None]
+    assert torch.allclose(ours, (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None],
+                          atol=1e-5)
+
+
+def erased_share(images, value):
+    """Share of pixels of images [..., 3, H, W] equal to value (3 channels) in every channel."""
+    return ((images - torch.tensor(value)[:, None, None]).abs() < 1e-6).all(dim=-3).float().mean().item()
+
+
+def test_erasing_fills_the_box_with_pixel_mean_on_the_cpu_and_on_the_device():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 32, 3), dtype=np.uint8))
+    mean = (0.5, 0.4, 0.3)
+    torch.manual_seed(0)
+    cpu = data.build_train_transform((64, 32), padding=0, re_prob=1.0, pixel_mean=mean)
+    device = data.augment_batch([torch.from_numpy(np.array(image)).permute(2, 0, 1)] * 200, (64, 32), padding=0,
+                                re_prob=1.0, pixel_mean=mean)
+    shares = erased_share(torch.stack([cpu(image) for _ in range(200)]), mean), erased_share(device, mean)
+    # mean erased share: E[area] = 0.21 x P(a box fits); both ways draw the same distribution
+    assert 0.1 < shares[0] < 0.3 and abs(shares[0] - shares[1]) < 0.03, shares
+    assert erased_share(data.build_train_transform((64, 32), re_prob=0.0, pixel_mean=mean)(image), mean) == 0
+
+
+def original_erasing_box(rnd, height, width, prob=0.5, sl=0.02, sh=0.4, r1=0.3, log_aspect=False, tries=100):
+    """The original RandomErasing's draw (datasets/transforms/random_erasing.py) as a loop: (top, left, h, w)
+    or None. log_aspect + tries=10: torchvision's draw, which the comparison must tell apart."""
+    if rnd.uniform(0, 1) >= prob:
+        return None
+    for _ in range(tries):
+        target_area = rnd.uniform(sl, sh) * height * width
+        aspect_ratio = (math.exp(rnd.uniform(math.log(r1), -math.log(r1))) if log_aspect
+                        else rnd.uniform(r1, 1 / r1))
+        h = round(math.sqrt(target_area * aspect_ratio))
+        w = round(math.sqrt(target_area / aspect_ratio))
+        if w < width and h < height:
+            return rnd.randint(0, height - h), rnd.randint(0, width - w), h, w
+    return None
+
+
+def ks_statistic(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    a, b = np.sort(a), np.sort(b)
+    grid = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, grid, 'right') / len(a) - np.searchsorted(b, grid, 'right') / len(b)).max()
+
+
+def test_random_erasing_boxes_are_drawn_as_the_originals_loop():
+    num, (height, width) = 10_000, (256, 128)
+    rnd = random.Random(0)
+    reference = [original_erasing_box(rnd, height, width) for _ in range(num)]
+    torchvision_like = [original_erasing_box(rnd, height, width, log_aspect=True, tries=10) for _ in range(num)]
+    torch.manual_seed(0)
+    erase, top, left, h, w = data.random_erasing_boxes(num, height, width, 'cpu')
+    ours = torch.stack([top, left, h, w], 1)[erase].numpy()  # [erased, 4]
+    reference = np.array([box for box in reference if box is not None])
+    torchvision_like = np.array([box for box in torchvision_like if box is not None])
+    # erasing rate: binomial, 10,000 draws each (sd ~ 0.005 per side)
+    assert abs(len(ours) / num - len(reference) / num) < 0.025
+    # top, left, h, w, area: the distributions agree (KS, 1e-3 level: 1.95 sqrt(2 / 5,000) = 0.039)
+    stats = [ours[:, i] for i in range(4)] + [ours[:, 2] * ours[:, 3]]
+    expected = [reference[:, i] for i in range(4)] + [reference[:, 2] * reference[:, 3]]
+    distances = [ks_statistic(a, b) for a, b in zip(stats, expected)]
+    assert max(distances) < 0.039, distances
+    assert ks_statistic(ours[:, 2], torchvision_like[:, 2]) > 0.039  # a log-uniform aspect would be caught
+
+
+def short_identity_items(tiny_synthetic):
+    """Train items of the tiny set with the first identity cut to 2 images and the second to 6 (K = 4)."""
+    items = read_dataset('synthetic', tiny_synthetic)['train']
+    by_pid = collections.defaultdict(list)
+    for item in items:
+        by_pid[item[1]].append(item)
+    return by_pid[0][:2] + by_pid[1][:6] + [item for pid in sorted(by_pid)[2:] for item in by_pid[pid]]
+
+
+def check_mock_batches(batches, num_instances):
+    """Each batch (images, pids, camids, is_real): mocks are all-zero images at the end of their identity's
+    chunk, with its pid; returns the number of mocks."""
+    mocks = 0
+    for images, pids, _, is_real in batches:
+        assert is_real.dtype == torch.bool and len(is_real) == len(images) == len(pids)
+        per_identity = is_real.view(-1, num_instances)
+        assert (per_identity.int().diff(dim=1) <= 0).all() and per_identity[:, :2].all()  # real first, >= 2
+        assert (images[~is_real] == 0).all() and (images[is_real].flatten(1).abs().amax(1) > 0).all()
+        assert (pids.view(-1, num_instances) == pids.view(-1, num_instances)[:, :1]).all()
+        mocks += int((~is_real).sum())
+    return mocks
+
+
+def test_without_resampling_the_train_loaders_pad_with_mock_images(tiny_synthetic):
+    items = short_identity_items(tiny_synthetic)
+    settings = {'seed': 1, 'sampler': 'balanced', 'use_resampling': False, 'with_is_real': True}
+    loader, sampler = data.build_train_loader(items, 2, 4, (32, 16), 0, **settings)
+    device_loader = data.DeviceAugmentLoader(items, 2, 4, (32, 16), 0, 'cpu', **settings)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        device_loader.batch_sampler.set_epoch(epoch)
+        expected = sum(i >= len(items) for batch in sampler for i in batch)
+        assert check_mock_batches(loader, 4) == check_mock_batches(device_loader, 4) == expected
+    assert expected > 0
+    resampled, _ = data.build_train_loader(items, 2, 4, (32, 16), 0, with_is_real=True)
+    assert all(is_real.all() for _, _, _, is_real in resampled)
+    with pytest.raises(DataError, match='use_resampling=False.*with_is_real=True'):
+        data.build_train_loader(items, 2, 4, (32, 16), 0, use_resampling=False)
 
 
 @pytest.mark.parametrize('workers', [0, 2])
@@ -256,6 +277,18 @@ def test_train_and_test_loaders(tiny_synthetic, workers):
     assert (pids.view(4, 3) == pids.view(4, 3)[:, :1]).all()
     test_loader = data.build_test_loader(ds['query'], (64, 32), 5, workers)
     assert torch.cat([p for _, p, _ in test_loader]).tolist() == [pid for _, pid, _ in ds['query']]
+
+
+def test_sampler_stats_prints_both_samplers_on_a_set_and_on_a_simulated_list(tiny_synthetic):
+    run = subprocess.run([sys.executable, 'data.py', 'sampler-stats', tiny_synthetic, '--ids', '2', '--epochs', '2'],
+                         cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert [line.split(':')[0] for line in lines[1:]] == [f'{s:<16} epoch {e}' for s in data.SAMPLERS for e in (0, 1)]
+    run = subprocess.run([sys.executable, 'data.py', 'sampler-stats', '--simulate', 'market', '--epochs', '1',
+                          '--sampler', 'random_identity'], cwd=REPO, capture_output=True, text=True)
+    assert run.stdout.startswith('751 identities, 12936 images') and 'distinct co-batched' in run.stdout
+    assert len(run.stdout.splitlines()) == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,7 +393,7 @@ def test_device_augment_loader_yields_pk_batches_and_names_a_corrupt_file(tiny_s
     assert pids[0] == pids[1] and pids[2] == pids[3] and pids[0] != pids[2]
     bad = tmp_path / 'bad.jpg'
     bad.write_bytes(b'\xff\xd8 not really a jpeg')
-    loader = data.DeviceAugmentLoader([(str(bad), 0, 0)] + items[1:], 2, 2, (32, 16), 0, 'cpu')
+    loader = data.DeviceAugmentLoader([(str(bad), pid, camid) for _, pid, camid in items], 2, 2, (32, 16), 0, 'cpu')
     with pytest.raises(DataError, match=f'{bad}: not a readable JPEG'):
         for _ in loader:
             pass

@@ -1,13 +1,10 @@
 """evaluate.py: exact metrics (hand-made and against a slow reference), edge cases, centroids, features."""
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluate as ev  # noqa: E402
+import evaluate as ev
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,12 +172,13 @@ def two_camera_gallery():
 def test_centroids_exclude_the_query_camera_at_the_right_offsets():
     q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = two_camera_gallery()
     res = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, max_rank=2)
-    # q0 (camera 0) sees pid 1's centroid from camera 1 only, [0, 0, 1] (distance 2), behind pid 2's,
-    # [0.6, 0.8, 0] (distance 0.8): its match ranks 2nd. q1 sees pid 2's [0, 1, 0] first.
+    # q0 (camera 0) sees pid 1's centroid from camera 1 only, [0, 0, 1] (distance 2), behind pid 2's from
+    # both of its images, ~[0.32, 0.95, 0] (distance ~1.37): its match ranks 2nd. q1 (camera 1) sees pid 2's
+    # centroid from camera 0, [0, 1, 0] (0.4), before pid 1's from both images (~1.15).
     assert res["mAP"] == pytest.approx((1 / 2 + 1) / 2)
     np.testing.assert_allclose(res["cmc"], [0.5, 1.0])
-    # The original's bug: gallery camids read from [query camids, gallery camids] without the query
-    # offset. Here that puts q0's identical image into its centroid and changes the answer.
+    # Gallery camids misaligned as by the original's bug (read from [query camids, gallery camids]
+    # without the query offset) put q0's identical image into its centroid and change the answer.
     wrong_camids = np.concatenate([q_camids, g_camids])[:len(g_camids)]
     wrong = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, wrong_camids, max_rank=2)
     assert wrong["mAP"] == pytest.approx(1.0)
@@ -199,29 +197,7 @@ def test_distractors_and_unasked_identities_stay_in_the_centroid_gallery():
                                 np.array([1, 0, 2, 1]), max_rank=4)
     assert res["mAP"] == pytest.approx(1 / 4)  # both distractors and pid 9 rank before the match
     np.testing.assert_allclose(res["cmc"], [0, 0, 0, 1])
-
-
-def reference_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=True):
-    """Per-query loop: build that query's centroid gallery explicitly, then the slow ranking reference."""
-    q, g = q_feats.double().numpy(), g_feats.double().numpy()
-    aps, firsts, skipped = [], [], 0
-    for i in range(len(q)):
-        feats, pids = list(g[g_pids == 0]), [0] * int((g_pids == 0).sum())
-        for pid in sorted(set(g_pids.tolist()) - {0}):
-            use = (g_pids == pid) & ((g_camids != q_camids[i]) if keep_camid_centroids else True)
-            if use.any():
-                c = g[use].mean(0)
-                feats.append(c / np.linalg.norm(c))
-                pids.append(pid)
-        dist = ((np.array(feats) - q[i]) ** 2).sum(1)
-        hits = np.array(pids)[np.argsort(dist, kind="stable")] == q_pids[i]
-        if not hits.any():
-            skipped += 1
-            continue
-        ranks = np.flatnonzero(hits) + 1
-        aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
-        firsts.append(ranks[0])
-    return np.mean(aps), np.mean(np.array(firsts) == 1), skipped
+    assert res["protocol"] == "standard"  # the default; the original's rule drops both (test_protocols.py)
 
 
 @pytest.mark.parametrize("keep_camid_centroids", [True, False])
@@ -236,8 +212,9 @@ def test_centroids_agree_with_a_per_query_reference(keep_camid_centroids):
     q_feats = ev._normalize(centres[q_pids] + 1.5 * torch.randn(60, 16, generator=gen))
     res = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
                                 keep_camid_centroids=keep_camid_centroids, chunk_bytes=ev.BYTES_PER_ITEM * 64 * 5)
-    m_ap, r1, skipped = reference_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
-                                            keep_camid_centroids)
+    from test_protocols import as_numpy, loop_standard  # the standard rule's per-query loop reference
+    m_ap, r1, skipped = loop_standard(*as_numpy((q_feats, q_pids, q_camids, g_feats, g_pids, g_camids)),
+                                      camera_aware=keep_camid_centroids)
     assert 0.2 < m_ap < 0.95 and skipped > 0  # neither trivial nor hopeless
     assert res["mAP"] == pytest.approx(m_ap, abs=1e-6)
     assert res["cmc"][0] == pytest.approx(r1, abs=1e-9)
@@ -277,12 +254,18 @@ def test_extract_features_flip_norm_and_order():
     torch.testing.assert_close(raw, model(imgs).detach())
 
 
-def test_evaluate_model_returns_both_results_and_a_table():
-    loader, _, _, _ = tiny_loader()
-    results = ev.evaluate_model(tiny_model(), loader, loader, torch.device("cpu"))
+def test_evaluate_splits_embeds_both_splits_and_returns_results_and_a_table(synthetic_root):
+    import config
+    from data import read_dataset
+    data = read_dataset("synthetic", synthetic_root)
+    cfg, _, _ = config.parse(["INPUT.SIZE_TEST", "[32, 16]", "DATALOADER.NUM_WORKERS", "0"])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d((4, 2)), torch.nn.Flatten(), torch.nn.Linear(24, 6))
+    results, (q_feats, g_feats) = ev.evaluate_splits(model, data, cfg, torch.device("cpu"))
     assert set(results) == {"image", "centroid"}
+    assert q_feats.shape == (len(data["query"]), 6) and g_feats.shape == (len(data["gallery"]), 6)
     for res in results.values():
-        assert 0 < res["mAP"] <= 1 and res["num_valid_queries"] == 12
+        assert 0 < res["mAP"] <= 1 and res["num_valid_queries"] > 0
     table = ev.format_results(results)
     lines = table.splitlines()
     assert "mAP %" in lines[0] and "mINP %" in lines[0]
@@ -306,14 +289,13 @@ def test_benchmark_prints_the_ratio_to_argsort(capsys):
         print("\n" + out)
 
 
-def test_cli_evaluates_a_checkpoint_both_ways(tmp_path, capsys):
-    data, model = pytest.importorskip("data"), pytest.importorskip("model")
-    data.synthesize(str(tmp_path / "synthetic"), ids=8, images_per_id=6, cameras=3, size=(64, 32), progress=False)
+def test_cli_evaluates_a_checkpoint_both_ways(synthetic_root, tmp_path, capsys):
+    model = pytest.importorskip("model")
     net = model.build_model("resnet18", num_classes=4)
     torch.save({"model": net.state_dict(), "model_name": "resnet18", "num_classes": 4, "last_stride": 1,
                 "stem_relu": True}, tmp_path / "ckpt.pth")
     results = ev.main(["--MODEL.PRETRAIN_PATH", str(tmp_path / "ckpt.pth"), "--DATASETS.NAMES", "synthetic",
-                       "--DATASETS.ROOT_DIR", str(tmp_path), "--DATALOADER.NUM_WORKERS", "0",
+                       "--DATASETS.ROOT_DIR", synthetic_root, "--DATALOADER.NUM_WORKERS", "0",
                        "--INPUT.SIZE_TEST", "64", "32", "--TEST.IMS_PER_BATCH", "16",
                        "--visualize", str(tmp_path / "pictures")])
     out = capsys.readouterr().out
@@ -324,5 +306,5 @@ def test_cli_evaluates_a_checkpoint_both_ways(tmp_path, capsys):
     for picture in pictures:
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit) as stop:
-        ev.main(["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", str(tmp_path)])
+        ev.main(["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", synthetic_root])
     assert stop.value.code == 2 and "give MODEL.PRETRAIN_PATH (or TEST.WEIGHT)" in capsys.readouterr().err

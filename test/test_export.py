@@ -23,7 +23,8 @@ def checkpoint(tmp_path_factory):
             model(torch.randn(8, 3, *SIZE) * 2 + 0.5)
     path = tmp / "r18.pth"
     torch.save({"model": model.state_dict(), "model_name": "resnet18", "num_classes": 10, "last_stride": 1,
-                "stem_relu": True, "config": {"INPUT.SIZE_TEST": list(SIZE)}}, path)
+                "stem_relu": True, "config": {"INPUT.SIZE_TEST": list(SIZE), "INPUT.PIXEL_MEAN": [0.5, 0.4, 0.3],
+                                               "INPUT.PIXEL_STD": [0.2, 0.25, 0.3]}}, path)
     synthesize(str(tmp / "synthetic"), ids=4, images_per_id=4, cameras=2, size=SIZE, progress=False)
     return {"path": str(path), "images": str(tmp / "synthetic" / "query"), "tmp": tmp}
 
@@ -60,6 +61,13 @@ def test_batch_axis_is_dynamic_and_output_is_the_embedding(exported):
     for batch in (1, 3, 7):
         out = session.run(["embeddings"], {"images": torch.randn(batch, 3, *SIZE).numpy()})[0]
         assert out.shape == (batch, 512)
+
+
+def test_the_file_records_its_input_contract_from_the_checkpoint(exported):
+    import onnx
+    contract = {p.key: p.value for p in onnx.load(exported[1]).metadata_props}
+    assert contract["input_size"] == "64 32"
+    assert contract["pixel_mean"] == "0.5 0.4 0.3" and contract["pixel_std"] == "0.2 0.25 0.3"
 
 
 def test_generated_check_images_when_no_folder_is_given():

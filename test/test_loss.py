@@ -255,3 +255,85 @@ def test_benchmark_reports_both_times_from_one_run():
                               iters=1, loss_iters=2)
     assert result["backbone_ms"] > 0 and result["losses_ms"] > 0
     assert result["ratio"] == pytest.approx(result["losses_ms"] / result["backbone_ms"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Mock images (use_resampling=False): masked as the original's training_step masks them
+
+
+def original_masked_losses(feats, logits, pids, is_real, num_instances, margin=0.5, epsilon=0.1):
+    """The original's training_step on one batch, written as loops: (CTL, cross-entropy, batch-hard triplet).
+    A slot's query and centroid exist only where the slot's image is real; a centroid is the mean of the
+    identity's other real images; a slot with < 2 identities is skipped."""
+    num_ids = len(feats) // num_instances
+    slot_losses = []
+    for slot in range(num_instances):
+        queries, centroids, labels = [], [], []
+        for ident in range(num_ids):
+            rows = range(ident * num_instances, (ident + 1) * num_instances)
+            query = ident * num_instances + slot
+            others = [feats[j] for j in rows if j != query and is_real[j]]
+            if is_real[query] and others:
+                queries.append(feats[query])
+                centroids.append(sum(others) / len(others))
+                labels.append(int(pids[query]))
+        if len(labels) > 1:
+            slot_losses.append(slow_batch_hard(torch.stack(queries + centroids), labels + labels, margin, "euclidean"))
+    ctl = sum(slot_losses) / len(slot_losses)
+    real = [i for i in range(len(feats)) if is_real[i]]
+    log_probs = F.log_softmax(logits[real], dim=1)
+    targets = torch.full_like(log_probs, epsilon / logits.shape[1])
+    targets[torch.arange(len(real)), pids[real]] += 1 - epsilon
+    xent = (-targets * log_probs).mean(0).sum()
+    hinges = []  # TripletLoss(mask=isReal): mining over every image, mean over the real anchors
+    for i in real:
+        d_ap = max(slow_distance(feats[i], feats[j], "euclidean") for j in range(len(feats))
+                   if j != i and pids[j] == pids[i])
+        d_an = min(slow_distance(feats[i], feats[j], "euclidean") for j in range(len(feats)) if pids[j] != pids[i])
+        hinges.append(torch.clamp(d_ap - d_an + margin, min=0))
+    return ctl, xent, sum(hinges) / len(hinges)
+
+
+def short_identity_batch(mock_seed):
+    """P = 4 identities x K = 4, identity 1 with 2 real images and 2 mocks, identity 3 with 3 + 1; the mocks'
+    features and logits drawn from mock_seed."""
+    generator = torch.Generator().manual_seed(0)
+    feats, logits = torch.randn(16, 8, generator=generator), torch.randn(16, 6, generator=generator)
+    is_real = torch.ones(16, dtype=torch.bool)
+    is_real[[6, 7, 15]] = False
+    mock = torch.Generator().manual_seed(mock_seed)
+    feats[~is_real] = 3 * torch.randn(3, 8, generator=mock)
+    logits[~is_real] = 3 * torch.randn(3, 6, generator=mock)
+    return feats, logits, torch.tensor([5, 2, 0, 4]).repeat_interleave(4), is_real
+
+
+def test_mock_images_change_neither_ctl_nor_cross_entropy_nor_center():
+    center_loss = CenterLoss(6, 8)
+    terms = []
+    for mock_seed in (1, 2):
+        feats, logits, pids, is_real = short_identity_batch(mock_seed)
+        _, found = compute_losses(feats, logits, pids, center_loss, 4, is_real=is_real)
+        ctl, xent, triplet = original_masked_losses(feats, logits, pids, is_real, 4)
+        assert found["centroid_triplet"].item() == pytest.approx(ctl.item(), abs=1e-5)
+        assert found["xent"].item() == pytest.approx(xent.item(), abs=1e-5)
+        assert found["triplet"].item() == pytest.approx(triplet.item(), abs=1e-5)
+        real = is_real.nonzero().flatten()
+        assert found["center"].item() == pytest.approx(center_loss(feats[real], pids[real]).item(), rel=1e-6)
+        terms.append(found)
+    for name in ("centroid_triplet", "xent", "center"):
+        assert terms[0][name].item() == pytest.approx(terms[1][name].item(), abs=1e-6)
+    feats.requires_grad_(), logits.requires_grad_()
+    total, _ = compute_losses(feats, logits, pids, center_loss, 4, triplet_weight=0, center_weight=1, is_real=is_real)
+    total.backward()  # the triplet term left out: mocks are hardest positives / negatives there, as in the original
+    assert total > 0 and (feats.grad[~is_real] == 0).all() and (logits.grad[~is_real] == 0).all()
+    unmasked = compute_losses(feats, logits, pids, center_loss, 4)[1]
+    assert unmasked["centroid_triplet"].item() != pytest.approx(terms[1]["centroid_triplet"].item(), abs=1e-3)
+
+
+def test_all_real_is_the_same_as_no_mask():
+    feats, logits, pids, _ = short_identity_batch(1)
+    center_loss = CenterLoss(6, 8)
+    _, plain = compute_losses(feats, logits, pids, center_loss, 4)
+    _, masked = compute_losses(feats, logits, pids, center_loss, 4, is_real=torch.ones(16, dtype=torch.bool))
+    for name in plain:
+        assert masked[name].item() == pytest.approx(plain[name].item(), rel=1e-6)

@@ -13,7 +13,8 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as model_module  # noqa: E402
 from loss import CenterLoss  # noqa: E402
-from model import ARCHS, WeightError, _infer_arch, build_model, load_weights, model_from_checkpoint  # noqa: E402
+from model import (ARCHS, WeightError, _infer_arch, build_model, load_weights, masked_batch_norm,  # noqa: E402
+                   model_from_checkpoint, stem_relu_message)
 
 
 def images(batch=2, seed=0):
@@ -90,9 +91,20 @@ def test_channels_last_gives_the_same_embedding():
         assert torch.allclose(plain, last, atol=1e-4)
 
 
+def test_stem_follows_the_original_unless_forced():
+    assert not build_model("resnet18", num_classes=3).stem_relu  # the original's plain ResNets: no ReLU
+    assert build_model("resnet50_ibn_a", num_classes=3).stem_relu  # its IBN-a nets keep it
+    assert build_model("resnet18", num_classes=3, stem_relu=True).stem_relu
+    assert not build_model("resnet50_ibn_a", num_classes=3, stem_relu=False).stem_relu
+    without = build_model("resnet18", num_classes=3)
+    assert "trained with that ReLU" in stem_relu_message(without, pretrained=True)
+    assert stem_relu_message(without, pretrained=False) == ""
+    assert stem_relu_message(build_model("resnet18", num_classes=3, stem_relu=True), pretrained=True) == ""
+
+
 def test_stem_without_relu_changes_the_network():
     torch.manual_seed(0)
-    with_relu = build_model("resnet18", num_classes=3).eval()
+    with_relu = build_model("resnet18", num_classes=3, stem_relu=True).eval()
     without = build_model("resnet18", num_classes=3, stem_relu=False).eval()
     without.load_state_dict(with_relu.state_dict())
     assert with_relu.stem_relu and not without.stem_relu
@@ -202,7 +214,7 @@ def test_loads_original_ckpt_without_its_packages(tmp_path, capsys):
 
 def test_load_weights_of_original_ckpt_switches_stem_and_loads_centers(tmp_path):
     path, _, _, state = original_ckpt(tmp_path)
-    model = build_model("resnet18", num_classes=5, last_stride=2)
+    model = build_model("resnet18", num_classes=5, last_stride=2, stem_relu=True)
     center_loss = CenterLoss(5, 512)
     summary = load_weights(model, path, center_loss)
     assert "stem without ReLU" in summary and "+ centers" in summary
@@ -223,6 +235,38 @@ def our_checkpoint(tmp_path):
     path = tmp_path / "last.pth"
     torch.save(checkpoint, path)
     return path, source.eval(), center_loss
+
+
+def test_our_checkpoints_without_a_stem_record_had_the_relu(tmp_path):
+    path, _, _ = our_checkpoint(tmp_path)
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["stem_relu"]  # written before the stem was recorded: always with the ReLU
+    torch.save(checkpoint, path)
+    assert model_from_checkpoint(path).stem_relu
+    model = build_model("resnet18", num_classes=7, last_stride=2)
+    assert "stem with ReLU" in load_weights(model, path) and model.stem_relu
+
+
+def test_masked_bnneck_is_batch_norm_over_the_real_rows():
+    torch.manual_seed(0)
+    feats, is_real = torch.randn(12, 6) * 3 + 1, torch.tensor([True] * 5 + [False] * 2 + [True] * 5)
+    masked, reference = nn.BatchNorm1d(6), nn.BatchNorm1d(6)
+    with torch.no_grad():
+        masked.weight.uniform_(0.5, 2), masked.bias.uniform_(-1, 1)
+    reference.load_state_dict(masked.state_dict())
+    for _ in range(2):  # running statistics follow the real rows too
+        out = masked_batch_norm(masked, feats, is_real)
+        assert torch.allclose(out[is_real], reference(feats[is_real]), atol=1e-5)
+    for name, buffer in reference.state_dict().items():
+        assert torch.allclose(masked.state_dict()[name], buffer, atol=1e-6), name
+    # in the model: other mock images leave the real rows' logits as they were (the backbone in eval mode
+    # here, since its BatchNorm sees the mocks, as the original's does)
+    model = build_model("resnet18", num_classes=3).train()
+    model.backbone.eval()
+    x, is_real = images(batch=4), torch.tensor([True, True, False, False])
+    _, logits = model(x, is_real)
+    x[2:] = 0
+    assert torch.allclose(model(x, is_real)[1][:2], logits[:2], atol=1e-5) and logits.shape == (4, 3)
 
 
 def test_model_from_our_checkpoint_rebuilds_the_same_network(tmp_path):

@@ -14,17 +14,8 @@ import torch
 import config
 import evaluate
 import train
-from data import synthesize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    """A tiny synthetic Market-layout data set: 8 train identities, 8 query/gallery identities."""
-    root = tmp_path_factory.mktemp("data")
-    synthesize(str(root / "synthetic"), ids=16, images_per_id=6, cameras=3, size=(64, 32), progress=False)
-    return str(root)
 
 
 def tiny_flags(root, output_dir, *more):
@@ -152,7 +143,7 @@ def test_missing_data_set_and_bad_values_fail_with_clear_messages(tmp_path):
     result = run_script([sys.executable, "train.py", "--SOLVER.IMS_PER_BATH", "16"])
     assert result.returncode == 2 and "did you mean SOLVER.IMS_PER_BATCH" in result.stderr
     result = run_script([sys.executable, "train.py", "--SOLVER.AMP_DTYPE", "fp8"])
-    assert result.returncode == 2 and "choose one of fp16, bf16" in result.stderr
+    assert result.returncode == 2 and "choose one of auto, fp16, bf16" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -172,18 +163,22 @@ SUMMARY_KEYS = ("Network", "RankSize", "BatchSize", "DeviceType", "CaseName", "A
 
 @pytest.mark.parametrize("script,rank_size", [("train_performance_1p.sh", 1), ("train_full_1p.sh", 1),
                                               ("train_performance_8p.sh", 2), ("train_full_8p.sh", 2)])
-def test_wrappers_run_on_the_cpu_and_fill_every_summary_key(synthetic_root, script, rank_size):
+def test_wrappers_run_on_the_cpu_and_fill_every_summary_key(synthetic_root, script, rank_size, tmp_path):
     device_id = {"train_performance_1p.sh": 91, "train_full_1p.sh": 92,
                  "train_performance_8p.sh": 93, "train_full_8p.sh": 94}[script]
     tiny = tiny_flags(synthetic_root, "ignored")[6:]  # everything after data set and output flags
+    # the 1-device performance wrapper reads the Market recipe (configs/market1501_256_resnet50.yml)
+    recipe = script == "train_performance_1p.sh"
+    dataset = ["--dataset=market1501", "--MODEL.PRETRAIN_PATH", "", "--MODEL.BACKBONE_EMB_SIZE", "0"] if recipe \
+        else ["--dataset=synthetic"]
     args = ["bash", f"test/{script}", f"--data_path={synthetic_root}/synthetic", f"--device_id={device_id}",
-            "--dataset=synthetic", *tiny, "--SOLVER.MAX_EPOCHS", "1", "--SOLVER.IMS_PER_BATCH", "2"]
+            *dataset, *tiny, "--SOLVER.MAX_EPOCHS", "1", "--SOLVER.IMS_PER_BATCH", "2"]
     if rank_size > 1:
         args.append(f"--rank_size={rank_size}")
-    result = run_script(args, env={"MASTER_PORT": str(29620 + device_id)})
+    result = run_script(args, env={"MASTER_PORT": str(29620 + device_id), "TEST_OUTPUT_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Final Performance images/sec" in result.stdout
-    out_dir = os.path.join(ROOT, "test", "output", str(device_id))
+    out_dir = os.path.join(tmp_path, str(device_id))
     case = f"CTL_resnet18_bs2_{rank_size}p_acc"  # the backbone and P the flags asked for
     with open(os.path.join(out_dir, f"{case}.log")) as f:
         summary = dict(line.rstrip("\n").split(" = ", 1) for line in f)
@@ -191,6 +186,9 @@ def test_wrappers_run_on_the_cpu_and_fill_every_summary_key(synthetic_root, scri
     assert float(summary["ActualFPS"]) > 0 and 0 < float(summary["TrainAccuracy"]) <= 1
     assert summary["RankSize"] == str(rank_size) and summary["DeviceType"] == "cpu"
     assert os.path.exists(os.path.join(out_dir, f"train_{device_id}.log"))
+    written, _, _ = config.parse(["--config_file", os.path.join(out_dir, "config.yaml")])
+    # the recipe's own values (the rest are overridden by the wrapper and the tiny flags)
+    assert written.DATALOADER.USE_RESAMPLING is not recipe and written.USE_MIXED_PRECISION is not recipe
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,11 +271,14 @@ def test_passing_config_yaml_back_repeats_the_run_exactly(synthetic_root, tmp_pa
 def test_only_test_evaluates_the_weight_and_draws_ranked_lists(synthetic_root, two_epoch_run, tmp_path, capsys):
     flags = tiny_flags(synthetic_root, tmp_path, "TEST.ONLY_TEST", "True", "TEST.WEIGHT",
                        str(two_epoch_run / "last.pth"), "TEST.VISUALIZE", "yes", "TEST.VISUALIZE_MAX_NUMBER", "3",
-                       "TEST.VISUALIZE_TOPK", "4")
+                       "TEST.VISUALIZE_TOPK", "4", "TEST.CENTROID_PROTOCOL", "all")
     assert train.main(flags) == 0
     out = capsys.readouterr().out
     last = read_metrics(two_epoch_run)[-1]
-    assert f"{100 * last['mAP']:7.2f}" in out and f"{100 * last['centroid_mAP']:7.2f}" in out
+    rows = {line.split("  ")[0].strip(): line for line in out.splitlines() if line.startswith(("per image", "centroid "))}
+    assert f"{100 * last['mAP']:7.2f}" in rows["per image"]
+    assert f"{100 * last['centroid_mAP']:7.2f}" in rows["centroid standard"]  # the default protocol while training
+    assert {"centroid original", "centroid original_fixed"} <= set(rows) and "centroid protocols:" in out
     pictures = sorted(os.listdir(tmp_path / "visualize"))
     assert len(pictures) == 4 and "cmc.png" in pictures  # 3 ranked lists and the CMC curves
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -305,3 +306,9 @@ def test_reproducible_runs_each_seed_and_print_mean_and_std(synthetic_root, tmp_
         assert summary[key]["std"] == pytest.approx(abs(values[0] - values[1]) / 2)
         assert f"{100 * summary[key]['mean']:6.2f} +- {100 * summary[key]['std']:5.2f}" in out
     assert runs[0]["loss"] != runs[1]["loss"]  # different seeds, different runs
+
+
+def test_cuda_graph_is_refused_cleanly_where_it_cannot_run(synthetic_root, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"SOLVER.CUDA_GRAPH true: CUDA graphs need a CUDA device"):
+        train.main(tiny_flags(synthetic_root, tmp_path, "--SOLVER.MAX_EPOCHS", "1", "SOLVER.CUDA_GRAPH", "true"))
+    assert not (tmp_path / "last.pth").exists()

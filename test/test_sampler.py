@@ -1,0 +1,223 @@
+"""The PK identity sampler: the properties of both samplers, and the random_identity draw against a plain
+loop port of the original's RandomIdentitySampler."""
+import collections
+import random
+import time
+
+import numpy as np
+import pytest
+
+import data
+from data import SAMPLERS, DataError, PKSampler
+
+
+def make_pids(counts):
+    """Dataset pids, identity i repeated counts[i] times, shuffled so indices are not grouped."""
+    pids = np.repeat(np.arange(len(counts)), counts)
+    return np.random.default_rng(0).permutation(pids).tolist()
+
+
+def epoch(sampler, number, start_step=0):
+    """The batches of one epoch as a list."""
+    sampler.set_epoch(number, start_step)
+    return list(sampler)
+
+
+def step_identities(batches, pids, num_instances):
+    """The identity of each chunk of each batch: list of lists."""
+    num_images = len(pids)
+    return [[pids[i % num_images] for i in batch[::num_instances]] for batch in batches]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_batches_are_p_distinct_identities_times_k_identity_major(sampler):
+    pids = make_pids([1, 2, 3, 4, 5, 9, 17, 6, 6, 6, 4, 8])
+    pk = PKSampler(pids, num_ids=3, num_instances=3, seed=5, sampler=sampler)
+    batches = epoch(pk, 0)
+    assert len(batches) == len(pk) > 0
+    for batch in batches:
+        batch_pids = np.array(pids)[batch].reshape(3, 3)  # [P, K]
+        assert (batch_pids == batch_pids[:, :1]).all()  # K consecutive indices per identity
+        assert len(set(batch_pids[:, 0])) == 3  # P distinct identities
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_epochs_are_a_pure_function_of_seed_and_epoch(sampler):
+    pids = make_pids([5] * 20)
+    a, b = PKSampler(pids, 4, 4, seed=1, sampler=sampler), PKSampler(pids, 4, 4, seed=1, sampler=sampler)
+    assert epoch(a, 3) == epoch(b, 3) == list(a)  # iterating twice gives the same epoch
+    assert epoch(b, 4) != epoch(a, 3)
+    assert epoch(PKSampler(pids, 4, 4, seed=2, sampler=sampler), 3) != epoch(a, 3)
+    restored = PKSampler(pids, 4, 4, sampler=sampler)
+    restored.load_state_dict(a.state_dict())
+    assert list(restored) == list(a)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_resumed_epoch_is_the_rest_of_the_uninterrupted_epoch(sampler):
+    pids = data.simulated_pids("market")
+    full = epoch(PKSampler(pids, 16, 4, seed=1, sampler=sampler), 2)
+    resumed = PKSampler(pids, 16, 4, seed=1, sampler=sampler)  # a new process: nothing cached
+    resumed.load_state_dict({"seed": 1, "epoch": 2})
+    resumed.set_epoch(2, start_step=37)
+    assert list(resumed) == full[37:] and len(resumed) == len(full)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("world_size", [2, 8])
+def test_ranks_are_disjoint_at_every_step_with_equal_steps(sampler, world_size):
+    pids = data.simulated_pids("market")
+    ranks = [PKSampler(pids, 16, 4, seed=3, rank=r, world_size=world_size, sampler=sampler, use_resampling=False)
+             for r in range(world_size)]
+    steps = [epoch(s, 1) for s in ranks]
+    assert len({len(s) for s in ranks} | {len(s) for s in steps}) == 1 and len(steps[0]) > 0
+    for step in zip(*steps):
+        identities = [i for batch in step_identities(step, pids, 4) for i in batch]
+        assert len(identities) == len(set(identities)) == 16 * world_size
+    real = [i for rank_steps in steps for batch in rank_steps for i in batch if i < len(pids)]
+    assert len(real) == len(set(real))  # no image twice in an epoch, over all ranks
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_single_leftover_image_is_dropped_and_short_chunks_get_mocks(sampler):
+    counts = [1, 5, 9, 6, 2, 3, 4, 8, 13, 7, 10, 11] * 2
+    pids, num_images = make_pids(counts), sum(counts)
+    pk = PKSampler(pids, num_ids=3, num_instances=4, sampler=sampler, use_resampling=False)
+    chunks = data.identity_chunks(np.array(counts), 4)
+    assert chunks.tolist()[:12] == [0, 1, 2, 2, 1, 1, 1, 2, 3, 2, 3, 3]
+    left_out = collections.defaultdict(set)
+    for number in range(6):
+        used = collections.defaultdict(list)
+        for batch in epoch(pk, number):
+            for i in batch:
+                used[pids[i % num_images]].append(i)
+        assert 0 not in used and 12 not in used  # the identities with one image never appear
+        for identity, indices in used.items():
+            real = [i for i in indices if i < num_images]
+            mocks = [i - num_images for i in indices if i >= num_images]
+            assert len(real) == len(set(real)) and set(mocks) <= set(real)  # mocks of the identity's images
+            if len(indices) == 4 * chunks[identity]:  # all its chunks were drawn this epoch
+                usable = counts[identity] - (counts[identity] % 4 == 1)
+                assert len(real) == usable and len(mocks) == 4 * chunks[identity] - usable
+                if counts[identity] % 4 == 1:
+                    own = {i for i, p in enumerate(pids) if p == identity}
+                    left_out[identity] |= own - set(real)
+    assert any(len(images) > 1 for images in left_out.values())  # the dropped image is a random one
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_short_identities_are_topped_up_with_their_own_images(sampler):
+    pids = make_pids([1, 2, 3, 6, 7] + [4] * 8)
+    pk = PKSampler(pids, num_ids=4, num_instances=4, seed=0, sampler=sampler)
+    for number in range(5):
+        for batch in epoch(pk, number):
+            for group in np.array(batch).reshape(4, 4):
+                own = [i for i, p in enumerate(pids) if p == pids[group[0]]]
+                assert set(group) <= set(own)  # never another identity's image, never a mock
+                assert len(set(group)) == min(4, len(own))  # distinct images while there are enough
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_drop_last_false_adds_one_smaller_step_of_the_identities_left(sampler):
+    counts = [4, 8, 5, 3, 12, 4, 7, 9, 4, 4, 6, 2, 10, 4, 9, 13, 6, 8]  # 31 chunks
+    pids, chunks = make_pids(counts), data.identity_chunks(np.array(counts), 4)
+    kept = [PKSampler(pids, 2, 4, seed=3, rank=r, world_size=2, sampler=sampler, drop_last=False) for r in (0, 1)]
+    dropped = PKSampler(pids, 2, 4, seed=3, rank=0, world_size=2, sampler=sampler)
+    extra_steps = 0
+    for number in range(10):
+        batches = [epoch(s, number) for s in kept]
+        full = epoch(dropped, number)
+        drawn = collections.Counter(i for rank in batches for batch in step_identities(rank[:len(full)], pids, 4)
+                                    for i in batch)
+        unfinished = {i for i, c in enumerate(chunks) if drawn[i] < c}
+        assert batches[0][:len(full)] == full and len(batches[0]) == len(batches[1]) == len(kept[0])
+        if len(unfinished) < 2:  # fewer identities left than ranks: no last step
+            assert len(kept[0]) == len(full)
+            continue
+        extra_steps += 1
+        assert len(kept[0]) == len(full) + 1
+        last = step_identities([batches[0][-1], batches[1][-1]], pids, 4)
+        assert 1 <= len(last[1]) <= len(last[0]) <= len(last[1]) + 1 and len(last[0]) + len(last[1]) < 4
+        assert set(last[0]) | set(last[1]) == unfinished and not set(last[0]) & set(last[1])
+    assert extra_steps > 0
+
+
+def test_impossible_settings_say_what_is_possible():
+    pids = make_pids([4] * 6 + [1])
+    with pytest.raises(DataError, match=r"6 identities with 2 images or more.*IMS_PER_BATCH <= 6"):
+        PKSampler(pids, num_ids=8, num_instances=4)
+    with pytest.raises(DataError, match=r"IMS_PER_BATCH <= 3 with 2 devices"):
+        PKSampler(pids, num_ids=4, num_instances=4, world_size=2)
+    with pytest.raises(DataError, match="K >= 2"):
+        PKSampler(pids, num_ids=2, num_instances=1)
+    with pytest.raises(DataError, match="unknown sampler 'random'.*random_identity, balanced"):
+        PKSampler(pids, num_ids=2, num_instances=4, sampler="random")
+    assert data.describe_batch(16, 4) == "16 identities × 4 images = 64 images per device"
+
+
+# ------------------------------------------------------------------------------------------------
+# random_identity against the original's loop
+
+
+def original_epoch(counts, num_ids, num_instances, rnd):
+    """The original RandomIdentitySampler.__iter__ at world size 1, as written there: the identity of each
+    chunk, step after step (its data sets never hold an identity with one image)."""
+    index = {}
+    for pid, n in enumerate(counts):
+        n -= n % num_instances == 1
+        index[pid] = [pid] * -(-n // num_instances)
+    available = list(index)
+    steps = []
+    while len(available) >= num_ids:
+        selected = rnd.sample(available, num_ids)
+        for pid in selected:
+            index[pid].pop(0)
+            if not index[pid]:
+                available.remove(pid)
+        steps.append(selected)
+    return steps
+
+
+def epoch_statistics(epochs, num_identities):
+    """Per epoch: steps, chunks drawn per identity [I], gaps between an identity's consecutive steps (1..4, 5+)."""
+    steps = np.array([len(e) for e in epochs])
+    drawn = np.array([np.bincount([i for s in e for i in s], minlength=num_identities) for e in epochs])
+    gaps = np.zeros((len(epochs), 5))
+    for row, e in enumerate(epochs):
+        last = {}
+        for number, step in enumerate(e):
+            for i in step:
+                if i in last:
+                    gaps[row, min(number - last[i], 5) - 1] += 1
+                last[i] = number
+    return np.column_stack([steps, drawn, gaps / gaps.sum(1, keepdims=True)])
+
+
+def test_random_identity_draws_as_the_originals_loop():
+    counts = [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 17, 21, 25]
+    pids, num_epochs = make_pids(counts), 1500
+    rnd = random.Random(0)
+    original = epoch_statistics([original_epoch(counts, 4, 4, rnd) for _ in range(num_epochs)], len(counts))
+    pk = PKSampler(pids, num_ids=4, num_instances=4)
+    ours = epoch_statistics([step_identities(epoch(pk, e), pids, 4) for e in range(num_epochs)], len(counts))
+    # every statistic's mean agrees within 4.5 standard errors (22 statistics, 1,500 epochs each)
+    error = np.sqrt(original.var(0) / num_epochs + ours.var(0) / num_epochs) + 1e-9
+    z = np.abs(original.mean(0) - ours.mean(0)) / error
+    assert z.max() < 4.5, z.round(1)
+    balanced = PKSampler(pids, num_ids=4, num_instances=4, sampler="balanced")
+    other = epoch_statistics([step_identities(epoch(balanced, e), pids, 4) for e in range(300)], len(counts))
+    assert (np.abs(original.mean(0) - other.mean(0)) / error).max() > 10  # the test tells samplers apart
+
+
+def test_random_identity_meets_far_more_identities_than_balanced():
+    pids = data.simulated_pids("market")
+    co_batched = {s: data.sampler_statistics(pids, 16, 4, s, epoch=0)["co_batched"] for s in SAMPLERS}
+    assert co_batched["random_identity"] >= 1.8 * co_batched["balanced"], co_batched
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_an_msmt17_sized_epoch_plans_well_under_a_second(sampler):
+    pk = PKSampler(data.simulated_pids("msmt17"), 16, 4, sampler=sampler)
+    start = time.perf_counter()
+    batches = epoch(pk, 0)
+    assert time.perf_counter() - start < 1.0 and len(batches) > 1900
