@@ -55,6 +55,11 @@ SCHEMA = [
     ("DATALOADER.DROP_LAST", True, "drop the epoch's last incomplete batch", None),
     ("DATALOADER.USE_RESAMPLING", True, "an identity with fewer than K images: True repeats its own images, "
      "False pads with zero mock images masked out of the losses (the CTL recipe)", None),
+    ("DATALOADER.CHECK_IMAGES", True, "ours: decode every image once before training and list the bad ones "
+     "(remembered per data set in ~/.cache/centroid-reid until a file changes)", None),
+    ("DATALOADER.SKIP_BAD", False, "ours: an unreadable image is replaced by another of its identity (train) or "
+     "left out (query/gallery), and listed in OUTPUT_DIR/skipped.txt; False stops the run there, saving last.pth",
+     None),
     ("SOLVER.OPTIMIZER_NAME", "Adam", "Adam | AdamW | SGD", ("Adam", "AdamW", "SGD")),
     ("SOLVER.MAX_EPOCHS", 120, "epochs", None),
     ("SOLVER.BASE_LR", 3.5e-4, "learning rate after warm-up", None),

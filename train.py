@@ -6,13 +6,16 @@
     torchrun --nproc_per_node=8 train.py ...
 """
 import dataclasses
+import errno
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -22,13 +25,15 @@ import config
 import utils
 import visualize
 from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported
-from data import DataError, DeviceAugmentLoader, build_datasets, build_train_loader
+from data import (DataError, DeviceAugmentLoader, GuardedImages, bad_images_report, build_datasets,
+                  build_train_loader, dataset_paths, find_bad_images, preflight_check, with_dataset, without_paths)
 from evaluate import evaluate_checkpoint_cli, evaluate_splits, format_results
 from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads
 from model import WeightError, build_model, load_weights, stem_relu_message
 
 OPTIONS = [  # what is not a configuration key (config.parse adds --config_file)
-    ("resume", ("--resume",), "", "auto (OUTPUT_DIR/last.pth if present) or a checkpoint path"),
+    ("resume", ("--resume",), "", "auto (OUTPUT_DIR/last.pth if present), best (OUTPUT_DIR/best.pth) or a "
+     "checkpoint path"),
     ("plot", ("--plot",), "", "redraw OUTPUT_DIR/curves.png from OUTPUT_DIR/metrics.jsonl and exit"),
     ("local_rank", ("--local_rank", "--local-rank"), None, "set by torch.distributed.launch"),
 ]
@@ -107,15 +112,21 @@ class TrainState:
 # ---------------------------------------------------------------------------------------------------
 # The training step and epoch
 
-STOP = {"signal": None}
+STOP = {"signal": None, "signal_time": 0.0, "bad_image": None, "image_stop": False}
+SIGNAL_REPEAT_S = 1.0  # a second signal sooner than this is the first one delivered twice, not a second request
 
 
 def request_stop(signum, frame):
-    """First SIGINT/SIGTERM: finish the step and save; a second one exits at once."""
+    """First SIGINT/SIGTERM: finish the step and save; a second one exits at once. Ctrl-C under torchrun reaches
+    each rank twice within milliseconds (from the terminal, then forwarded by the launcher): that counts once."""
+    now = time.monotonic()
     if STOP["signal"] is not None:
+        if now - STOP["signal_time"] < SIGNAL_REPEAT_S:
+            return
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
-    STOP["signal"] = signum
+        return
+    STOP["signal"], STOP["signal_time"] = signum, now
     print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pth "
           "(send it again to quit at once)", file=sys.stderr, flush=True)
 
@@ -147,13 +158,16 @@ def eager_step(state, images, pids, is_real, num_instances, loss_kwargs, center_
 
 
 def agree(device, first_bad_step):
-    """(stop requested on any rank, first non-finite step on any rank or -1): one small collective."""
+    """(stop requested on any rank, first non-finite step on any rank or -1): one small collective. A stop is a
+    signal or, with several ranks and DATALOADER.SKIP_BAD false, a bad image that a rank replaced for now;
+    STOP["image_stop"] tells the two apart afterwards."""
     stop = float(STOP["signal"] is not None)
     if not torch.distributed.is_initialized():
         return bool(stop), int(first_bad_step)
-    t = torch.tensor([stop, float(first_bad_step)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t[0].item()), int(t[1].item())
+    t = torch.tensor([stop, float(bool(bad_image_message())), float(first_bad_step)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)  # a dead rank fails it: see run()
+    STOP["image_stop"] = bool(t[1].item())
+    return bool(t[0].item() or t[1].item()), int(t[2].item())
 
 
 def check_disjoint_identities(pids, world_size):
@@ -287,25 +301,42 @@ def checkpoint(state, cfg, next_epoch, next_step):
             "sampler": state.sampler.state_dict(), "rng": rng_state()}
 
 
-def resume(path, state):
-    """Load a checkpoint written by checkpoint() into state: weights, optimizers, schedule, sampler, position."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    state.model.load_state_dict(saved["model"])
-    state.center_loss.load_state_dict(saved["center_loss"])
-    state.optimizer.load_state_dict(saved["optimizer"])
-    state.center_optimizer.load_state_dict(saved["center_optimizer"])
-    state.scheduler.load_state_dict(saved["scheduler"])
-    state.scaler.load_state_dict(saved["scaler"])
-    state.sampler.load_state_dict(saved["sampler"])
-    set_rng_state(saved["rng"])
+class ResumeError(Exception):
+    """A checkpoint that cannot continue this run: the message says which key differs and what to do."""
+
+
+def resume(saved, state, path, rank=0):
+    """Load a checkpoint written by checkpoint() into state: weights, optimizers, schedule, sampler, position (and
+    this rank's random state). ResumeError when its tensors do not fit the model built now."""
+    try:
+        state.model.load_state_dict(saved["model"])
+        state.center_loss.load_state_dict(saved["center_loss"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        state.center_optimizer.load_state_dict(saved["center_optimizer"])
+        state.scheduler.load_state_dict(saved["scheduler"])
+        state.scaler.load_state_dict(saved["scaler"])
+        state.sampler.load_state_dict(saved["sampler"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise ResumeError(f"--resume {path}: the checkpoint does not fit the model built now "
+                          f"({utils.first_line(err)}): {NEW_RUN_ADVICE.format(path=path)}") from None
+    rng = saved["rng"]  # one state per rank since distributed runs save every rank's; a dict before
+    set_rng_state(rng[rank if rank < len(rng) else 0] if isinstance(rng, list) else rng)
     state.next_epoch, state.next_step, state.best_metric = saved["next_epoch"], saved["next_step"], saved["best_metric"]
     print(f"resumed from {path}: epoch {state.next_epoch + 1}, step {state.next_step}, "
           f"lr {state.optimizer.param_groups[0]['lr']:.2e}")
 
 
+NEW_RUN_ADVICE = "or train from its weights in a new OUTPUT_DIR with --MODEL.PRETRAIN_PATH {path}"
+RESUME_KEYS = (("DATASETS.NAMES", "another data set"), ("MODEL.NAME", "another backbone"),
+               ("SOLVER.IMS_PER_BATCH", "another P: every epoch's batches differ"),
+               ("DATALOADER.NUM_INSTANCE", "another K: every epoch's batches differ"),
+               ("DATALOADER.SAMPLER", "another sampler: every epoch's batches differ"),
+               ("SOLVER.OPTIMIZER_NAME", "another optimizer: its saved state does not apply"))
+
+
 def resolve_resume(value, cfg):
-    """--resume auto -> OUTPUT_DIR/last.pth when it exists; a path must exist. MODEL.RESUME_TRAINING resumes
-    MODEL.PRETRAIN_PATH, as the original does."""
+    """--resume auto -> OUTPUT_DIR/last.pth when it exists; best -> OUTPUT_DIR/best.pth; a path must exist.
+    MODEL.RESUME_TRAINING resumes MODEL.PRETRAIN_PATH, as the original does."""
     if not value and cfg.MODEL.RESUME_TRAINING:
         if not cfg.MODEL.PRETRAIN_PATH:
             raise SystemExit("error: MODEL.RESUME_TRAINING True needs MODEL.PRETRAIN_PATH: the checkpoint to continue")
@@ -315,10 +346,68 @@ def resolve_resume(value, cfg):
     if value == "auto":
         path = os.path.join(cfg.OUTPUT_DIR, "last.pth")
         return path if os.path.exists(path) else ""
-    if not os.path.exists(value):
-        raise SystemExit(f"error: --resume {value}: no such file (use --resume auto to continue from "
-                         "OUTPUT_DIR/last.pth)")
-    return value
+    path = os.path.join(cfg.OUTPUT_DIR, "best.pth") if value == "best" else value
+    if not os.path.exists(path):
+        raise ResumeError(f"--resume {value}: no {path} (--resume auto continues from OUTPUT_DIR/last.pth, "
+                          "--resume best from OUTPUT_DIR/best.pth)")
+    return path
+
+
+def read_checkpoint(path, value, output_dir):
+    """The training checkpoint at path; ResumeError when it is unreadable, damaged (truncated) or only weights."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise ResumeError(f"--resume {value}: cannot read {path} ({err.strerror or err})") from None
+    except Exception as err:  # noqa: BLE001  (zip, pickle and EOF errors all mean a damaged file)
+        if "weights only load failed" in str(err).lower():  # whole, but pickled objects: another program's file
+            raise ResumeError(f"--resume {value}: {path} is not a checkpoint of train.py (it holds Python objects): "
+                              f"to start from its weights use --MODEL.PRETRAIN_PATH {path}") from None
+        best = os.path.join(output_dir, "best.pth")
+        instead = "continue from best.pth (its epoch) with --resume best, or " \
+            if value == "auto" and os.path.exists(best) else ""
+        raise ResumeError(f"--resume {value}: {path} is damaged, truncated perhaps by a full disk or a copy cut "
+                          f"short ({utils.first_line(err, 100)}): {instead}delete it to start afresh") from None
+    if not isinstance(saved, dict) or not {"model", "optimizer", "next_epoch", "next_step", "sampler"} <= set(saved):
+        raise ResumeError(f"--resume {value}: {path} holds weights but no training state (optimizer, schedule, "
+                          f"position): to start from its weights use --MODEL.PRETRAIN_PATH {path}")
+    return saved
+
+
+def _as_saved(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _shown(value):
+    """A key's value as typed on the command line (lists space-separated)."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def check_resume_fits(saved, path, cfg, num_classes, world_size):
+    """ResumeError naming the first key that makes the checkpoint another run; a note for a changed MAX_EPOCHS."""
+    old = saved.get("config") or {}
+    for key, what in RESUME_KEYS:
+        if key in old and _as_saved(old[key]) != cfg[key] and not (
+                key == "DATASETS.NAMES" and [n.lower() for n in old[key]] == [n.lower() for n in cfg[key]]):
+            was = _shown(old[key])
+            raise ResumeError(f"--resume {path}: {key} is {was} in the checkpoint but {_shown(cfg[key])} now "
+                              f"({what}): resume with --{key} {was}, {NEW_RUN_ADVICE.format(path=path)}")
+    if saved.get("num_classes", num_classes) != num_classes:
+        raise ResumeError(f"--resume {path}: the checkpoint's classifier has {saved['num_classes']} classes but the "
+                          f"training set now has {num_classes} identities (another data set or DATASETS.ROOT_DIR): "
+                          f"resume with the data it was trained on, {NEW_RUN_ADVICE.format(path=path)}")
+    saved_world = saved.get("world_size", world_size)
+    if saved_world != world_size and saved["next_step"] > 0:
+        raise ResumeError(f"--resume {path}: the run stopped mid-epoch with {saved_world} processes, this one has "
+                          f"{world_size}: continue it with {saved_world} (a checkpoint from an epoch's end resumes "
+                          "with any number)")
+    old_max = old.get("SOLVER.MAX_EPOCHS", cfg.SOLVER.MAX_EPOCHS)
+    if old_max != cfg.SOLVER.MAX_EPOCHS:
+        left = "nothing is left to train" if saved["next_epoch"] >= cfg.SOLVER.MAX_EPOCHS else \
+            f"training continues to epoch {cfg.SOLVER.MAX_EPOCHS}"
+        cosine = " (cosine_annealing: the lr curve follows the new length)" \
+            if cfg.SOLVER.LR_SCHEDULER_NAME == "cosine_annealing" else ""
+        print(f"note: --resume {path}: SOLVER.MAX_EPOCHS was {old_max}, now {cfg.SOLVER.MAX_EPOCHS}: {left}{cosine}")
 
 
 def is_better(value, best, mode):
@@ -443,7 +532,7 @@ def describe_run(cfg, state, device, world_size, steps_per_epoch):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The main loop
+# Writing the configuration
 
 def write_config(cfg, given):
     """config.yaml in OUTPUT_DIR (pass it back as --config_file to repeat the run) and the non-default keys."""
@@ -458,50 +547,321 @@ def write_config(cfg, given):
         print(note)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Faults: bad images met mid-run, checkpoints that do not fit, a folder that cannot take a checkpoint
+
+SKIPPED = "skipped.txt"  # with DATALOADER.SKIP_BAD: the images left out or replaced, one "path<TAB>why" a line
+
+
+class RunStop(Exception):
+    """End the run with an exit code after a message (printed by rank 0)."""
+
+    def __init__(self, code, message=""):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class BadImageStop(Exception):
+    """A file could not be read mid-run: the message names it; step and rng say where training stands (train)."""
+
+    def __init__(self, message, step=None, torch_rng=None):
+        super().__init__(message)
+        self.message, self.step, self.torch_rng = message, step, torch_rng
+
+
+class GuardedLoader:
+    """The training loader, a bad file turned into BadImageStop at the step it would have been trained in, with
+    torch's random state from before that step's batch (the transforms draw from it while loading in-process)."""
+
+    def __init__(self, loader):
+        self.loader, self.batch_sampler = loader, loader.batch_sampler
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        iterator, done = iter(self.loader), 0
+        while True:
+            torch_rng = torch.get_rng_state()  # ~1 us
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except DataError as err:
+                raise BadImageStop(str(err), done, torch_rng) from None
+            done += 1
+            yield batch
+
+
+def guard_train_loader(loader, cfg, world_size):
+    """Make the training loader survive a file that goes bad mid-run. DATALOADER.SKIP_BAD: the image is replaced by
+    another of its identity and logged in skipped.txt. Without it one process stops at the step (BadImageStop);
+    several replace the image until they agree, at the next log step, to stop (a rank cannot leave a step alone)."""
+    inner = loader.loader if isinstance(loader, DeviceAugmentLoader) else loader  # its DataLoader of files
+    if (cfg.DATALOADER.SKIP_BAD or world_size > 1) and hasattr(getattr(inner, "dataset", None), "items"):
+        flag = None if cfg.DATALOADER.SKIP_BAD else multiprocessing.Array("c", 4096)
+        log_path = os.path.join(cfg.OUTPUT_DIR, SKIPPED) if cfg.DATALOADER.SKIP_BAD else ""
+        STOP["bad_image"] = flag
+        guarded = with_dataset(inner, GuardedImages(inner.dataset, log_path=log_path, flag=flag))
+        if isinstance(loader, DeviceAugmentLoader):
+            loader.loader = guarded
+        else:
+            loader = guarded
+    return GuardedLoader(loader)
+
+
+def bad_image_message():
+    """The first bad image this rank's loader replaced while waiting to stop ('' when none)."""
+    flag = STOP["bad_image"]
+    return flag.value.decode(errors="replace") if flag is not None else ""
+
+
+def resume_command(output_dir):
+    """The command that continues this run."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    launcher = f"torchrun --nproc_per_node={local} " if local > 1 else "python "
+    return f"{launcher}train.py --config_file {output_dir}/config.yaml --resume auto"
+
+
+def resume_hint(output_dir):
+    """How to go on after a failure that saved nothing: from last.pth if an earlier save left one."""
+    if os.path.exists(os.path.join(output_dir, "last.pth")):
+        return f"continue from {output_dir}/last.pth with: {resume_command(output_dir)}"
+    return "no last.pth was saved yet: start again with the same command"
+
+
+def bad_image_line(message, where, cfg):
+    """The one line that ends a run stopped by a bad image (after a line break: the progress bar holds the line)."""
+    skip = "" if cfg.DATALOADER.SKIP_BAD else " (or set --DATALOADER.SKIP_BAD true)"  # set: a device decode failed
+    return (f"\nerror: {message}; stopped at {where}, saved {cfg.OUTPUT_DIR}/last.pth: replace the file{skip}, "
+            f"then continue with: {resume_command(cfg.OUTPUT_DIR)}")
+
+
+def log_skipped(output_dir, bad):
+    """Add [(path, why)] not yet listed to OUTPUT_DIR/skipped.txt, with a warning each."""
+    listed = read_skipped(output_dir)
+    new = [(path, why) for path, why in dict(bad).items() if path not in listed]
+    if not new:
+        return
+    for path, why in new:
+        print(f"warning: skipped {path}: {why}", file=sys.stderr, flush=True)
+    with open(os.path.join(output_dir, SKIPPED), "a") as f:
+        f.writelines(f"{path}\t{why}\n" for path, why in new)
+
+
+def read_skipped(output_dir):
+    """{path: why} of skipped.txt (several loader processes may have listed a file: once each here)."""
+    path = os.path.join(output_dir, SKIPPED)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
+
+
+def count_skipped(output_dir):
+    """The number of distinct files skipped so far; rewrites skipped.txt with each once."""
+    skipped = read_skipped(output_dir)
+    if skipped:
+        utils.write_text_atomic(os.path.join(output_dir, SKIPPED), "".join(f"{p}\t{w}\n" for p, w in skipped.items()))
+    return len(skipped)
+
+
+def check_images(cfg, data, rank):
+    """The pre-flight image check on rank 0 (DATALOADER.CHECK_IMAGES): the data set without bad files when
+    DATALOADER.SKIP_BAD, or RunStop(2) listing them. Every rank gets rank 0's verdict."""
+    bad = []
+    if rank == 0 and cfg.DATALOADER.CHECK_IMAGES:
+        bad = preflight_check(data, cfg.DATALOADER.NUM_WORKERS, jpeg_only=cfg.INPUT.DEVICE_AUGMENT)
+    bad = utils.from_rank0(bad)
+    if not bad:
+        return data, []
+    report = bad_images_report(bad, len(dataset_paths(data)), cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR)
+    if not cfg.DATALOADER.SKIP_BAD:
+        raise RunStop(2, f"error: {report}\nreplace or remove them, or set --DATALOADER.SKIP_BAD true to train "
+                         "without them (--DATALOADER.CHECK_IMAGES false skips this check)")
+    if rank == 0:
+        print(f"warning: {report}\nDATALOADER.SKIP_BAD: training and evaluating without them "
+              f"(listed in {cfg.OUTPUT_DIR}/{SKIPPED})", file=sys.stderr, flush=True)
+    return without_paths(data, [path for path, _ in bad]), bad
+
+
+def evaluate_epoch(state, data, cfg, device, rank, world_size):
+    """evaluate_splits's results (rank 0), surviving a query or gallery file that cannot be read (one process):
+    BadImageStop without DATALOADER.SKIP_BAD (the epoch is trained: a resumed run evaluates it); with it, the bad
+    files are found, left out of data for good (skipped.txt), and the evaluation repeated. With several ranks the
+    one that meets the file ends the run (run() says which; the others cannot be reached mid-gather)."""
+    while True:
+        try:
+            return evaluate_splits(state.model, data, cfg, device, state.amp_dtype, rank, world_size)[0]
+        except DataError as err:
+            if world_size > 1 or not cfg.DATALOADER.SKIP_BAD:
+                raise (BadImageStop(str(err)) if world_size == 1 else err) from None
+            items = sorted({path for split in ("query", "gallery") for path, _, _ in data[split]})
+            bad = find_bad_images(items, cfg.DATALOADER.NUM_WORKERS, cfg.INPUT.DEVICE_AUGMENT, progress=False)
+            if not bad:  # it failed, then read: a flaky mount; stop rather than go round
+                raise BadImageStop(str(err)) from None
+            log_skipped(cfg.OUTPUT_DIR, bad)
+            data.update(without_paths(data, [path for path, _ in bad]))
+
+
+def checkpoint_bytes(state):
+    """An upper bound of a checkpoint's size: weights and buffers, and two optimizer moments per weight."""
+    tensors = list(state.model.state_dict().values()) + list(state.center_loss.state_dict().values())
+    return 3 * sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
+
+
+def check_output_dir(cfg, state, rank):
+    """On rank 0: OUTPUT_DIR takes a file the size of a checkpoint, or RunStop(2) saying why not (every rank)."""
+    message = None
+    if rank == 0:
+        nbytes = checkpoint_bytes(state)
+        try:
+            utils.probe_output_dir(cfg.OUTPUT_DIR, nbytes)
+        except OSError as err:
+            message = (f"error: --OUTPUT_DIR {cfg.OUTPUT_DIR} cannot take a checkpoint ({nbytes / 2**20:.0f} MB): "
+                       f"{err.strerror or err}; free space there or choose another OUTPUT_DIR")
+    message = utils.from_rank0(message)
+    if message:
+        raise RunStop(2, message)
+
+
+def save_failure(path, err):
+    """The one line for a checkpoint that could not be written: the file, why, and that the last one is intact."""
+    last = os.path.join(os.path.dirname(path), "last.pth")
+    if os.path.exists(last):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(last)))
+        kept = f"{last} from {when} is intact"
+    else:
+        kept = "no last.pth was saved before"
+    fix = "free space in" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix"
+    return (f"error: cannot write {path} ({err.strerror or err}): {kept}; {fix} {os.path.dirname(path)}, "
+            f"then continue with: {resume_command(os.path.dirname(path))}")
+
+
+def save_checkpoints(state, cfg, next_epoch, next_step, rank, world_size, names, torch_rng=None, extra=None):
+    """Write the checkpoint as each of names (rank 0), with every rank's random state; returns the failure line of
+    a write that failed (the files it would have replaced stay as they were), or None. Call on every rank."""
+    rngs = utils.all_gather_objects(rng_state() if torch_rng is None else {**rng_state(), "torch": torch_rng})
+    if rank != 0:
+        return None
+    saved = {**checkpoint(state, cfg, next_epoch, next_step), "rng": rngs, "world_size": world_size, **(extra or {})}
+    for name in names:
+        path = os.path.join(cfg.OUTPUT_DIR, name)
+        try:
+            utils.save_atomic(saved, path)
+        except OSError as err:
+            return save_failure(path, err)
+    return None
+
+
+def save_or_stop(failure):
+    """Every rank stops (exit 2) when rank 0's save failed."""
+    failure = utils.from_rank0(failure)
+    if failure:
+        raise RunStop(2, failure)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The main loop
+
+def prepare(cfg, given, resume_flag, device, rank, world_size):
+    """Everything before the first step, ordered so that nothing is written until the checks pass: the data, the
+    checkpoint to resume (does it fit?), the images, the model, OUTPUT_DIR; then config.yaml."""
+    try:
+        data = build_datasets(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, cfg.DATASETS.JSON_TRAIN_PATH)
+    except DataError as err:
+        raise SystemExit(f"error: {err}") from None
+    resume_path = resolve_resume(resume_flag, cfg)
+    saved = read_checkpoint(resume_path, resume_flag or resume_path, cfg.OUTPUT_DIR) if resume_path else None
+    if saved is not None:
+        check_resume_fits(saved, resume_path, cfg, data["num_train_pids"], world_size)
+    data, bad = check_images(cfg, data, rank)
+    try:
+        loader, state = build_state(cfg, data, device, rank, world_size)
+    except (DataError, WeightError) as err:
+        raise SystemExit(f"error: {err}") from None
+    check_output_dir(cfg, state, rank)
+    if rank == 0:
+        write_config(cfg, given)
+        if bad:
+            log_skipped(cfg.OUTPUT_DIR, bad)
+        state.writer = visualize.open_tensorboard(cfg.LOG_DIR or cfg.OUTPUT_DIR)
+        visualize.log_config_text(state.writer, config.to_yaml(cfg))
+    describe_run(cfg, state, device, world_size, len(state.sampler))
+    if saved is not None:
+        resume(saved, state, resume_path, rank)
+    wrap_for_training(state, cfg, device, world_size)
+    build_graphed_step(state, cfg, device)
+    return data, guard_train_loader(loader, cfg, world_size), state, (saved or {}).get("epoch_stats")
+
+
 def run(cfg, given, resume_flag, device, rank, world_size):
-    """One training run: build, resume if asked, train with per-epoch evaluation. Returns the exit code."""
+    """One training run: check, build, resume if asked, train with per-epoch evaluation. Returns the exit code."""
     torch.manual_seed(cfg.SOLVER.SEED)
     random.seed(cfg.SOLVER.SEED + rank)
     np.random.seed(cfg.SOLVER.SEED + rank)
-    if rank == 0:
-        write_config(cfg, given)
+    STOP.update(bad_image=None, image_stop=False)
     try:
-        data = build_datasets(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, cfg.DATASETS.JSON_TRAIN_PATH)
-        loader, state = build_state(cfg, data, device, rank, world_size)
-    except (DataError, WeightError) as err:
-        raise SystemExit(f"error: {err}")
-    describe_run(cfg, state, device, world_size, len(state.sampler))
-    if rank == 0:
-        state.writer = visualize.open_tensorboard(cfg.LOG_DIR or cfg.OUTPUT_DIR)
-        visualize.log_config_text(state.writer, config.to_yaml(cfg))
-    resume_path = resolve_resume(resume_flag, cfg)
-    if resume_path:
-        resume(resume_path, state)
-    wrap_for_training(state, cfg, device, world_size)
-    build_graphed_step(state, cfg, device)
-    try:
-        return train_epochs(state, loader, cfg, data, device, rank, world_size)
-    finally:
-        if state.writer is not None:
-            state.writer.close()
-
-
-def train_epochs(state, loader, cfg, data, device, rank, world_size):
-    """The epochs from state.next_epoch on; the exit code (128 + signal when stopped)."""
-    for epoch in range(state.next_epoch, cfg.SOLVER.MAX_EPOCHS):
-        state.sampler.set_epoch(epoch, start_step=state.next_step)
+        data, loader, state, trained_stats = prepare(cfg, given, resume_flag, device, rank, world_size)
         try:
-            stats, stopped_at = train_one_epoch(state, loader, cfg, device, epoch, state.next_step, world_size)
-        except NonFiniteLoss as err:
-            raise SystemExit(f"error: {err}")
-        if stopped_at is not None and stopped_at < len(state.sampler):  # mid-epoch: save where it stopped
-            if rank == 0:
-                utils.save_atomic(checkpoint(state, cfg, epoch, stopped_at), os.path.join(cfg.OUTPUT_DIR, "last.pth"))
-            return stopped(f"epoch {epoch + 1}, step {stopped_at}", cfg.OUTPUT_DIR)
-        state.next_step = 0
-        finish_epoch(state, cfg, data, device, epoch, stats, rank, world_size)
+            return train_epochs(cfg, data, loader, state, device, rank, world_size, trained_stats)
+        finally:
+            if state.writer is not None:
+                state.writer.close()
+    except ResumeError as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except RunStop as stop:
+        if stop.message and rank == 0:
+            print(stop.message, file=sys.stderr, flush=True)
+        return stop.code
+    except DataError as err:  # several ranks: this one met a bad file in the evaluation
+        print(f"\nerror: rank {rank}: {err}; the other ranks stop too: {resume_hint(cfg.OUTPUT_DIR)}",
+              file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as err:  # a collective that failed because a rank died, or a real error
+        message = utils.collective_failure(err) if world_size > 1 else None
+        if message is None:
+            raise
+        print(f"\nerror: rank {rank}: {message}; stopping: {resume_hint(cfg.OUTPUT_DIR)}", file=sys.stderr, flush=True)
+        return 1
+
+
+def train_epochs(cfg, data, loader, state, device, rank, world_size, trained_stats=None):
+    """The epochs from state.next_epoch: train, then finish (evaluate, save); stops save where they are."""
+    for epoch in range(state.next_epoch, cfg.SOLVER.MAX_EPOCHS):
+        stopped_at = None
+        evaluate_only = trained_stats is not None and state.next_step >= len(state.sampler)
+        if evaluate_only:
+            stats = trained_stats  # stopped between training and evaluating this epoch: evaluate now
+        else:
+            state.sampler.set_epoch(epoch, start_step=state.next_step)
+            try:
+                stats, stopped_at = train_one_epoch(state, loader, cfg, device, epoch, state.next_step, world_size)
+            except NonFiniteLoss as err:
+                raise SystemExit(f"error: {err}")
+            except BadImageStop as stop:  # one process: stop before the step that would use the file
+                step = state.next_step + stop.step
+                save_or_stop(save_checkpoints(state, cfg, epoch, step, rank, world_size, ["last.pth"], stop.torch_rng))
+                raise RunStop(2, bad_image_line(stop.message, f"epoch {epoch + 1}, step {step}", cfg)) from None
+            if stopped_at is not None and stopped_at < len(state.sampler):  # mid-epoch: save where it stopped
+                save_or_stop(save_checkpoints(state, cfg, epoch, stopped_at, rank, world_size, ["last.pth"]))
+                return stopped(f"epoch {epoch + 1}, step {stopped_at}", cfg)
+        trained_stats, state.next_step = None, 0
+        torch_rng = torch.get_rng_state()  # the evaluation's loaders draw their seeds from it: a stop there rewinds
+        try:
+            with warnings.catch_warnings():
+                if evaluate_only:  # the resumed optimizer stepped before the stop: torch cannot know it
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+                finish_epoch(state, cfg, data, device, epoch, stats, rank, world_size)
+        except BadImageStop as stop:  # in the evaluation: the epoch is trained, the schedule not yet stepped
+            steps = len(state.sampler)
+            save_or_stop(save_checkpoints(state, cfg, epoch, steps, rank, world_size, ["last.pth"], torch_rng,
+                                          extra={"epoch_stats": stats}))
+            raise RunStop(2, bad_image_line(stop.message, f"the evaluation after epoch {epoch + 1}", cfg)) from None
         if stopped_at is not None:  # the signal came on the epoch's last step: the epoch is complete
-            return stopped(f"the end of epoch {epoch + 1}", cfg.OUTPUT_DIR)
+            return stopped(f"the end of epoch {epoch + 1}", cfg)
     return 0
 
 
@@ -512,33 +872,44 @@ def finish_epoch(state, cfg, data, device, epoch, stats, rank, world_size):
     log_epoch(epoch, max_epochs, stats, lr, device)
     record = {"epoch": epoch + 1, "lr": lr, **stats}
     if (epoch + 1) % cfg.SOLVER.EVAL_PERIOD == 0 or epoch + 1 == max_epochs:
-        results, _ = evaluate_splits(state.model, data, cfg, device, state.amp_dtype, rank, world_size)
+        results = evaluate_epoch(state, data, cfg, device, rank, world_size)
         if rank == 0:
             print(format_results(results), flush=True)
             record.update(flatten_results(results))
     state.scheduler.step()
+    names = ["last.pth"]
     if rank == 0:
+        if cfg.DATALOADER.SKIP_BAD:
+            record["skipped_images"] = count_skipped(output_dir)
         metric = cfg.SOLVER.MONITOR_METRIC_NAME
         improved = metric in record and is_better(record[metric], state.best_metric, cfg.SOLVER.MONITOR_METRIC_MODE)
         state.best_metric = record[metric] if improved else state.best_metric
-        saved = checkpoint(state, cfg, epoch + 1, 0)
-        utils.save_atomic(saved, os.path.join(output_dir, "last.pth"))
-        if improved:
-            utils.save_atomic(saved, os.path.join(output_dir, "best.pth"))
         period = cfg.SOLVER.CHECKPOINT_PERIOD
-        if period > 0 and (epoch + 1) % period == 0:
-            utils.save_atomic(saved, os.path.join(output_dir, f"checkpoint_epoch{epoch + 1}.pth"))
-        with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        names += ["best.pth"] * improved
+        names += [f"checkpoint_epoch{epoch + 1}.pth"] * (period > 0 and (epoch + 1) % period == 0)
+    failure = save_checkpoints(state, cfg, epoch + 1, 0, rank, world_size, names)
+    if rank == 0 and failure is None:
+        try:
+            with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            failure = save_failure(os.path.join(output_dir, "metrics.jsonl"), err)
+    if rank == 0 and failure is None:
         visualize.log_scalars(state.writer, epoch + 1, record)
         if "mAP" in record:  # curves.png after every evaluation
             visualize.plot_curves(os.path.join(output_dir, "metrics.jsonl"), os.path.join(output_dir, "curves.png"))
-    utils.barrier()
+    save_or_stop(failure)  # also the epoch's barrier
 
 
-def stopped(where, output_dir):
-    """After SIGINT/SIGTERM: say where training stopped; the exit code is 128 + signal."""
-    print(f"stopped at {where}: saved {output_dir}/last.pth (continue with --resume auto)", flush=True)
+def stopped(where, cfg):
+    """After a stop at a step boundary: say where and why. Exit code 2 for a bad image (the rank that met it says
+    which), 128 + signal for SIGINT/SIGTERM."""
+    if STOP["image_stop"]:
+        message = bad_image_message()
+        if message:
+            print(bad_image_line(message, where, cfg), file=sys.stderr, flush=True)
+        return 2
+    print(f"stopped at {where}: saved {cfg.OUTPUT_DIR}/last.pth (continue with --resume auto)", flush=True)
     return 128 + STOP["signal"]
 
 

@@ -1,6 +1,11 @@
 """Devices, distributed helpers, mixed precision and atomic checkpoints for train.py and the tools."""
+import atexit
 import contextlib
+import datetime
+import errno
 import os
+import sys
+import threading
 import time
 
 import torch
@@ -37,8 +42,12 @@ def pick_device_type(requested="auto"):
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
 
-def init_distributed(device_type, gpu_ids=(), local_rank_arg=None):
-    """Set up the device of this process and, under a launcher, the process group.
+COLLECTIVE_TIMEOUT_S = 600  # a collective waiting this long fails (a rank that hangs without dying)
+PEER_TIMEOUT_ENV = "CENTROID_REID_PEER_TIMEOUT_S"  # a rank silent this long counts as dead (default 30 s)
+
+
+def init_distributed(device_type, gpu_ids=(), local_rank_arg=None, timeout_s=COLLECTIVE_TIMEOUT_S):
+    """Set up the device of this process and, under a launcher, the process group and the rank heartbeat.
 
     Returns (device, rank, world_size, local_rank). Launchers (torchrun, torch.distributed.launch)
     set RANK/WORLD_SIZE/LOCAL_RANK; the legacy launcher also passes --local_rank.
@@ -54,8 +63,135 @@ def init_distributed(device_type, gpu_ids=(), local_rank_arg=None):
         device = torch.device(device_type, ids[local_rank])
         getattr(torch, device_type).set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(BACKENDS[device_type], rank=rank, world_size=world_size)
+        dist.init_process_group(BACKENDS[device_type], rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        start_heartbeat(rank, world_size)
     return device, rank, world_size, local_rank
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which rank died: every rank bumps a counter in the launcher's key-value store each second; one whose
+# counter stops has died (SIGKILL, out of memory, a node gone) or exited.
+
+HEARTBEAT = {"store": None, "rank": 0, "world_size": 1, "stop": threading.Event(), "reporting": False}
+
+
+def _beat_key(rank):
+    return f"centroid_reid/heartbeat/{rank}"
+
+
+def _done_key(rank):
+    return f"centroid_reid/exited/{rank}"
+
+
+def start_heartbeat(rank, world_size, period_s=1.0):
+    """Bump this rank's counter every period_s and watch the others' (a daemon thread); no-op without the
+    MASTER_ADDR/MASTER_PORT store a launcher sets."""
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=30))
+    store.add(_beat_key(rank), 1)
+    HEARTBEAT.update(store=store, rank=rank, world_size=world_size)
+    HEARTBEAT["stop"].clear()
+    atexit.register(_mark_exited)
+    threading.Thread(target=_heartbeat_loop, args=(period_s,), daemon=True, name="heartbeat").start()
+
+
+def _mark_exited():
+    """At an orderly exit: stop beating and tell the others this rank left on purpose."""
+    HEARTBEAT["stop"].set()
+    with contextlib.suppress(Exception):
+        HEARTBEAT["store"].set(_done_key(HEARTBEAT["rank"]), "1")
+
+
+def _counters(store, world_size):
+    """[heartbeat count of each rank], -1 for a rank that has exited (add 0 reads without waiting for the key)."""
+    return [-1 if store.check([_done_key(r)]) else store.add(_beat_key(r), 0) for r in range(world_size)]
+
+
+def _heartbeat_loop(period_s, checks_every=5):
+    """Beat; every few beats, look for a rank silent longer than the peer timeout: say which and end this process
+    (a rank blocked in an NCCL/HCCL collective would otherwise wait for the collective timeout)."""
+    store, rank, world_size = HEARTBEAT["store"], HEARTBEAT["rank"], HEARTBEAT["world_size"]
+    timeout = float(os.environ.get(PEER_TIMEOUT_ENV, "30"))
+    seen, changed, beats = None, {}, 0
+    while not HEARTBEAT["stop"].wait(period_s):
+        beats += 1
+        now = time.monotonic()
+        try:
+            store.add(_beat_key(rank), 1)
+            counts = _counters(store, world_size) if beats % checks_every == 0 else seen
+        except Exception:  # noqa: BLE001  (the store's host, rank 0 or the launcher, is gone)
+            changed.setdefault("store", now)
+            counts = seen
+        else:
+            changed.pop("store", None)
+        if counts is None:
+            continue
+        changed.update({r: now for r, count in enumerate(counts) if seen is None or count != seen[r]})
+        seen = counts
+        silent = [r for r, t in changed.items() if now - t > timeout and r != rank and (r == "store" or seen[r] >= 0)]
+        if silent and not HEARTBEAT["reporting"] and not HEARTBEAT["stop"].is_set():
+            print(f"\nerror: rank {rank}: {describe_silent(silent, timeout)}; stopping this rank too",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
+
+
+def describe_silent(silent, seconds):
+    """'rank 1 stopped responding ...' for a list of ranks (or 'store': the rendezvous store went away)."""
+    if "store" in silent:
+        return (f"the launcher's rendezvous store (hosted by rank 0 or the launcher) has not answered for "
+                f"{seconds:g} s: rank 0 or the launcher died")
+    ranks = ", ".join(map(str, silent))
+    return (f"rank{'s' if len(silent) > 1 else ''} {ranks} stopped responding (no heartbeat for {seconds:g} s: "
+            "killed, out of memory, hung, or its node went down)")
+
+
+DEAD_RANK_WAIT_S = 3  # after a failed collective: a rank whose heartbeat stays still this long has died
+
+
+def dead_ranks(wait_s=DEAD_RANK_WAIT_S):
+    """After a failed collective: (ranks that died, ranks that exited), judged by whose heartbeat stands still over
+    wait_s; "store" when the store itself is gone (rank 0 or the launcher died); None without a heartbeat."""
+    store, world_size = HEARTBEAT["store"], HEARTBEAT["world_size"]
+    if store is None:
+        return None
+    HEARTBEAT["reporting"] = True  # this thread says what happened; the watcher stays quiet
+    try:
+        before = _counters(store, world_size)
+        time.sleep(wait_s)
+        after = _counters(store, world_size)
+    except Exception:  # noqa: BLE001
+        return "store"
+    me = HEARTBEAT["rank"]
+    died = [r for r in range(world_size) if r != me and after[r] >= 0 and after[r] == before[r]]
+    exited = [r for r in range(world_size) if r != me and after[r] < 0]
+    return died, exited
+
+
+def collective_failure(err):
+    """One line on why a collective failed (which rank died or exited, or that one hangs); None when every rank is
+    alive and it did not time out (then it is an error of its own)."""
+    ranks, text = dead_ranks(), first_line(err)
+    if ranks == "store":
+        return describe_silent(["store"], DEAD_RANK_WAIT_S)
+    if ranks is None:
+        return f"a collective failed ({text}): another rank stopped, its output says why"
+    died, exited = ranks
+    if died:
+        return describe_silent(died, DEAD_RANK_WAIT_S)
+    if exited:
+        return f"rank{'s' if len(exited) > 1 else ''} {', '.join(map(str, exited))} exited (its output says why)"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return f"a collective timed out ({text}): a rank is alive but stuck (in I/O, or a deadlock)"
+    return None
+
+
+def first_line(err, limit=160):
+    """The first line of an exception's message, shortened: enough to recognise it in a one-line error."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_main_process():
@@ -94,6 +230,24 @@ def gather_rows(rows, total):
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat(parts)[:total]
+
+
+def from_rank0(obj):
+    """Rank 0's value of a picklable object, on every rank (the object itself without a process group)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(obj):
+    """[each rank's obj] in rank order ([obj] without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def shard_bounds(total, rank, world_size):
@@ -172,8 +326,69 @@ def timed(fn, device, repeats=1, warmup=0):
     return out, seconds
 
 
+class _Recorder:
+    """A file's write() that keeps the OSError it met: torch.save reports a full disk as an opaque RuntimeError."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: an interrupted write never leaves a broken file."""
+    """torch.save to a temporary file, flushed to disk, then renamed: an interrupted or failed write (a full
+    disk) never leaves a broken file and never touches the previous one; a failed write raises OSError."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+    try:
+        with open(tmp, "wb") as f:
+            recorder = _Recorder(f)
+            try:
+                torch.save(obj, recorder)
+            except RuntimeError:
+                if recorder.error is None:
+                    raise
+                raise recorder.error from None
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path, text):
+    """Replace a text file's contents in one rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
     os.replace(tmp, path)
+
+
+def probe_output_dir(output_dir, nbytes):
+    """Create output_dir and reserve a file of nbytes (one checkpoint) there, then remove it: an unwritable folder
+    or a full disk shows now, not at the first save. Raises OSError."""
+    os.makedirs(output_dir, exist_ok=True)
+    probe = os.path.join(output_dir, f".write_probe{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, nbytes)  # reserves the blocks: a full disk fails here
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                chunk = bytes(1 << 24)  # no fallocate on this file system: write the bytes
+                f.writelines(chunk[: min(len(chunk), nbytes - start)] for start in range(0, nbytes, len(chunk)))
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
