@@ -824,6 +824,12 @@ def augment_batch(images, size, flip_prob=0.5, padding=10, re_prob=0.5, pixel_me
 def decode_images(files, device):
     """JPEG bytes -> uint8 [3, h, w] images on device (nvjpeg on CUDA); None where a file does not decode."""
     decode_device = device if device.type == 'cuda' else 'cpu'
+    if device.type == 'cuda':
+        # nvJPEG's hardware engine writes its outputs before the work already queued on the stream has run, and
+        # the caching allocator may hand it blocks that queued kernels still read (pytorch/vision#9606): the
+        # decode then corrupts unrelated tensors (losses became NaN, a step counter garbage). Drain the stream
+        # first; the decode synchronises it before returning anyway, so this moves the wait rather than adds one.
+        torch.cuda.current_stream(device).synchronize()
     try:
         images = torchvision.io.decode_jpeg(files, device=decode_device)  # as stored: RGB, or grey [1, h, w]
     except RuntimeError:  # one bad file fails the batch: find it
