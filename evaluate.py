@@ -359,7 +359,7 @@ def identity_centroids(g_feats, g_pids, g_camids=None, exclude_camid=None, norma
 def _camera_codes(q_camids, g_camids):
     """Cameras as indices 0..K-1 over the cameras query and gallery use: (K, query indices, gallery indices)."""
     cams = torch.unique(torch.cat([q_camids, g_camids]))
-    return len(cams), torch.searchsorted(cams, q_camids), torch.searchsorted(cams, g_camids)
+    return len(cams), torch.searchsorted(cams, q_camids.contiguous()), torch.searchsorted(cams, g_camids.contiguous())
 
 
 def _query_slots(q_pids, pids):
