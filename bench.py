@@ -35,8 +35,8 @@ import config
 import train
 import utils
 from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported
-from data import (DataError, DeviceAugmentLoader, PKSampler, build_datasets, build_test_loader, device_test_batches,
-                  read_dataset, synthesize, throughput)
+from data import (DataError, DeviceAugmentLoader, PKSampler, build_datasets, build_test_loader, dataset_paths,
+                  device_test_batches, find_bad_images, read_dataset, synthesize, throughput)
 from evaluate import (_peak_rss_mib, _reset_peak_rss, benchmark_centroids, benchmark_metrics, extract_features,
                       synthetic_problem)
 from loss import CenterLoss, compute_losses
@@ -61,7 +61,7 @@ PRESETS = {
                    loader_batches=20, e2e_dtype="bf16", centroid_dim=2048, centroid_rounds=3,
                    graph_ids=[16, 32, 64], rerank_size=[3368, 15913, 2048]),
 }
-STAGES = ("loader", "step", "e2e", "features", "metrics", "centroids", "losses", "rerank")
+STAGES = ("loader", "step", "e2e", "features", "metrics", "centroids", "preflight", "losses", "rerank")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -624,6 +624,22 @@ def benchmark_losses(model_name="resnet50", num_ids=16, num_instances=4, num_cla
             "backbone_ms": backbone_ms, "losses_ms": losses_ms, "ratio": losses_ms / backbone_ms}
 
 
+def bench_preflight(args, root):
+    """Images/s of the pre-flight image check (data.find_bad_images) on the synthetic set, in process and with the
+    loader workers, each on a cold check (the cache of checked sets is not consulted)."""
+    paths = dataset_paths(read_dataset("synthetic", root))
+    rows = []
+    for workers in sorted({0, args.workers}):
+        start = time.perf_counter()
+        bad = find_bad_images(paths, workers, progress=False)
+        seconds = time.perf_counter() - start
+        if bad:
+            raise DataError(f"the pre-flight check found {len(bad)} bad images in the synthetic set: {bad[0]}")
+        rows.append(make_row("preflight", f"image check, {len(paths)} files, {plural(workers, 'loader worker')}",
+                             len(paths) / seconds, "images/s", torch.device("cpu"), "-", "-", "-"))
+    return rows
+
+
 def bench_losses(args):
     """The four losses' forward+backward against the model's on one P x K batch (benchmark_losses)."""
     device, dtype = args.device, args.e2e_dtype
@@ -679,6 +695,8 @@ def planned_runs(args, root, notes):
         runs.append(("evaluator", lambda: bench_metrics(args)))
     if "centroids" in args.stages:
         runs.append(("centroid evaluation protocols", lambda: bench_centroids(args)))
+    if "preflight" in args.stages:
+        runs.append(("the pre-flight image check", lambda: bench_preflight(args, root)))
     if "losses" in args.stages:
         runs.append(("the four losses against the model", lambda: bench_losses(args)))
     if "rerank" in args.stages:
@@ -745,7 +763,7 @@ def main(argv=None):
     status = 0
     try:
         with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
-            needs_data = {"loader", "e2e", "features"} & set(args.stages)
+            needs_data = {"loader", "e2e", "features", "preflight"} & set(args.stages)
             status = 1 if run_stages(args, prepare_data(args, tmp) if needs_data else None, meta, rows, notes) else 0
     except DataError as err:
         raise SystemExit(f"error: {err}")
