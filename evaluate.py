@@ -366,7 +366,7 @@ def _query_slots(q_pids, pids):
     """Index of each query's pid in the sorted gallery pids; -1 where the gallery lacks that pid."""
     if len(pids) == 0:
         return torch.full_like(q_pids, -1)
-    slots = torch.searchsorted(pids, q_pids).clamp_(max=len(pids) - 1)
+    slots = torch.searchsorted(pids, q_pids.contiguous()).clamp_(max=len(pids) - 1)
     return torch.where(pids[slots] == q_pids, slots, -1)
 
 
@@ -629,8 +629,9 @@ def extract_split(model, items, cfg, device, amp_dtype=None, rank=0, world_size=
 
 def evaluate_splits(model, data, cfg, device, amp_dtype=None, rank=0, world_size=1, size=None):
     """The one evaluation path (per epoch in train.py, sharded over ranks; the evaluate CLI): embed query and
-    gallery, evaluate per image and per centroid. Returns (results, (q_feats, g_feats)) on rank 0, (None, None)
-    on the others; the features are L2-normalised when TEST.FEAT_NORM."""
+    gallery, evaluate per image and per centroid (re-ranked with TEST.RERANK). Returns (results, (q_feats,
+    g_feats)) on rank 0, (None, None) on the others; the features are the raw embeddings (evaluate_features
+    normalises them when TEST.FEAT_NORM)."""
     utils.broadcast_buffers(model)  # every shard embedded by the model rank 0 holds
     q_feats = extract_split(model, data["query"], cfg, device, amp_dtype, rank, world_size, size)
     g_feats = extract_split(model, data["gallery"], cfg, device, amp_dtype, rank, world_size, size)
@@ -643,8 +644,6 @@ def evaluate_splits(model, data, cfg, device, amp_dtype=None, rank=0, world_size
                                     lambda_value=cfg.TEST.RERANK_LAMBDA, **arguments)
     else:
         results = evaluate_features(q_feats, *labels, **arguments)
-    if cfg.TEST.FEAT_NORM:
-        q_feats, g_feats = _normalize(q_feats), _normalize(g_feats)
     return results, (q_feats, g_feats)
 
 
@@ -995,6 +994,12 @@ def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
     size = cfg.INPUT.SIZE_TEST if size_given or model.input_size is None else model.input_size
     print(f"input size {size[0]}x{size[1]}")
     results, (q_feats, g_feats) = evaluate_splits(model, data, cfg, device, amp_dtype, size=size)
+    plain = None
+    if cfg.TEST.RERANK:  # the same embeddings without re-ranking, for comparison
+        plain = evaluate_features(q_feats, *item_labels(data["query"]), g_feats, *item_labels(data["gallery"]),
+                                  raw_feats=True, **evaluation_arguments(cfg, data["has_cameras"]))
+    if cfg.TEST.FEAT_NORM:
+        q_feats, g_feats = _normalize(q_feats), _normalize(g_feats)
     visualize_dir = visualize_dir or (os.path.join(cfg.OUTPUT_DIR, "visualize") if cfg.TEST.VISUALIZE == "yes" else "")
     if visualize_dir:
         limit = min(cfg.TEST.VISUALIZE_MAX_NUMBER, len(data["query"]))
@@ -1003,9 +1008,12 @@ def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
                                        camera_agnostic=cfg.TEST.CAMERA_AGNOSTIC)
         print(f"wrote {len(written)} pictures to {visualize_dir} (ranked lists of the first {limit} queries, cmc.png)")
     if not cfg.MODEL.USE_CENTROIDS:
-        results = {"image": results["image"]}
+        results, plain = {"image": results["image"]}, plain and {"image": plain["image"]}
     print(f"{data['name']}: {len(data['query'])} queries, {len(data['gallery'])} gallery images, "
           f"checkpoint {checkpoint}")
+    if plain is not None:
+        print(f"without re-ranking:\n{format_results(plain)}\nwith k-reciprocal re-ranking (k1 {cfg.TEST.RERANK_K1}, "
+              f"k2 {cfg.TEST.RERANK_K2}, lambda {cfg.TEST.RERANK_LAMBDA}):")
     print(format_results(results))
     return results
 

@@ -314,6 +314,14 @@ def test_cli_evaluates_a_checkpoint_both_ways(synthetic_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         ev.main(["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", synthetic_root])
     assert stop.value.code == 2 and "give MODEL.PRETRAIN_PATH (or TEST.WEIGHT)" in capsys.readouterr().err
+    # one command prints the results with and without re-ranking
+    reranked = ev.main(["--MODEL.PRETRAIN_PATH", str(tmp_path / "ckpt.pth"), "--DATASETS.NAMES", "synthetic",
+                        "--DATASETS.ROOT_DIR", synthetic_root, "--DATALOADER.NUM_WORKERS", "0",
+                        "--INPUT.SIZE_TEST", "64", "32", "TEST.RERANK", "True", "TEST.RERANK_K1", "6"])
+    out = capsys.readouterr().out
+    assert "without re-ranking:" in out and "with k-reciprocal re-ranking (k1 6, k2 6, lambda 0.3):" in out
+    assert out.count("per image") == 2 and f"{100 * results['image']['mAP']:7.2f}" in out
+    assert set(reranked) == {"image", "centroid"}
 
 
 def test_pixel_baseline_is_perfect_when_gallery_images_copy_the_queries(tmp_path, capsys):
