@@ -689,18 +689,13 @@ def planned_runs(args, root, notes):
         if args.gpu_augment and graph_supported(args.device, amp_for(args.e2e_dtype, args.device)[0])[0]:
             runs.append((f"end to end, decode+augment on {args.device.type}, CUDA-graphed step",
                          lambda: bench_end_to_end(args, root, device_augment=True, graph=True)))
-    if "features" in args.stages:
-        runs.append(("feature extraction", lambda: bench_features(args, root)))
-    if "metrics" in args.stages:
-        runs.append(("evaluator", lambda: bench_metrics(args)))
-    if "centroids" in args.stages:
-        runs.append(("centroid evaluation protocols", lambda: bench_centroids(args)))
-    if "preflight" in args.stages:
-        runs.append(("the pre-flight image check", lambda: bench_preflight(args, root)))
-    if "losses" in args.stages:
-        runs.append(("the four losses against the model", lambda: bench_losses(args)))
-    if "rerank" in args.stages:
-        runs.append(("k-reciprocal re-ranking", lambda: bench_rerank(args)))
+    later = {"features": ("feature extraction", lambda: bench_features(args, root)),
+             "metrics": ("evaluator", lambda: bench_metrics(args)),
+             "centroids": ("centroid evaluation protocols", lambda: bench_centroids(args)),
+             "preflight": ("the pre-flight image check", lambda: bench_preflight(args, root)),
+             "losses": ("the four losses against the model", lambda: bench_losses(args)),
+             "rerank": ("k-reciprocal re-ranking", lambda: bench_rerank(args))}
+    runs += [later[stage] for stage in later if stage in args.stages]
     return runs + steps[len(args.dtypes):] + graphed_compiled
 
 
