@@ -1027,8 +1027,14 @@ def evaluate_checkpoint_cli(cfg, given, checkpoint, visualize_dir=""):
         raise SystemExit(2) from None
 
 
+def evaluate_command(argv):
+    """The evaluation command line: parse the configuration, evaluate the checkpoint, print; returns the results."""
+    cfg, opts, given = config.parse_args(argv, OPTIONS, prog="evaluate.py")
+    return evaluate_checkpoint_cli(cfg, given, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH, opts["visualize"])
+
+
 def main(argv=None):
-    """`--benchmark [--device D] [--no-large]` runs the benchmark; anything else evaluates a checkpoint."""
+    """`--benchmark [--device D] [--no-large]`, `baseline ROOT`, or evaluate a checkpoint; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--benchmark" in argv:
         parser = argparse.ArgumentParser(description="Time evaluate_rank against np.argsort.")
@@ -1036,7 +1042,8 @@ def main(argv=None):
         parser.add_argument("--device", default="cpu", help="cpu | cuda | npu (default: cpu)")
         parser.add_argument("--no-large", action="store_true", help="skip the 1,000,000-item gallery run")
         opts = parser.parse_args(argv)
-        return run_benchmark(opts.device, large=not opts.no_large)
+        run_benchmark(opts.device, large=not opts.no_large)
+        return 0
     if argv[:1] == ["baseline"]:
         parser = argparse.ArgumentParser(prog="evaluate.py baseline", description="Raw-pixel nearest-neighbour mAP.")
         parser.add_argument("root", help="DATASETS.ROOT_DIR (the folder holding the data set, or the data set)")
@@ -1048,9 +1055,9 @@ def main(argv=None):
             print(f"error: {err}", file=sys.stderr)
             return 2
         return 0
-    cfg, opts, given = config.parse_args(argv, OPTIONS, prog="evaluate.py")
-    return evaluate_checkpoint_cli(cfg, given, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH, opts["visualize"])
+    evaluate_command(argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

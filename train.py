@@ -942,7 +942,8 @@ def main(argv=None):
     """Parse the configuration, then train (REPRODUCIBLE: several seeded runs and their summary) or only test."""
     cfg, opts, given = parse_args(argv)
     if opts["plot"]:
-        return visualize.main(["curves", opts["plot"]])
+        visualize.main(["curves", opts["plot"]])  # exits with a message when it cannot draw
+        return 0
     device_type = utils.pick_device_type(cfg.MODEL.DEVICE)
     local_rank = None if opts["local_rank"] is None else int(opts["local_rank"])
     device, rank, world_size, _ = utils.init_distributed(device_type, cfg.GPU_IDS, local_rank)

@@ -300,10 +300,10 @@ def test_cli_evaluates_a_checkpoint_both_ways(synthetic_root, tmp_path, capsys):
     net = model.build_model("resnet18", num_classes=4)
     torch.save({"model": net.state_dict(), "model_name": "resnet18", "num_classes": 4, "last_stride": 1,
                 "stem_relu": True}, tmp_path / "ckpt.pth")
-    results = ev.main(["--MODEL.PRETRAIN_PATH", str(tmp_path / "ckpt.pth"), "--DATASETS.NAMES", "synthetic",
-                       "--DATASETS.ROOT_DIR", synthetic_root, "--DATALOADER.NUM_WORKERS", "0",
-                       "--INPUT.SIZE_TEST", "64", "32", "--TEST.IMS_PER_BATCH", "16",
-                       "--visualize", str(tmp_path / "pictures")])
+    results = ev.evaluate_command(["--MODEL.PRETRAIN_PATH", str(tmp_path / "ckpt.pth"), "--DATASETS.NAMES",
+                                   "synthetic", "--DATASETS.ROOT_DIR", synthetic_root, "--DATALOADER.NUM_WORKERS",
+                                   "0", "--INPUT.SIZE_TEST", "64", "32", "--TEST.IMS_PER_BATCH", "16",
+                                   "--visualize", str(tmp_path / "pictures")])
     out = capsys.readouterr().out
     assert "per image" in out and "centroid" in out and "mAP %" in out
     assert set(results) == {"image", "centroid"}
@@ -315,9 +315,9 @@ def test_cli_evaluates_a_checkpoint_both_ways(synthetic_root, tmp_path, capsys):
         ev.main(["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", synthetic_root])
     assert stop.value.code == 2 and "give MODEL.PRETRAIN_PATH (or TEST.WEIGHT)" in capsys.readouterr().err
     # one command prints the results with and without re-ranking
-    reranked = ev.main(["--MODEL.PRETRAIN_PATH", str(tmp_path / "ckpt.pth"), "--DATASETS.NAMES", "synthetic",
-                        "--DATASETS.ROOT_DIR", synthetic_root, "--DATALOADER.NUM_WORKERS", "0",
-                        "--INPUT.SIZE_TEST", "64", "32", "TEST.RERANK", "True", "TEST.RERANK_K1", "6"])
+    reranked = ev.evaluate_command(["--MODEL.PRETRAIN_PATH", str(tmp_path / "ckpt.pth"), "--DATASETS.NAMES",
+                                    "synthetic", "--DATASETS.ROOT_DIR", synthetic_root, "--DATALOADER.NUM_WORKERS",
+                                    "0", "--INPUT.SIZE_TEST", "64", "32", "TEST.RERANK", "True", "TEST.RERANK_K1", "6"])
     out = capsys.readouterr().out
     assert "without re-ranking:" in out and "with k-reciprocal re-ranking (k1 6, k2 6, lambda 0.3):" in out
     assert out.count("per image") == 2 and f"{100 * results['image']['mAP']:7.2f}" in out
@@ -335,5 +335,6 @@ def test_pixel_baseline_is_perfect_when_gallery_images_copy_the_queries(tmp_path
             Image.new("RGB", (8, 16), colour).save(path)
     assert ev.pixel_baseline_map(str(tmp_path)) == pytest.approx(1.0)
     assert ev.main(["baseline", str(tmp_path)]) == 0
+    assert ev.main(["baseline", str(tmp_path / "nowhere")]) == 2  # a bad root: the message and exit code 2
     assert "raw-pixel nearest-neighbour mAP: 100.0%" in capsys.readouterr().out
 

@@ -77,6 +77,7 @@ def test_two_epochs_write_finite_metrics_and_both_checkpoints(two_epoch_run):
     assert last["epoch"] == 1 and last["next_epoch"] == 2 and last["config"]["MODEL.NAME"] == "resnet18"
     assert last["best_metric"] == max(r["centroid_mAP"] for r in rows)
     assert (two_epoch_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert train.main(["--plot", str(two_epoch_run)]) == 0  # redraws it from metrics.jsonl
     numbered = torch.load(two_epoch_run / "checkpoint_epoch1.pth", map_location="cpu", weights_only=True)
     assert numbered["next_epoch"] == 1 and (two_epoch_run / "checkpoint_epoch2.pth").exists()
 
@@ -143,8 +144,9 @@ def test_two_process_cpu_runs_complete_with_disjoint_identities(synthetic_root, 
     rows = read_metrics(tmp_path)
     assert len(rows) == 1 and math.isfinite(rows[0]["centroid_mAP"])
     # the sharded, gathered evaluation equals a one-process evaluation of the saved model
-    results = evaluate.main(["--MODEL.PRETRAIN_PATH", str(tmp_path / "last.pth"), "--DATASETS.NAMES", "synthetic",
-                             "--DATASETS.ROOT_DIR", synthetic_root, "--DATALOADER.NUM_WORKERS", "0"])
+    results = evaluate.evaluate_command(["--MODEL.PRETRAIN_PATH", str(tmp_path / "last.pth"),
+                                         "--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", synthetic_root,
+                                         "--DATALOADER.NUM_WORKERS", "0"])
     assert results["image"]["mAP"] == pytest.approx(rows[0]["mAP"], abs=1e-6)
     assert results["centroid"]["mAP"] == pytest.approx(rows[0]["centroid_mAP"], abs=1e-6)
 
@@ -289,7 +291,8 @@ def test_only_test_evaluates_the_weight_and_draws_ranked_lists(synthetic_root, t
     assert train.main(flags) == 0
     out = capsys.readouterr().out
     last = read_metrics(two_epoch_run)[-1]
-    rows = {line.split("  ")[0].strip(): line for line in out.splitlines() if line.startswith(("per image", "centroid "))}
+    rows = {line.split("  ")[0].strip(): line for line in out.splitlines()
+            if line.startswith(("per image", "centroid "))}
     assert f"{100 * last['mAP']:7.2f}" in rows["per image"]
     assert f"{100 * last['centroid_mAP']:7.2f}" in rows["centroid standard"]  # the default protocol while training
     assert {"centroid original", "centroid original_fixed"} <= set(rows) and "centroid protocols:" in out
