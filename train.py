@@ -145,7 +145,7 @@ def backward_and_step(total, state, center_weight):
     state.scaler.update()
 
 
-def eager_step(state, images, pids, is_real, num_instances, loss_kwargs, center_weight):
+def eager_step(state, images, pids, is_real, num_instances, loss_kwargs):
     """Forward, the four losses, backward and both optimizer steps; the [5] loss row (total, then the terms)."""
     with utils.autocast(images.device, state.amp_dtype):
         feat, logits = state.train_model(images, is_real)  # mock images (USE_RESAMPLING False) skip the BNNeck
@@ -153,7 +153,7 @@ def eager_step(state, images, pids, is_real, num_instances, loss_kwargs, center_
                                   is_real=is_real, **loss_kwargs)
     for opt in state.optimizers:
         opt.zero_grad(set_to_none=True)
-    backward_and_step(total, state, center_weight)
+    backward_and_step(total, state, loss_kwargs["center_weight"])
     return torch.stack([total.detach().float()] + [t.float() for t in terms.values()])
 
 
@@ -219,7 +219,7 @@ def train_one_epoch(state, loader, cfg, device, epoch, start_step, world_size):
         if state.graphed is not None:
             loss_row = state.graphed.step(images, pids)  # the same maths, replayed as one CUDA graph
         else:
-            loss_row = eager_step(state, images, pids, is_real, K, loss_kwargs, cfg.SOLVER.CENTER_LOSS_WEIGHT)
+            loss_row = eager_step(state, images, pids, is_real, K, loss_kwargs)
         sums += loss_row
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_row).all(), step, first_bad)
         done += 1
