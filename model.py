@@ -182,7 +182,10 @@ def _read_file(path):
     """torch.load(weights_only=True), Lightning config objects read as OrderedDicts; WeightError if not."""
     path = Path(path)
     if not path.is_file():
-        raise WeightError(f"{path}: no such weight file")
+        known = {spec[2]: spec[3] + spec[2] for spec in ARCHS.values()}  # ImageNet files: say where to get them
+        fetch = f" (download {known[path.name]} into {path.parent}/)" if path.name in known else ""
+        raise WeightError(f"{path}: no such weight file{fetch}; or train without it: MODEL.PRETRAIN_PATH '' "
+                          "MODEL.PRETRAINED False")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError ... on bad files
