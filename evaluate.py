@@ -611,11 +611,30 @@ def extract_features(model, loader, device, flip=False, feat_norm=True, amp_dtyp
 
 def extract_split(model, items, cfg, device, amp_dtype=None, rank=0, world_size=1, size=None):
     """Embed this rank's contiguous shard of (path, pid, camid) items and gather every shard, in order, on every
-    rank: [N, D] on the device."""
+    rank: [N, D] on the device. A file that cannot be read raises DataError on every rank (its message from the
+    rank that met it), so that all ranks stop together rather than wait in the gather for the one that failed."""
     start, end = utils.shard_bounds(len(items), rank, world_size)
-    if start == end:  # more ranks than a shard needs (e.g. 5 items, 4 ranks): nothing to embed, still gather
-        return utils.gather_rows(torch.zeros(0, model.feat_dim, device=device), len(items))
-    args = (items[start:end], size or cfg.INPUT.SIZE_TEST, cfg.TEST.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS)
+    feats, failure = None, None
+    if start < end:  # else more ranks than a shard needs (e.g. 5 items, 4 ranks): nothing to embed, still gather
+        try:
+            feats = _embed_shard(model, items[start:end], cfg, device, amp_dtype, size).to(device)
+        except DataError as err:
+            if world_size == 1:
+                raise
+            failure = str(err)
+    if world_size > 1:
+        failures = [message for message in utils.all_gather_objects(failure) if message]
+        if failures:
+            raise DataError(failures[0])
+    if feats is None:
+        feats = torch.zeros(0, model.feat_dim, device=device)
+    return utils.gather_rows(feats, len(items))  # metrics then run on the device too
+
+
+def _embed_shard(model, items, cfg, device, amp_dtype=None, size=None):
+    """Raw embeddings [n, D] of (path, pid, camid) items, decoded on the CPU or, with INPUT.DEVICE_AUGMENT, on
+    the device."""
+    args = (items, size or cfg.INPUT.SIZE_TEST, cfg.TEST.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS)
     normalisation = {"pixel_mean": cfg.INPUT.PIXEL_MEAN, "pixel_std": cfg.INPUT.PIXEL_STD}
     if cfg.INPUT.DEVICE_AUGMENT:  # decode, resize and normalise on the device: the CPU loader stops being the limit
         loader = device_test_batches(*args, device, **normalisation)
@@ -624,7 +643,7 @@ def extract_split(model, items, cfg, device, amp_dtype=None, rank=0, world_size=
     # raw embeddings: the original's centroid rule averages them before normalising (evaluate_features)
     feats, _, _ = extract_features(model, loader, device, flip=cfg.TEST.FLIP_FEATS, feat_norm=False,
                                    amp_dtype=amp_dtype)
-    return utils.gather_rows(feats.to(device), len(items))  # metrics then run on the device too
+    return feats
 
 
 def evaluate_splits(model, data, cfg, device, amp_dtype=None, rank=0, world_size=1, size=None):

@@ -686,21 +686,24 @@ def check_images(cfg, data, rank):
 
 
 def evaluate_epoch(state, data, cfg, device, rank, world_size):
-    """evaluate_splits's results (rank 0), surviving a query or gallery file that cannot be read (one process):
-    BadImageStop without DATALOADER.SKIP_BAD (the epoch is trained: a resumed run evaluates it); with it, the bad
-    files are found, left out of data for good (skipped.txt), and the evaluation repeated. With several ranks the
-    one that meets the file ends the run (run() says which; the others cannot be reached mid-gather)."""
+    """evaluate_splits's results (rank 0), surviving a query or gallery file that cannot be read. Without
+    DATALOADER.SKIP_BAD: BadImageStop on every rank (the epoch is trained: a resumed run evaluates it). With it:
+    rank 0 finds the bad files, every rank leaves them out of data for good (skipped.txt), and the evaluation
+    is repeated."""
     while True:
         try:
             return evaluate_splits(state.model, data, cfg, device, state.amp_dtype, rank, world_size)[0]
-        except DataError as err:
-            if world_size > 1 or not cfg.DATALOADER.SKIP_BAD:
-                raise (BadImageStop(str(err)) if world_size == 1 else err) from None
-            items = sorted({path for split in ("query", "gallery") for path, _, _ in data[split]})
-            bad = find_bad_images(items, cfg.DATALOADER.NUM_WORKERS, cfg.INPUT.DEVICE_AUGMENT, progress=False)
+        except DataError as err:  # every rank gets it, with the message of the rank that met the file
+            if not cfg.DATALOADER.SKIP_BAD:
+                raise BadImageStop(str(err)) from None
+            bad = None
+            if rank == 0:
+                items = sorted({path for split in ("query", "gallery") for path, _, _ in data[split]})
+                bad = find_bad_images(items, cfg.DATALOADER.NUM_WORKERS, cfg.INPUT.DEVICE_AUGMENT, progress=False)
+                log_skipped(cfg.OUTPUT_DIR, bad)
+            bad = utils.from_rank0(bad)
             if not bad:  # it failed, then read: a flaky mount; stop rather than go round
                 raise BadImageStop(str(err)) from None
-            log_skipped(cfg.OUTPUT_DIR, bad)
             data.update(without_paths(data, [path for path, _ in bad]))
 
 
@@ -816,10 +819,6 @@ def run(cfg, given, resume_flag, device, rank, world_size):
         if stop.message and rank == 0:
             print(stop.message, file=sys.stderr, flush=True)
         return stop.code
-    except DataError as err:  # several ranks: this one met a bad file in the evaluation
-        print(f"\nerror: rank {rank}: {err}; the other ranks stop too: {resume_hint(cfg.OUTPUT_DIR)}",
-              file=sys.stderr, flush=True)
-        return 2
     except RuntimeError as err:  # a collective that failed because a rank died, or a real error
         message = utils.collective_failure(err) if world_size > 1 else None
         if message is None:

@@ -422,13 +422,18 @@ def test_a_rank_killed_mid_epoch_is_named_and_the_other_exits(synthetic_root, tm
     assert hint in lines[0]  # the hint says the truth about what there is to resume from
 
 
-def run_two_ranks(args, port):
-    """Run both ranks of a two-process job without a launcher; (rank 0's stdout, stderr) after both succeeded."""
+def two_ranks(args, port):
+    """Run both ranks of a two-process job without a launcher: [(exit code, stdout, stderr)] in rank order."""
     ranks = [subprocess.Popen(args, cwd=ROOT, env=launch_env(port, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    outputs = [rank.communicate(timeout=240) for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [0, 0], outputs
-    return outputs[0]
+    return [(rank.returncode, *outputs) for rank, outputs in zip(ranks, [r.communicate(timeout=240) for r in ranks])]
+
+
+def run_two_ranks(args, port):
+    """Run both ranks of a two-process job without a launcher; (rank 0's stdout, stderr) after both succeeded."""
+    results = two_ranks(args, port)
+    assert [code for code, _, _ in results] == [0, 0], results
+    return results[0][1:]
 
 
 @pytest.mark.slow
@@ -454,6 +459,47 @@ def test_sigterm_to_the_launcher_saves_once_and_resume_continues_exactly(synthet
     assert "resumed from" in run_two_ranks(args, 29643)[0]
     run_two_ranks([sys.executable, "train.py", *flags(synthetic_root, whole, *run_flags)], 29641)
     assert_same_weights(weights(stopped / "last.pth"), weights(whole / "last.pth"))
+
+
+@pytest.mark.slow
+def test_a_bad_gallery_image_on_one_rank_stops_both_and_the_resumed_run_equals_an_uninterrupted_one(
+        synthetic_root, tmp_path):
+    root = copy_of(synthetic_root, tmp_path)
+    path = split_paths(root, "gallery")[-2]  # in rank 1's shard: rank 0 must still say which file
+    good = break_image(path, "truncate")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    run_flags = ["--SOLVER.MAX_EPOCHS", "2", "--SOLVER.IMS_PER_BATCH", "2", "--DATALOADER.CHECK_IMAGES", "false"]
+    results = two_ranks([sys.executable, "train.py", *flags(root, stopped, *run_flags)], 29644)
+    assert [code for code, _, _ in results] == [2, 2], results
+    lines = error_lines(results[0][2])
+    assert len(lines) == 1 and path in lines[0] and "the evaluation after epoch 1" in lines[0], results[0][2]
+    assert "--resume auto" in lines[0] and error_lines(results[1][2]) == []  # said once, by rank 0
+    saved = torch.load(stopped / "last.pth", map_location="cpu", weights_only=True)
+    assert saved["next_epoch"] == 0 and saved["next_step"] > 0 and "epoch_stats" in saved
+    with open(path, "wb") as f:
+        f.write(good)
+    args = [sys.executable, "train.py", *flags(root, stopped, *run_flags, "--resume", "auto")]
+    assert "resumed from" in run_two_ranks(args, 29645)[0]
+    run_two_ranks([sys.executable, "train.py", *flags(root, whole, *run_flags)], 29646)
+    assert_same_weights(weights(stopped / "last.pth"), weights(whole / "last.pth"))
+    assert [r["mAP"] for r in read_metrics(stopped)] == [r["mAP"] for r in read_metrics(whole)]
+
+
+@pytest.mark.slow
+def test_skip_bad_with_two_ranks_leaves_out_a_query_image_one_rank_met(synthetic_root, tmp_path):
+    root = copy_of(synthetic_root, tmp_path)
+    path = split_paths(root, "query")[-1]  # in rank 1's shard
+    break_image(path, "text")
+    out = tmp_path / "out"
+    run_flags = ["--SOLVER.MAX_EPOCHS", "1", "--SOLVER.IMS_PER_BATCH", "2", "--DATALOADER.CHECK_IMAGES", "false",
+                 "--DATALOADER.SKIP_BAD", "true"]
+    stdout, stderr = run_two_ranks([sys.executable, "train.py", *flags(root, out, *run_flags)], 29647)
+    assert error_lines(stderr) == []
+    with open(out / "skipped.txt") as f:
+        assert [line.split("\t")[0] for line in f] == [path]
+    assert read_metrics(out)[0]["skipped_images"] == 1
+    per_image = [line for line in stdout.splitlines() if line.startswith("per image")][-1]
+    assert per_image.split()[-1] == str(len(split_paths(root, "query")) - 1)
 
 
 def test_the_heartbeat_names_a_silent_rank_and_ends_the_process(monkeypatch, capsys):
