@@ -25,10 +25,11 @@ from tqdm import tqdm
 
 import config
 import utils
-from data import (DataError, build_datasets, build_test_loader, device_test_batches, item_labels, load_image,
-                  read_dataset)
+from data import build_datasets, build_test_loader, item_labels, load_image, read_dataset
+from device_data import device_test_batches
 from model import WeightError, model_from_checkpoint
 from rerank import rerank_distances
+from utils import DataError
 from visualize import visualize_evaluation
 
 CHUNK_BYTES = 32 * 2**20  # temporaries per chunk (and worker); small chunks stay in cache, reuse the heap

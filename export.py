@@ -16,9 +16,12 @@ import warnings
 import numpy as np
 import torch
 
-from data import IMAGENET_MEAN, IMAGENET_STD, DataError, build_test_transform, load_image, synthesize
+from data import load_image
 from model import WeightError
 from retrieve import DEFAULT_SIZE, RetrievalError, collect_images, input_size_for, load_model, normalisation_of
+from synthetic import synthesize
+from transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
+from utils import DataError
 
 INSTALL_HINT = "pip install onnx onnxscript onnxruntime"
 
