@@ -590,7 +590,7 @@ def evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep
 def extract_features(model, loader, device, flip=False, feat_norm=True, amp_dtype=None):
     """Embed every image of a loader of (img, pid, camid): (feats [N, D] float32 CPU, pids, camids numpy).
 
-    The loader may be build_test_loader's (host tensors) or data.device_test_batches (images decoded on the
+    The loader may be build_test_loader's (host tensors) or device_data.device_test_batches (images decoded on the
     device). Embeddings stay on the device until the end: one transfer, no host sync per batch, so the host
     prepares the next batch while the device embeds this one."""
     model.eval()

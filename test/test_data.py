@@ -166,7 +166,8 @@ def test_pixel_mean_and_std_set_the_normalisation():
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     imagenet = transforms.build_test_transform((64, 32))(image)
     ours = transforms.build_test_transform((64, 32), pixel_mean=mean, pixel_std=std)(image)
-    pixels = imagenet * torch.tensor(transforms.IMAGENET_STD)[:, None, None] + torch.tensor(transforms.IMAGENET_MEAN)[:, None, None]
+    imagenet_std, imagenet_mean = torch.tensor(transforms.IMAGENET_STD), torch.tensor(transforms.IMAGENET_MEAN)
+    pixels = imagenet * imagenet_std[:, None, None] + imagenet_mean[:, None, None]
     assert torch.allclose(ours, (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None],
                           atol=1e-5)
 
@@ -289,7 +290,8 @@ def test_sampler_stats_prints_both_samplers_on_a_set_and_on_a_simulated_list(tin
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    assert [line.split(':')[0] for line in lines[1:]] == [f'{s:<16} epoch {e}' for s in sampler.SAMPLERS for e in (0, 1)]
+    expected = [f'{s:<16} epoch {e}' for s in sampler.SAMPLERS for e in (0, 1)]
+    assert [line.split(':')[0] for line in lines[1:]] == expected
     run = subprocess.run([sys.executable, 'data.py', 'sampler-stats', '--simulate', 'market', '--epochs', '1',
                           '--sampler', 'random_identity'], cwd=REPO, capture_output=True, text=True)
     assert run.stdout.startswith('751 identities, 12936 images') and 'distinct co-batched' in run.stdout
@@ -388,7 +390,8 @@ def test_device_augment_loader_yields_pk_batches_and_names_a_corrupt_file(tiny_s
     assert pids[0] == pids[1] and pids[2] == pids[3] and pids[0] != pids[2]
     bad = tmp_path / 'bad.jpg'
     bad.write_bytes(b'\xff\xd8 not really a jpeg')
-    loader = device_data.DeviceAugmentLoader([(str(bad), pid, camid) for _, pid, camid in items], 2, 2, (32, 16), 0, 'cpu')
+    bad_items = [(str(bad), pid, camid) for _, pid, camid in items]
+    loader = device_data.DeviceAugmentLoader(bad_items, 2, 2, (32, 16), 0, 'cpu')
     with pytest.raises(DataError, match=f'{bad}: not a readable JPEG'):
         for _ in loader:
             pass

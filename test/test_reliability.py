@@ -141,7 +141,8 @@ def test_bad_images_are_listed_before_training_and_nothing_is_written(synthetic_
     out = tmp_path / "out"
     assert train.main(flags(root, out)) == 2
     err = capsys.readouterr().err
-    assert len(error_lines(err)) == 1 and f"3 of {len(image_check.dataset_paths(build_datasets('synthetic', root)))}" in err
+    total = len(image_check.dataset_paths(build_datasets("synthetic", root)))
+    assert len(error_lines(err)) == 1 and f"3 of {total}" in err
     for path in broken:
         assert f"  {path}: " in err
     assert f"python data.py check {root} --dataset synthetic" in err
