@@ -212,6 +212,10 @@ def read_coco(folder, json_train_path=""):
     return splits, False
 
 
+# ----------------------------------------------------------------------------------------------
+# The one parser of cameras and identities from file and folder names (read_folder, retrieve.py)
+
+
 def camera_of(path):
     """0-based camera of a file name's `_c<N>`, numbered from c1 as in Market-1501 (c1 -> 0); -1 when none."""
     found = CAMERA_IN_NAME.search(os.path.basename(path))
@@ -380,7 +384,7 @@ def describe_dataset(dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# Images, transforms
+# Images
 
 
 def load_image(path):
