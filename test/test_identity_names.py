@@ -53,7 +53,7 @@ def test_an_identity_pid_depends_on_the_name_only():
     pids = [identity_pid(name) for name in names]
     assert len(set(pids)) == len(names) and min(pids) >= 2**62 and max(pids) < 2**63
     # the same in another process with another string hash seed: embeddings saved by one run match another's
-    code = "import data; print([data.identity_pid(n) for n in %r])" % names
+    code = f"import data; print([data.identity_pid(n) for n in {names!r}])"
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
