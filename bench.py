@@ -35,13 +35,17 @@ import config
 import train
 import utils
 from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported
-from data import (DataError, DeviceAugmentLoader, PKSampler, build_datasets, build_test_loader, dataset_paths,
-                  device_test_batches, find_bad_images, read_dataset, synthesize, throughput)
+from data import build_datasets, build_test_loader, build_train_loader, read_dataset
+from device_data import DeviceAugmentLoader, device_test_batches
 from evaluate import (_peak_rss_mib, _reset_peak_rss, benchmark_centroids, benchmark_metrics, extract_features,
                       synthetic_problem)
+from image_check import dataset_paths, find_bad_images
 from loss import CenterLoss, compute_losses
 from model import ARCHS, build_model
 from rerank import rerank_distances
+from sampler import PKSampler, describe_batch
+from synthetic import synthesize
+from utils import DataError
 
 # Defaults of each preset; any flag given on the command line wins.
 PRESETS = {
@@ -249,8 +253,34 @@ def time_loader(loader, skip, batches, device):
     return images / (time.perf_counter() - start)
 
 
+def throughput(root, name, workers=(0, 2), size=(256, 128), num_ids=16, num_instances=4, batches=10):
+    """Decoded + augmented training images per second for each worker count: {workers: images/s}."""
+    items = read_dataset(name, root)["train"]
+    results, threads = {}, torch.get_num_threads()
+    for num_workers in workers:
+        loader, _ = build_train_loader(items, num_ids, num_instances, size, num_workers)
+        warmup = 1 + 2 * num_workers  # start-up and the prefetched batches are not throughput
+        if len(loader) < warmup + batches:
+            raise DataError(f"{root}: an epoch has {len(loader)} batches of {describe_batch(num_ids, num_instances)}, "
+                            f"the measurement needs {warmup + batches}: use fewer --batches or a larger data set")
+        torch.set_num_threads(1)  # as in a loader worker: the main process then measures one worker
+        iterator = iter(loader)
+        for _ in range(warmup):
+            next(iterator)
+        start, images = time.perf_counter(), 0
+        for _, (x, _, _) in zip(range(batches), iterator):
+            images += len(x)
+        results[num_workers] = images / (time.perf_counter() - start)
+        torch.set_num_threads(threads)
+        print(f"workers={num_workers}: {results[num_workers]:.0f} images/s "
+              f"({results[num_workers] / max(num_workers, 1):.0f} images/s per worker), "
+              f"{size[0]}x{size[1]}, {describe_batch(num_ids, num_instances)}")
+        del iterator, loader
+    return results
+
+
 def bench_loader(args, root):
-    """Decoded + augmented images/s of data.build_train_loader for 0 and N workers (data.throughput)."""
+    """Decoded + augmented images/s of data.build_train_loader for 0 and N workers (throughput)."""
     items = read_dataset("synthetic", root)["train"]
     num_steps = len(PKSampler([pid for _, pid, _ in items], args.ids, args.instances))
     batch, size, rows = batch_text(args.ids, args.instances), args.loader_size, []

@@ -25,10 +25,11 @@ from tqdm import tqdm
 
 import config
 import utils
-from data import (DataError, build_datasets, build_test_loader, device_test_batches, item_labels, load_image,
-                  read_dataset)
+from data import build_datasets, build_test_loader, item_labels, load_image, read_dataset
+from device_data import device_test_batches
 from model import WeightError, model_from_checkpoint
 from rerank import rerank_distances
+from utils import DataError
 from visualize import visualize_evaluation
 
 CHUNK_BYTES = 32 * 2**20  # temporaries per chunk (and worker); small chunks stay in cache, reuse the heap
@@ -589,7 +590,7 @@ def evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep
 def extract_features(model, loader, device, flip=False, feat_norm=True, amp_dtype=None):
     """Embed every image of a loader of (img, pid, camid): (feats [N, D] float32 CPU, pids, camids numpy).
 
-    The loader may be build_test_loader's (host tensors) or data.device_test_batches (images decoded on the
+    The loader may be build_test_loader's (host tensors) or device_data.device_test_batches (images decoded on the
     device). Embeddings stay on the device until the end: one transfer, no host sync per batch, so the host
     prepares the next batch while the device embeds this one."""
     model.eval()

@@ -3,7 +3,7 @@
     python export.py output/best.pth model.onnx [--size 256 128] [--check-images photos/]
 
 The graph is the eval-mode model: images [B, 3, H, W] (RGB scaled to 0-1, then normalised with the
-checkpoint's INPUT.PIXEL_MEAN / INPUT.PIXEL_STD, ImageNet's by default, as data.build_test_transform makes
+checkpoint's INPUT.PIXEL_MEAN / INPUT.PIXEL_STD, ImageNet's by default, as transforms.build_test_transform makes
 them; B is dynamic) -> embeddings [B, D], the BNNeck output (L2-normalise it before comparing, as
 retrieve.py does). The file's metadata (metadata_props) records that contract: input_size, pixel_mean,
 pixel_std. Optional packages: onnx and onnxscript (the exporter), onnxruntime (the check).
@@ -16,9 +16,12 @@ import warnings
 import numpy as np
 import torch
 
-from data import IMAGENET_MEAN, IMAGENET_STD, DataError, build_test_transform, load_image, synthesize
+from data import load_image
 from model import WeightError
 from retrieve import DEFAULT_SIZE, RetrievalError, collect_images, input_size_for, load_model, normalisation_of
+from synthetic import synthesize
+from transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
+from utils import DataError
 
 INSTALL_HINT = "pip install onnx onnxscript onnxruntime"
 

@@ -18,7 +18,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import shutil
 
 import numpy as np
@@ -27,11 +26,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import utils
-from data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, build_test_transform, load_image,
-                  read_dataset)
+from data import IMAGE_EXTENSIONS, camera_of, identity_pids, load_image, read_dataset
 from evaluate import EvaluationError, extract_features, identity_centroids, synthetic_problem
 from model import BACKBONE_EMB_SIZES, WeightError, model_from_checkpoint
 from rerank import RerankError, rerank_distances
+from transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
+from utils import DataError
 from visualize import draw_query_results
 
 DEFAULT_SIZE = (256, 128)
@@ -84,12 +84,6 @@ def normalisation_of(model):
 # ---------------------------------------------------------------------------------------------------
 # Images to embed: folders (identity = first-level sub-folder), files, or a data set split
 
-def camera_of(path):
-    """0-based camera from a `_c<N>` in the file name (Market/Duke style), -1 when there is none."""
-    found = re.search(r"_c(\d+)", os.path.basename(path))
-    return int(found.group(1)) - 1 if found else -1
-
-
 def collect_images(inputs):
     """Image files of files/folders -> [(path, identity name or '', camid)], sorted within each folder."""
     items = []
@@ -106,8 +100,8 @@ def collect_images(inputs):
             subdirs.sort()
             relative = os.path.relpath(folder, source)
             identity = "" if relative == "." else relative.split(os.sep)[0]  # images at the top: no identity
-            found += [(os.path.join(folder, f), identity, camera_of(f)) for f in sorted(files)
-                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+            paths = [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+            found += [(path, identity, camera_of(path)) for path in paths]
         if not found:
             raise RetrievalError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)}), in it or in "
                                  f"its sub-folders")
@@ -122,16 +116,6 @@ def dataset_images(name, root, split):
         raise RetrievalError(f"--split {split!r}: choose train, query or gallery")
     data = read_dataset(name, root)
     return [(path, str(pid) if pid > 0 or split == "train" else "", camid) for path, pid, camid in data[split]]
-
-
-def pids_of(identities):
-    """Integer pids of identity names: the number itself when every name is a positive integer
-    (Market-style folders, data sets), else 1.. in sorted name order; '' (no identity) -> 0."""
-    names = sorted({n for n in identities if n})
-    if all(n.isdigit() and int(n) > 0 for n in names):
-        return torch.tensor([int(n) if n else 0 for n in identities], dtype=torch.int64)
-    rank = {n: i + 1 for i, n in enumerate(names)}
-    return torch.tensor([rank.get(n, 0) for n in identities], dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -209,7 +193,7 @@ def _merge(parts):
     merged = {**parts[-1], "complete": True, "feats": torch.cat([part["feats"] for part in parts])[keep],
               "paths": [paths[i] for i in keep], "identities": [identities[i] for i in keep],
               "camids": torch.cat([part["camids"] for part in parts])[keep], "skipped": skipped}
-    merged["pids"] = pids_of(merged["identities"])
+    merged["pids"] = torch.tensor(identity_pids(merged["identities"]), dtype=torch.int64)
     return merged
 
 

@@ -25,11 +25,14 @@ import config
 import utils
 import visualize
 from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported
-from data import (DataError, DeviceAugmentLoader, GuardedImages, bad_images_report, build_datasets,
-                  build_train_loader, dataset_paths, find_bad_images, preflight_check, with_dataset, without_paths)
+from data import build_datasets, build_train_loader
+from device_data import DeviceAugmentLoader
 from evaluate import evaluate_checkpoint_cli, evaluate_splits, format_results
+from image_check import (GuardedImages, bad_images_report, dataset_paths, find_bad_images, preflight_check,
+                         with_dataset, without_paths)
 from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads
 from model import WeightError, build_model, load_weights, stem_relu_message
+from utils import DataError
 
 OPTIONS = [  # what is not a configuration key (config.parse adds --config_file)
     ("resume", ("--resume",), "", "auto (OUTPUT_DIR/last.pth if present), best (OUTPUT_DIR/best.pth) or a "

@@ -1,4 +1,4 @@
-"""Devices, distributed helpers, mixed precision and atomic checkpoints for train.py and the tools."""
+"""Devices, distributed helpers, mixed precision, atomic checkpoints and DataError, for every tool."""
 import atexit
 import contextlib
 import datetime
@@ -10,6 +10,31 @@ import time
 
 import torch
 import torch.distributed as dist
+
+
+class DataError(Exception):
+    """Bad input data: the message names the path and what was expected."""
+
+    def __init__(self, message):
+        # A loader worker's DataError is re-raised in the main process as DataError("Caught DataError
+        # in DataLoader worker ... Original Traceback ... utils.DataError: <message>"): keep the message,
+        # bad data needs no traceback.
+        if "Original Traceback" in message and "DataError: " in message:
+            message = message.rsplit("DataError: ", 1)[1].strip()
+        super().__init__(message)
+
+
+def usable_workers(num_workers):
+    """No more loader processes than cores: extra ones only compete with the training process."""
+    return max(0, min(int(num_workers), os.cpu_count() or 1))
+
+
+def folder_listing(folder, limit=8):
+    """A short "a/, b.txt, ..." listing of a folder for error messages."""
+    names = sorted(os.listdir(folder))
+    shown = [n + "/" if os.path.isdir(os.path.join(folder, n)) else n for n in names[:limit]]
+    more = f", ... ({len(names)} entries)" if len(names) > limit else ""
+    return (", ".join(shown) + more) if names else "nothing (empty folder)"
 
 
 def import_torch_npu():

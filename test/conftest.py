@@ -1,7 +1,7 @@
 """Shared fixtures: one tiny synthetic data set per test session (Market-1501 layout, 64x32 images)."""
 import pytest
 
-from data import synthesize
+from synthetic import synthesize
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 import bench
-from data import augment_batch, build_test_transform, build_train_transform, synthesize
+from device_data import augment_batch
+from synthetic import synthesize
+from transforms import build_test_transform, build_train_transform
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # a CPU run, as on the CI

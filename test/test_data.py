@@ -14,7 +14,12 @@ import torch
 from PIL import Image
 
 import data
-from data import DataError, build_datasets, read_dataset
+import device_data
+import sampler
+import synthetic
+import transforms
+from data import build_datasets, read_dataset
+from utils import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +49,7 @@ MARKET_NAMES = (
 def tiny_synthetic(tmp_path_factory):
     """A tiny synthetic data set (8 train + 8 test identities, 64x32)."""
     root = str(tmp_path_factory.mktemp('syn') / 'synthetic')
-    data.synthesize(root, ids=16, images_per_id=6, cameras=3, size=(64, 32), progress=False)
+    synthetic.synthesize(root, ids=16, images_per_id=6, cameras=3, size=(64, 32), progress=False)
     return root
 
 
@@ -126,11 +131,14 @@ def test_folder_layout_with_and_without_cameras(tmp_path):
     ds = read_dataset('folder', str(tmp_path / 'cams'))
     assert ds['has_cameras'] and [(os.path.basename(p), pid, cam) for p, pid, cam in ds['train']] == [
         ('y_c1_1.jpg', 0, 0), ('x_c2_1.jpg', 1, 1)]
-    assert ds['query'][0][1:] == (2, 1) and sorted(item[1:] for item in ds['gallery']) == [(1, 0), (2, 2)]
+    zed, amy = data.identity_pid('zed'), data.identity_pid('amy')  # pids of the names, whatever else is read
+    assert ds['query'][0][1:] == (zed, 1)  # _c<N> -> N-1, as in Market names
+    assert sorted(item[1:] for item in ds['gallery']) == sorted([(amy, 0), (zed, 4)])
     for split, identity in [('train', 'a'), ('train', 'b'), ('query', 'c'), ('gallery', 'c')]:
         write_jpeg(str(tmp_path / 'plain' / split / identity / '1.jpg'))
     ds = read_dataset('FOLDER', str(tmp_path / 'plain'))
-    assert not ds['has_cameras'] and ds['query'][0][1:] == (1, 0) and ds['gallery'][0][1:] == (1, 1)
+    c = data.identity_pid('c')
+    assert not ds['has_cameras'] and ds['query'][0][1:] == (c, 0) and ds['gallery'][0][1:] == (c, 1)
 
 
 def test_several_names_train_on_the_union_and_evaluate_the_first(tmp_path):
@@ -148,20 +156,21 @@ def test_several_names_train_on_the_union_and_evaluate_the_first(tmp_path):
 
 def test_transform_shapes_and_flip():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 30, 3), dtype=np.uint8))
-    train = data.build_train_transform((64, 32))(image)
-    test = data.build_test_transform((64, 32))(image)
+    train = transforms.build_train_transform((64, 32))(image)
+    test = transforms.build_test_transform((64, 32))(image)
     assert train.shape == test.shape == (3, 64, 32) and train.dtype == torch.float32
     assert abs(float(test.mean())) < 2  # ImageNet-normalised, not 0..255
-    flipped = data.build_train_transform((64, 32), flip_prob=1.0, padding=0, re_prob=0.0)(image)
+    flipped = transforms.build_train_transform((64, 32), flip_prob=1.0, padding=0, re_prob=0.0)(image)
     assert torch.allclose(flipped, test.flip(-1))
 
 
 def test_pixel_mean_and_std_set_the_normalisation():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 30, 3), dtype=np.uint8))
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    imagenet = data.build_test_transform((64, 32))(image)
-    ours = data.build_test_transform((64, 32), pixel_mean=mean, pixel_std=std)(image)
-    pixels = imagenet * torch.tensor(data.IMAGENET_STD)[:, None, None] + torch.tensor(data.IMAGENET_MEAN)[:, None, None]
+    imagenet = transforms.build_test_transform((64, 32))(image)
+    ours = transforms.build_test_transform((64, 32), pixel_mean=mean, pixel_std=std)(image)
+    imagenet_std, imagenet_mean = torch.tensor(transforms.IMAGENET_STD), torch.tensor(transforms.IMAGENET_MEAN)
+    pixels = imagenet * imagenet_std[:, None, None] + imagenet_mean[:, None, None]
     assert torch.allclose(ours, (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None],
                           atol=1e-5)
 
@@ -175,13 +184,13 @@ def test_erasing_fills_the_box_with_pixel_mean_on_the_cpu_and_on_the_device():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 32, 3), dtype=np.uint8))
     mean = (0.5, 0.4, 0.3)
     torch.manual_seed(0)
-    cpu = data.build_train_transform((64, 32), padding=0, re_prob=1.0, pixel_mean=mean)
-    device = data.augment_batch([torch.from_numpy(np.array(image)).permute(2, 0, 1)] * 200, (64, 32), padding=0,
+    cpu = transforms.build_train_transform((64, 32), padding=0, re_prob=1.0, pixel_mean=mean)
+    device = device_data.augment_batch([torch.from_numpy(np.array(image)).permute(2, 0, 1)] * 200, (64, 32), padding=0,
                                 re_prob=1.0, pixel_mean=mean)
     shares = erased_share(torch.stack([cpu(image) for _ in range(200)]), mean), erased_share(device, mean)
     # mean erased share: E[area] = 0.21 x P(a box fits); both ways draw the same distribution
     assert 0.1 < shares[0] < 0.3 and abs(shares[0] - shares[1]) < 0.03, shares
-    assert erased_share(data.build_train_transform((64, 32), re_prob=0.0, pixel_mean=mean)(image), mean) == 0
+    assert erased_share(transforms.build_train_transform((64, 32), re_prob=0.0, pixel_mean=mean)(image), mean) == 0
 
 
 def original_erasing_box(rnd, height, width, prob=0.5, sl=0.02, sh=0.4, r1=0.3, log_aspect=False, tries=100):
@@ -213,7 +222,7 @@ def test_random_erasing_boxes_are_drawn_as_the_originals_loop():
     reference = [original_erasing_box(rnd, height, width) for _ in range(num)]
     torchvision_like = [original_erasing_box(rnd, height, width, log_aspect=True, tries=10) for _ in range(num)]
     torch.manual_seed(0)
-    erase, top, left, h, w = data.random_erasing_boxes(num, height, width, 'cpu')
+    erase, top, left, h, w = transforms.random_erasing_boxes(num, height, width, 'cpu')
     ours = torch.stack([top, left, h, w], 1)[erase].numpy()  # [erased, 4]
     reference = np.array([box for box in reference if box is not None])
     torchvision_like = np.array([box for box in torchvision_like if box is not None])
@@ -254,7 +263,7 @@ def test_without_resampling_the_train_loaders_pad_with_mock_images(tiny_syntheti
     items = short_identity_items(tiny_synthetic)
     settings = {'seed': 1, 'sampler': 'balanced', 'use_resampling': False, 'with_is_real': True}
     loader, sampler = data.build_train_loader(items, 2, 4, (32, 16), 0, **settings)
-    device_loader = data.DeviceAugmentLoader(items, 2, 4, (32, 16), 0, 'cpu', **settings)
+    device_loader = device_data.DeviceAugmentLoader(items, 2, 4, (32, 16), 0, 'cpu', **settings)
     for epoch in range(3):
         sampler.set_epoch(epoch)
         device_loader.batch_sampler.set_epoch(epoch)
@@ -284,7 +293,8 @@ def test_sampler_stats_prints_both_samplers_on_a_set_and_on_a_simulated_list(tin
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    assert [line.split(':')[0] for line in lines[1:]] == [f'{s:<16} epoch {e}' for s in data.SAMPLERS for e in (0, 1)]
+    expected = [f'{s:<16} epoch {e}' for s in sampler.SAMPLERS for e in (0, 1)]
+    assert [line.split(':')[0] for line in lines[1:]] == expected
     run = subprocess.run([sys.executable, 'data.py', 'sampler-stats', '--simulate', 'market', '--epochs', '1',
                           '--sampler', 'random_identity'], cwd=REPO, capture_output=True, text=True)
     assert run.stdout.startswith('751 identities, 12936 images') and 'distinct co-batched' in run.stdout
@@ -297,7 +307,7 @@ def test_sampler_stats_prints_both_samplers_on_a_set_and_on_a_simulated_list(tin
 
 def test_synthetic_set_is_deterministic_market_named_with_junk_and_distractors(tiny_synthetic, tmp_path):
     again = str(tmp_path / 'again')
-    data.synthesize(again, ids=16, images_per_id=6, cameras=3, size=(64, 32), progress=False)
+    synthetic.synthesize(again, ids=16, images_per_id=6, cameras=3, size=(64, 32), progress=False)
     for sub in ('bounding_box_train', 'query', 'bounding_box_test'):
         names = sorted(os.listdir(os.path.join(tiny_synthetic, sub)))
         assert names == sorted(os.listdir(os.path.join(again, sub)))
@@ -314,7 +324,7 @@ def test_synthetic_set_is_deterministic_market_named_with_junk_and_distractors(t
         assert any(g_pid == pid and g_cam != cam for _, g_pid, g_cam in ds['gallery'])
     assert Image.open(ds['query'][0][0]).size == (32, 64)
     with pytest.raises(DataError, match='already holds files'):
-        data.synthesize(again, ids=16, progress=False)
+        synthetic.synthesize(again, ids=16, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,7 +374,7 @@ def test_a_corrupt_image_names_its_path_at_load_time_and_check_lists_it(tmp_path
     bad.write_bytes(b'\xff\xd8 not really a jpeg')
     ds = read_dataset('market1501', str(tmp_path))
     with pytest.raises(DataError, match=f'cannot read image {bad}'):
-        data.ImageDataset(ds['query'], data.build_test_transform((16, 8)))[0]
+        data.ImageDataset(ds['query'], transforms.build_test_transform((16, 8)))[0]
     loader = data.build_test_loader(ds['query'], (16, 8), 1, num_workers=1)  # raised in a worker
     with pytest.raises(DataError, match=f'^cannot read image {bad}') as error:
         next(iter(loader))
@@ -377,13 +387,14 @@ def test_a_corrupt_image_names_its_path_at_load_time_and_check_lists_it(tmp_path
 
 def test_device_augment_loader_yields_pk_batches_and_names_a_corrupt_file(tiny_synthetic, tmp_path):
     items = read_dataset('synthetic', tiny_synthetic)['train']
-    loader = data.DeviceAugmentLoader(items, 2, 2, (32, 16), 0, 'cpu')
+    loader = device_data.DeviceAugmentLoader(items, 2, 2, (32, 16), 0, 'cpu')
     images, pids, _ = next(iter(loader))
     assert images.shape == (4, 3, 32, 16) and images.dtype == torch.float32
     assert pids[0] == pids[1] and pids[2] == pids[3] and pids[0] != pids[2]
     bad = tmp_path / 'bad.jpg'
     bad.write_bytes(b'\xff\xd8 not really a jpeg')
-    loader = data.DeviceAugmentLoader([(str(bad), pid, camid) for _, pid, camid in items], 2, 2, (32, 16), 0, 'cpu')
+    bad_items = [(str(bad), pid, camid) for _, pid, camid in items]
+    loader = device_data.DeviceAugmentLoader(bad_items, 2, 2, (32, 16), 0, 'cpu')
     with pytest.raises(DataError, match=f'{bad}: not a readable JPEG'):
         for _ in loader:
             pass

@@ -1,4 +1,4 @@
-"""Evaluation with decoding on the device (data.device_test_batches): the same batches, labels and features as
+"""Evaluation with decoding on the device (device_data.device_test_batches): the same batches, labels and features as
 the CPU test loader (run here on the CPU with the same code), and a clear error for a file no decoder reads."""
 import os
 import sys
@@ -10,6 +10,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import device_data  # noqa: E402
+import synthetic  # noqa: E402
+import utils  # noqa: E402
 from evaluate import extract_features  # noqa: E402
 from model import build_model  # noqa: E402
 
@@ -20,7 +23,7 @@ SIZE = (64, 32)
 def items(tmp_path_factory):
     """Query + gallery items of a tiny synthetic set (128x64 JPEGs), with one PNG among them."""
     root = str(tmp_path_factory.mktemp("data") / "synthetic")
-    data.synthesize(root, ids=6, images_per_id=4, cameras=2, progress=False)
+    synthetic.synthesize(root, ids=6, images_per_id=4, cameras=2, progress=False)
     split = data.read_dataset("synthetic", root)
     items = split["query"] + split["gallery"]
     png = os.path.splitext(items[1][0])[0] + ".png"  # a non-JPEG file is decoded on the host
@@ -30,7 +33,7 @@ def items(tmp_path_factory):
 
 def test_device_batches_hold_the_cpu_loaders_images_in_the_same_order(items):
     cpu = list(data.build_test_loader(items, SIZE, batch_size=7, num_workers=0))
-    dev = list(data.device_test_batches(items, SIZE, batch_size=7, num_workers=0, device="cpu"))
+    dev = list(device_data.device_test_batches(items, SIZE, batch_size=7, num_workers=0, device="cpu"))
     assert len(cpu) == len(dev) == -(-len(items) // 7)
     for (a, a_pids, a_camids), (b, b_pids, b_camids) in zip(cpu, dev):
         assert b.shape == a.shape and b.dtype == torch.float32
@@ -44,7 +47,7 @@ def test_extract_features_gives_the_same_embeddings_with_either_loader(items):
     torch.manual_seed(0)
     model = build_model("resnet18", 6)
     cpu = extract_features(model, data.build_test_loader(items, SIZE, 8, 0), torch.device("cpu"))
-    dev = extract_features(model, data.device_test_batches(items, SIZE, 8, 0, "cpu"), torch.device("cpu"))
+    dev = extract_features(model, device_data.device_test_batches(items, SIZE, 8, 0, "cpu"), torch.device("cpu"))
     np.testing.assert_array_equal(cpu[1], dev[1])
     np.testing.assert_array_equal(cpu[2], dev[2])
     assert dev[0].shape == cpu[0].shape and dev[0].device.type == "cpu"
@@ -55,14 +58,14 @@ def test_extract_features_gives_the_same_embeddings_with_either_loader(items):
 def test_a_file_no_decoder_reads_is_named(items, tmp_path):
     bad = tmp_path / "0001_c1s1_000001_00.jpg"
     bad.write_bytes(b"not an image at all")
-    with pytest.raises(data.DataError, match="0001_c1s1_000001_00.jpg"):
-        list(data.device_test_batches(items[:3] + [(str(bad), 1, 0)], SIZE, 4, 0, "cpu"))
+    with pytest.raises(utils.DataError, match="0001_c1s1_000001_00.jpg"):
+        list(device_data.device_test_batches(items[:3] + [(str(bad), 1, 0)], SIZE, 4, 0, "cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg decoding needs a CUDA device")
 def test_nvjpeg_batches_match_the_cpu_loader(items):
     cpu = list(data.build_test_loader(items, SIZE, batch_size=8, num_workers=0))
-    dev = list(data.device_test_batches(items, SIZE, batch_size=8, num_workers=0, device="cuda"))
+    dev = list(device_data.device_test_batches(items, SIZE, batch_size=8, num_workers=0, device="cuda"))
     for (a, a_pids, _), (b, b_pids, _) in zip(cpu, dev):
         assert b.device.type == "cuda" and b.shape == a.shape and torch.equal(a_pids, b_pids)
         # nvjpeg's IDCT and chroma upsampling differ from libjpeg-turbo's by a few grey levels

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import export
-from data import synthesize
 from model import build_model
+from synthetic import synthesize
 
 SIZE = (64, 32)
 

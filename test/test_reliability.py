@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import data
+import image_check
 import train
+import transforms
 import utils
 from data import build_datasets, build_train_loader
 
@@ -36,7 +38,7 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def own_cache_and_signals(tmp_path, monkeypatch):
     """Each test its own image-check cache; train.main's signal handlers undone afterwards."""
-    monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(image_check.CACHE_DIR_ENV, str(tmp_path / "cache"))
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
     for s, handler in handlers.items():
@@ -118,11 +120,11 @@ def train_path_at(root, step):
 def two_epochs(synthetic_root, tmp_path_factory):
     """An uninterrupted two-epoch run: what a stopped and resumed run must equal."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    os.environ[data.CACHE_DIR_ENV] = str(out / "cache")
+    os.environ[image_check.CACHE_DIR_ENV] = str(out / "cache")
     try:
         assert train.main(flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "2")) == 0
     finally:
-        del os.environ[data.CACHE_DIR_ENV]
+        del os.environ[image_check.CACHE_DIR_ENV]
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return out
@@ -139,7 +141,8 @@ def test_bad_images_are_listed_before_training_and_nothing_is_written(synthetic_
     out = tmp_path / "out"
     assert train.main(flags(root, out)) == 2
     err = capsys.readouterr().err
-    assert len(error_lines(err)) == 1 and f"3 of {len(data.dataset_paths(build_datasets('synthetic', root)))}" in err
+    total = len(image_check.dataset_paths(build_datasets("synthetic", root)))
+    assert len(error_lines(err)) == 1 and f"3 of {total}" in err
     for path in broken:
         assert f"  {path}: " in err
     assert f"python data.py check {root} --dataset synthetic" in err
@@ -150,20 +153,20 @@ def test_bad_images_are_listed_before_training_and_nothing_is_written(synthetic_
 def test_the_check_is_remembered_until_a_file_changes(synthetic_root, tmp_path, capsys):
     root = copy_of(synthetic_root, tmp_path)
     dataset = build_datasets("synthetic", root)
-    assert data.preflight_check(dataset, progress=False) == []
+    assert image_check.preflight_check(dataset, progress=False) == []
     assert "checked in" in capsys.readouterr().out
-    assert os.path.dirname(data.check_cache_path()) == str(tmp_path / "cache")
-    assert data.preflight_check(dataset, progress=False) == []
+    assert os.path.dirname(image_check.check_cache_path()) == str(tmp_path / "cache")
+    assert image_check.preflight_check(dataset, progress=False) == []
     assert "decoded in an earlier check" in capsys.readouterr().out
     path = split_paths(root, "query")[1]
     break_image(path, "truncate")  # same name, new size and mtime: checked again, and found
-    bad = data.preflight_check(dataset, progress=False)
+    bad = image_check.preflight_check(dataset, progress=False)
     assert [p for p, _ in bad] == [path] and "checked in" in capsys.readouterr().out
 
 
 def test_the_report_names_the_first_20_bad_files_and_counts_the_rest():
     bad = [(f"/d/{i:03d}.jpg", "truncated") for i in range(25)]
-    lines = data.bad_images_report(bad, 1000, ["market1501"], "/d").splitlines()
+    lines = image_check.bad_images_report(bad, 1000, ["market1501"], "/d").splitlines()
     assert lines[0] == "25 of 1000 images cannot be read:" and lines[1] == "  /d/000.jpg: truncated"
     assert lines[20] == "  /d/019.jpg: truncated" and lines[21] == "  ... and 5 more"
     assert lines[22] == "list them all with: python data.py check /d --dataset market1501"
@@ -253,7 +256,7 @@ def test_skip_bad_leaves_out_what_the_check_found(synthetic_root, tmp_path):
     dataset = build_datasets("synthetic", root)
     kept, bad = train.check_images(cfg, dataset, 0)
     assert sorted(p for p, _ in bad) == sorted(broken)
-    assert not set(broken) & set(data.dataset_paths(kept))
+    assert not set(broken) & set(image_check.dataset_paths(kept))
     assert len(kept["train"]) == len(dataset["train"]) - 1 and kept["num_train_pids"] == dataset["num_train_pids"]
 
 
@@ -264,14 +267,14 @@ def test_guarded_images_replace_with_the_same_identity_and_flag_the_first_bad_fi
     break_image(items[same[0]][0], "truncate")
     flag = multiprocessing.Array("c", 4096)
     log = tmp_path / "skipped.txt"
-    guarded = data.GuardedImages(data.ImageDataset(items, data.build_test_transform((64, 32))),
+    guarded = image_check.GuardedImages(data.ImageDataset(items, transforms.build_test_transform((64, 32))),
                                  log_path=str(log), flag=flag)
     image, pid, _ = guarded[same[0]]
     assert pid == items[0][1] and torch.equal(image, guarded[same[1]][0])  # the identity's next image
     assert items[same[0]][0] in flag.value.decode() and log.read_text().startswith(items[same[0]][0] + "\t")
     for i in same:
         break_image(items[i][0], "empty")
-    with pytest.raises(data.DataError, match="nor any other"):
+    with pytest.raises(utils.DataError, match="nor any other"):
         guarded[same[1]]
 
 

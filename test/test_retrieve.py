@@ -14,9 +14,10 @@ from PIL import Image
 
 import retrieve
 import visualize
-from data import build_train_loader, read_dataset, synthesize
+from data import build_train_loader, read_dataset
 from loss import compute_losses
 from model import build_model
+from synthetic import synthesize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (64, 32)
@@ -129,8 +130,9 @@ def test_embeddings_file_holds_vectors_paths_and_identities(setup, gallery):
     assert emb["complete"] and emb["feats"].shape == (len(gallery_items), 512)
     assert torch.allclose(emb["feats"].norm(dim=1), torch.ones(len(gallery_items)), atol=1e-5)
     pid_of = {os.path.basename(p): pid for p, pid, _ in gallery_items}
+    camid_of = {os.path.basename(p): camid for p, _, camid in gallery_items}
     assert [pid_of[os.path.basename(p)] for p in emb["paths"]] == emb["pids"].tolist()
-    assert emb["camids"].tolist() == [retrieve.camera_of(p) for p in emb["paths"]]
+    assert [camid_of[os.path.basename(p)] for p in emb["paths"]] == emb["camids"].tolist()
 
 
 def test_faiss_and_exact_search_give_identical_topk(setup, gallery):

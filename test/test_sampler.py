@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-import data
-from data import SAMPLERS, DataError, PKSampler
+from sampler import SAMPLERS, PKSampler, describe_batch, identity_chunks, sampler_statistics, simulated_pids
+from utils import DataError
 
 
 def make_pids(counts):
@@ -55,7 +55,7 @@ def test_epochs_are_a_pure_function_of_seed_and_epoch(sampler):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_a_resumed_epoch_is_the_rest_of_the_uninterrupted_epoch(sampler):
-    pids = data.simulated_pids("market")
+    pids = simulated_pids("market")
     full = epoch(PKSampler(pids, 16, 4, seed=1, sampler=sampler), 2)
     resumed = PKSampler(pids, 16, 4, seed=1, sampler=sampler)  # a new process: nothing cached
     resumed.load_state_dict({"seed": 1, "epoch": 2})
@@ -66,7 +66,7 @@ def test_a_resumed_epoch_is_the_rest_of_the_uninterrupted_epoch(sampler):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("world_size", [2, 8])
 def test_ranks_are_disjoint_at_every_step_with_equal_steps(sampler, world_size):
-    pids = data.simulated_pids("market")
+    pids = simulated_pids("market")
     ranks = [PKSampler(pids, 16, 4, seed=3, rank=r, world_size=world_size, sampler=sampler, use_resampling=False)
              for r in range(world_size)]
     steps = [epoch(s, 1) for s in ranks]
@@ -83,7 +83,7 @@ def test_a_single_leftover_image_is_dropped_and_short_chunks_get_mocks(sampler):
     counts = [1, 5, 9, 6, 2, 3, 4, 8, 13, 7, 10, 11] * 2
     pids, num_images = make_pids(counts), sum(counts)
     pk = PKSampler(pids, num_ids=3, num_instances=4, sampler=sampler, use_resampling=False)
-    chunks = data.identity_chunks(np.array(counts), 4)
+    chunks = identity_chunks(np.array(counts), 4)
     assert chunks.tolist()[:12] == [0, 1, 2, 2, 1, 1, 1, 2, 3, 2, 3, 3]
     left_out = collections.defaultdict(set)
     for number in range(6):
@@ -120,7 +120,7 @@ def test_short_identities_are_topped_up_with_their_own_images(sampler):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_drop_last_false_adds_one_smaller_step_of_the_identities_left(sampler):
     counts = [4, 8, 5, 3, 12, 4, 7, 9, 4, 4, 6, 2, 10, 4, 9, 13, 6, 8]  # 31 chunks
-    pids, chunks = make_pids(counts), data.identity_chunks(np.array(counts), 4)
+    pids, chunks = make_pids(counts), identity_chunks(np.array(counts), 4)
     kept = [PKSampler(pids, 2, 4, seed=3, rank=r, world_size=2, sampler=sampler, drop_last=False) for r in (0, 1)]
     dropped = PKSampler(pids, 2, 4, seed=3, rank=0, world_size=2, sampler=sampler)
     extra_steps = 0
@@ -152,7 +152,7 @@ def test_impossible_settings_say_what_is_possible():
         PKSampler(pids, num_ids=2, num_instances=1)
     with pytest.raises(DataError, match="unknown sampler 'random'.*random_identity, balanced"):
         PKSampler(pids, num_ids=2, num_instances=4, sampler="random")
-    assert data.describe_batch(16, 4) == "16 identities × 4 images = 64 images per device"
+    assert describe_batch(16, 4) == "16 identities × 4 images = 64 images per device"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,14 +210,14 @@ def test_random_identity_draws_as_the_originals_loop():
 
 
 def test_random_identity_meets_far_more_identities_than_balanced():
-    pids = data.simulated_pids("market")
-    co_batched = {s: data.sampler_statistics(pids, 16, 4, s, epoch=0)["co_batched"] for s in SAMPLERS}
+    pids = simulated_pids("market")
+    co_batched = {s: sampler_statistics(pids, 16, 4, s, epoch=0)["co_batched"] for s in SAMPLERS}
     assert co_batched["random_identity"] >= 1.8 * co_batched["balanced"], co_batched
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_an_msmt17_sized_epoch_plans_well_under_a_second(sampler):
-    pk = PKSampler(data.simulated_pids("msmt17"), 16, 4, sampler=sampler)
+    pk = PKSampler(simulated_pids("msmt17"), 16, 4, sampler=sampler)
     start = time.perf_counter()
     batches = epoch(pk, 0)
     assert time.perf_counter() - start < 1.0 and len(batches) > 1900

@@ -1,0 +1,66 @@
+"""Image transforms: the training augmentation and the test resize + normalisation, per image (torchvision v2)."""
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def random_erasing_boxes(batch, height, width, device, prob=0.5, scale=(0.02, 0.4), ratio=(0.3, 1 / 0.3),
+                         tries=100):
+    """Per image: whether to erase and the box (top, left, h, w), drawn as the original's RandomErasing: with
+    probability prob, up to `tries` draws of an area (uniform in scale x H*W) and an aspect h/w (uniform in
+    ratio); the first box that fits (h < H, w < W) wins, none -> no erasing; top and left are uniform."""
+    area = height * width * torch.empty(batch, tries, device=device).uniform_(*scale)          # [B, T]
+    aspect = torch.empty(batch, tries, device=device).uniform_(*ratio)                          # [B, T]
+    h = torch.sqrt(area * aspect).round().long()  # round half to even, as Python's round()
+    w = torch.sqrt(area / aspect).round().long()
+    fits = (h < height) & (w < width)                                                           # [B, T]
+    first = fits.long().argmax(dim=1, keepdim=True)                                             # [B, 1]
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]                                   # [B]
+    erase = (torch.rand(batch, device=device) < prob) & fits.any(dim=1)
+    top = (torch.rand(batch, device=device) * (height - h + 1)).long()
+    left = (torch.rand(batch, device=device) * (width - w + 1)).long()
+    return erase, top, left, h, w
+
+
+class RandomErasing:
+    """Random erasing of one normalised [C, H, W] image as the original's: the box of random_erasing_boxes is
+    filled with `value` per channel, the original's INPUT.PIXEL_MEAN written into the normalised tensor."""
+
+    def __init__(self, prob=0.5, value=IMAGENET_MEAN):
+        self.prob, self.value = prob, tuple(value)
+
+    def __call__(self, image):
+        _, height, width = image.shape
+        erase, top, left, h, w = (int(v) for v in random_erasing_boxes(1, height, width, image.device, self.prob))
+        if erase:
+            value = torch.tensor(self.value, dtype=image.dtype, device=image.device)[:, None, None]
+            image[:, top:top + h, left:left + w] = value
+        return image
+
+
+def build_train_transform(size=(256, 128), flip_prob=0.5, padding=10, re_prob=0.5, pixel_mean=IMAGENET_MEAN,
+                          pixel_std=IMAGENET_STD):
+    """Resize, flip, pad + random crop, normalisation by pixel_mean / pixel_std, the original's random erasing."""
+    return v2.Compose([
+        v2.ToImage(),  # uint8 tensor: the geometric ops below are cheaper on it than on PIL
+        v2.Resize(list(size), antialias=True),
+        v2.RandomHorizontalFlip(flip_prob),
+        v2.Pad(padding),
+        v2.RandomCrop(list(size)),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(pixel_mean), list(pixel_std)),
+        RandomErasing(re_prob, pixel_mean),
+    ])
+
+
+def build_test_transform(size=(256, 128), pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+    """Resize + normalisation by pixel_mean / pixel_std."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(list(size), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(pixel_mean), list(pixel_std)),
+    ])
+
