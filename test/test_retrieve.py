@@ -1,6 +1,6 @@
 """retrieve.py: embed -> index -> query with a trained tiny model, both backends, centroid entries, the
-fingerprint and input checks, resumable embedding, re-ranking, the pictures' entry points, the benchmark
-functions."""
+fingerprint and input checks, resumable embedding, re-ranking, the pictures' entry points (the search benchmark:
+test_bench.py)."""
 import itertools
 import json
 import os
@@ -343,25 +343,3 @@ def test_cmc_curve_and_evaluation_pictures_are_valid_pngs(setup, gallery, tmp_pa
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 100
             image.verify()
-
-
-# ---------------------------------------------------------------------------------------------------
-# the measured command's functions, small
-
-def test_bench_centroid_gallery_is_smaller_and_backends_agree():
-    rows = retrieve.bench_centroids(num_query=200, num_gallery=2000, num_ids=50, dim=64)
-    per_image, per_centroid = rows
-    assert per_centroid["entries"] < per_image["entries"] and per_centroid["centroids"] == 50
-    backends = ("torch", "faiss") if _has_faiss() else ("torch",)
-    res = retrieve.bench_large(num_gallery=20000, dim=32, batch=20, backends=backends)
-    assert res["torch_found_own"] == 1.0  # each query is a slightly moved gallery vector: found first
-    if "faiss" in backends:
-        assert res["same_topk"] == 1.0
-
-
-def _has_faiss():
-    try:
-        import faiss  # noqa: F401
-        return True
-    except ImportError:
-        return False
