@@ -306,6 +306,11 @@ print(json.dumps({"added_mib": status_mib("VmHWM") - rss_before, "load_peak_mib"
 """
 
 
+# glibc returns every block over 1 MiB to the system when it is freed: the peak resident size then follows the live
+# tensors (without it, the per-thread arenas keep freed chunks, and the peak varied 125-205 MiB from run to run)
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_TRIM_THRESHOLD_": str(2**20)}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak resident size from /proc")
 def test_large_gallery_memory_stays_bounded(tmp_path):
     # a fresh process holding only the embeddings: its peak resident size minus its size before the evaluation
@@ -313,14 +318,13 @@ def test_large_gallery_memory_stays_bounded(tmp_path):
     problem = synthetic_problem(400, 200_000, 20_000, 6, dim=16)
     torch.save(problem, tmp_path / "problem.pt")
     proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "problem.pt")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2", **ALLOCATOR_ENV})
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout.splitlines()[-1])
     assert res["load_peak_mib"] < 16, res  # loading left no higher peak that could hide the evaluation's
     assert res["block"] < 200_000 and res["bound_mib"] < 100, res  # the gallery is visited in blocks
     distmat_mib = 400 * 200_000 * 4 / 2**20  # 305 MiB: the [Q, N] float32 distances alone would not fit
-    # allocator caches may double the designed bound
-    assert res["added_mib"] < min(2 * res["bound_mib"] + 32, distmat_mib), res
+    assert res["added_mib"] < min(1.5 * res["bound_mib"] + 16, distmat_mib), res
     assert res["mAP"] > 0  # it did evaluate
 
 
