@@ -1,5 +1,7 @@
 """Measured speed of every stage: loader, training step (vs the bare backbone step), end to end, feature
-extraction, the evaluator, the centroid protocols and k-reciprocal re-ranking. Prints one table (stage | figure |
+extraction, the evaluator (against np.argsort, and on a 1,000,000-item gallery), the centroid protocols, retrieval
+search (per image vs per centroid index, exact vs faiss), the pre-flight image check, the losses and k-reciprocal
+re-ranking. Prints one table (stage | figure |
 value | unit | device | dtype | batch | input) and, with --json, writes the same rows.
 
     python bench.py                               # CPU preset, < 5 minutes on 2 cores
@@ -10,6 +12,8 @@ value | unit | device | dtype | batch | input) and, with --json, writes the same
     python bench.py --device cuda --stages step --dtypes bf16 --graph-ids 16 --graph-compiled \
         --compile-dtypes bf16 --compile-mode max-autotune-no-cudagraphs   # torch.compile variants (minutes)
     python bench.py --stages rerank               # k-reciprocal re-ranking at Market-1501 size only
+    python bench.py --device cpu --stages metrics large-gallery   # the evaluator vs np.argsort; 1,000,000 items
+    python bench.py --device cpu --stages search  # retrieve.py's index: per image vs per centroid, exact vs faiss
 
 Every eager training figure runs train.py's own code: train.build_optimizers, train.train_one_epoch
 (compute_losses, backward_and_step) on a batch already on the device (the step) or on the real loader (end to
@@ -28,6 +32,7 @@ import tempfile
 import time
 import traceback
 
+import numpy as np
 import torch
 import torchvision
 
@@ -37,12 +42,22 @@ import utils
 from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported
 from data import build_datasets, build_test_loader, build_train_loader, read_dataset
 from device_data import DeviceAugmentLoader, device_test_batches
-from evaluate import (_peak_rss_mib, _reset_peak_rss, benchmark_centroids, benchmark_metrics, extract_features,
-                      synthetic_problem)
+from evaluate import (
+    CENTROID_PROTOCOLS,
+    EvaluationError,
+    evaluate_centroids,
+    evaluate_feature_ranks,
+    evaluate_rank,
+    extract_features,
+    identity_centroids,
+    memory_plan,
+    squared_distances,
+)
 from image_check import dataset_paths, find_bad_images
 from loss import CenterLoss, compute_losses
 from model import ARCHS, build_model
 from rerank import rerank_distances
+from retrieve import SHARED, RetrievalError, build_index, import_faiss, search_exact, search_index
 from sampler import PKSampler, describe_batch
 from synthetic import synthesize
 from utils import DataError
@@ -53,19 +68,22 @@ PRESETS = {
                  dtypes=["fp32"], compile_dtypes=[], warmup=1, rounds=3, steps=1, synth_ids=40,
                  images_per_id=8, epochs=2, feature_images=64, metrics_size=[200, 1000, 100],
                  loader_batches=3, e2e_dtype="fp32", centroid_dim=32, centroid_rounds=1, graph_ids=[],
-                 rerank_size=[200, 1000, 64]),
+                 rerank_size=[200, 1000, 64], large_gallery=[100, 20000, 2000, 16], large_search=[5000, 32, 20]),
     "cpu": dict(model="resnet50", size=[64, 32], loader_size=[256, 128], ids=16, instances=4, large_ids=0,
                 dtypes=["fp32"], compile_dtypes=[], warmup=1, rounds=7, steps=1, synth_ids=80,
                 images_per_id=16, epochs=2, feature_images=256, metrics_size=[3368, 15913, 751],
                 loader_batches=10, e2e_dtype="fp32", centroid_dim=2048, centroid_rounds=3, graph_ids=[],
-                rerank_size=[3368, 15913, 2048]),
+                rerank_size=[3368, 15913, 2048], large_gallery=[200, 1_000_000, 100_000, 64],
+                large_search=[1_000_000, 256, 100]),
     "device": dict(model="resnet50", size=[256, 128], loader_size=[256, 128], ids=16, instances=4, large_ids=64,
                    dtypes=["fp32", "bf16", "fp16"], compile_dtypes=["bf16"], warmup=10, rounds=7, steps=20,
                    synth_ids=600, images_per_id=16, epochs=3, feature_images=0, metrics_size=[3368, 15913, 751],
                    loader_batches=20, e2e_dtype="bf16", centroid_dim=2048, centroid_rounds=3,
-                   graph_ids=[16, 32, 64], rerank_size=[3368, 15913, 2048]),
+                   graph_ids=[16, 32, 64], rerank_size=[3368, 15913, 2048],
+                   large_gallery=[200, 1_000_000, 100_000, 64], large_search=[1_000_000, 256, 100]),
 }
-STAGES = ("loader", "step", "e2e", "features", "metrics", "centroids", "preflight", "losses", "rerank")
+STAGES = ("loader", "step", "e2e", "features", "metrics", "large-gallery", "centroids", "search", "preflight", "losses",
+          "rerank")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -107,6 +125,12 @@ def get_args_parser():
     p.add_argument("--feature-images", type=int, help="images embedded in the feature stage (0: all)")
     p.add_argument("--metrics-size", type=int, nargs=3, metavar=("QUERIES", "GALLERY", "IDS"),
                    help="evaluator problem (default Market-1501's 3368 15913 751)")
+    p.add_argument("--large-gallery", type=int, nargs=4, metavar=("QUERIES", "GALLERY", "IDS", "DIM"),
+                   help="large-gallery stage: the evaluator streaming distances (default 200 1000000 100000 64)")
+    p.add_argument("--large-search", type=int, nargs=3, metavar=("GALLERY", "DIM", "BATCH"),
+                   help="search stage: exact (and faiss) top-10 search of BATCH queries in a GALLERY of DIM-d unit "
+                        "vectors (default 1000000 256 100; GALLERY 0 skips it)")
+    p.add_argument("--no-faiss", action="store_true", help="search stage: no faiss rows even where faiss imports")
     p.add_argument("--rerank-size", type=int, nargs=3, metavar=("QUERIES", "GALLERY", "DIM"),
                    help="re-ranking problem (default Market-1501's 3368 15913 with 2048-d embeddings)")
     p.add_argument("--gpu-augment", action="store_true",
@@ -182,7 +206,7 @@ def format_value(value, unit):
     return f"{value:.3g}"
 
 
-def format_table(rows):
+def format_bench_table(rows):
     """The rows as an aligned text table (also valid markdown)."""
     head = ["stage", "figure", "value", "unit", "device", "dtype", "batch", "input"]
     cells = [[r["stage"], r["figure"], format_value(r["value"], r["unit"]), r["unit"], r["device"], r["dtype"],
@@ -194,7 +218,7 @@ def format_table(rows):
     return "\n".join([line(head), sep] + [line(c) for c in cells])
 
 
-def write_json(path, meta, rows, notes):
+def write_bench_json(path, meta, rows, notes):
     """Rows, notes and the conditions (device, versions, date) as JSON."""
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -496,7 +520,7 @@ def bench_end_to_end(args, root, device_augment=False, graph=False):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Stages 4 and 5: feature extraction and the evaluator
+# Stage 4: feature extraction
 
 def bench_features(args, root):
     """Images/s of evaluate.extract_features over the query + gallery images with the test loader."""
@@ -525,8 +549,104 @@ def bench_features(args, root):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------
+# Synthetic embeddings for the evaluator, the centroid protocols, re-ranking and the retrieval index
+
+def synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=64, noise=0.95, distractor_share=0.18,
+                      device="cpu", seed=0):
+    """Random but Market-like embeddings: identity centre + camera bias + noise; 18% pid-0 distractors.
+
+    Returns (q_feats, q_pids, q_camids, g_feats, g_pids, g_camids), feats L2-normalised on device,
+    ids/camids int64 CPU tensors. The default noise gives R1 ~97% and mAP ~84%, like a trained model.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_ids + 1, dim, generator=gen)
+    cam_bias = 0.3 * torch.randn(num_cams, dim, generator=gen)  # same-camera images look alike
+    q_pids = torch.randint(1, num_ids + 1, (num_query,), generator=gen)
+    g_pids = torch.randint(1, num_ids + 1, (num_gallery,), generator=gen)
+    g_pids[torch.rand(num_gallery, generator=gen) < distractor_share] = 0
+    q_camids = torch.randint(0, num_cams, (num_query,), generator=gen)
+    g_camids = torch.randint(0, num_cams, (num_gallery,), generator=gen)
+
+    def embed(pids, camids):
+        distractor = (pids == 0)[:, None]  # each distractor is a person of its own
+        own = torch.where(distractor, torch.randn(len(pids), dim, generator=gen), centres[pids])
+        feats = own + cam_bias[camids] + noise * torch.randn(len(pids), dim, generator=gen)
+        return torch.nn.functional.normalize(feats, dim=1).to(device)
+    return embed(q_pids, q_camids), q_pids, q_camids, embed(g_pids, g_camids), g_pids, g_camids
+
+
+def peak_rss_mib():
+    """Peak resident memory of this process so far, MiB (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def reset_peak_rss():
+    """Reset the kernel's peak-RSS counter of this process (Linux); False when it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_mark(device):
+    """Start a peak-memory measurement: reset the peak; returns the memory in use now (MiB)."""
+    if device.type == "cpu":
+        reset_peak_rss()
+        return peak_rss_mib()  # the peak was just reset to the current resident size
+    getattr(torch, device.type).reset_peak_memory_stats(device)
+    return getattr(torch, device.type).memory_allocated(device) / 2**20
+
+
+def memory_peak(device):
+    """Peak memory (MiB) since memory_mark: resident size on the CPU, allocated device memory otherwise."""
+    if device.type == "cpu":
+        return peak_rss_mib()
+    return getattr(torch, device.type).max_memory_allocated(device) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 5: the evaluator against np.argsort, and on a large gallery
+
+def benchmark_metrics(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, device="cpu", seed=0):
+    """Time np.argsort of a distance matrix and evaluate.evaluate_rank of the same matrix, in one process.
+
+    On the CPU evaluate_rank is timed with torch's default threads and with one thread (np.argsort
+    uses one). Returns seconds, ratios (evaluate / argsort) and the metrics of the problem.
+    """
+    q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = synthetic_problem(
+        num_query, num_gallery, num_ids, num_cams, device=device, seed=seed)
+    distmat = squared_distances(q_feats, g_feats)                                     # [Q, N] float32
+    distmat_np = distmat.cpu().numpy()
+    labels = (q_pids, g_pids, q_camids, g_camids)
+    evaluate_rank(distmat[:16], q_pids[:16], g_pids, q_camids[:16], g_camids)     # warm-up
+    _, (argsort_s,) = utils.timed(lambda: np.argsort(distmat_np, axis=1), "cpu")
+    result, (evaluate_s,) = utils.timed(lambda: evaluate_rank(distmat, *labels), device)
+    out = {"device": str(device), "num_query": num_query, "num_gallery": num_gallery,
+           "threads": torch.get_num_threads(),
+           "argsort_s": argsort_s, "evaluate_s": evaluate_s, "ratio": evaluate_s / argsort_s,
+           "mAP": result["mAP"], "R1": float(result["cmc"][0]), "mINP": result["mINP"]}
+    if torch.device(device).type == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _, (out["evaluate_1thread_s"],) = utils.timed(lambda: evaluate_rank(distmat, *labels), device)
+        finally:
+            torch.set_num_threads(threads)
+        out["ratio_1thread"] = out["evaluate_1thread_s"] / argsort_s
+    else:
+        _, (out["device_argsort_s"],) = utils.timed(lambda: torch.argsort(distmat, dim=1), device)
+    return out
+
+
 def bench_metrics(args):
-    """evaluate.benchmark_metrics: the evaluator's time vs np.argsort of the same distance matrix."""
+    """benchmark_metrics: the evaluator's time vs np.argsort of the same distance matrix."""
     num_query, num_gallery, num_ids = args.metrics_size
     res = benchmark_metrics(num_query, num_gallery, num_ids, device=str(args.device))
     size, device = (num_query, num_gallery), args.device
@@ -545,8 +665,110 @@ def bench_metrics(args):
     return rows
 
 
+def benchmark_large_gallery(num_query=200, num_gallery=1_000_000, num_ids=100_000, num_cams=6, dim=64,
+                            device="cpu", seed=0):
+    """Evaluate queries against a 1,000,000-item gallery from embeddings, distances streamed per chunk.
+
+    Returns seconds and the peak memory the evaluation added above its inputs (MiB; NaN where the peak cannot be
+    reset), next to the bound evaluate.memory_plan gives."""
+    problem = synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=dim, device=device, seed=seed)
+    device = torch.device(device)
+    measured = device.type != "cpu" or reset_peak_rss()  # else the peak would be the whole run's
+    base = memory_mark(device)
+    result, (seconds,) = utils.timed(lambda: evaluate_feature_ranks(*problem), device)
+    peak = memory_peak(device)
+    rows, block, workers, bound = memory_plan(num_query, num_gallery, device)
+    return {"device": str(device), "num_query": num_query, "num_gallery": num_gallery, "seconds": seconds,
+            "peak_extra_mib": peak - base if measured else float("nan"), "bound_mib": bound / 2**20,
+            "distmat_mib": num_query * num_gallery * 4 / 2**20, "queries_per_chunk": rows, "gallery_block": block,
+            "chunks_at_once": workers, "mAP": result["mAP"], "R1": float(result["cmc"][0])}
+
+
+def bench_large_gallery(args, notes):
+    """benchmark_large_gallery: seconds, the peak memory above the inputs and the designed bound."""
+    num_query, num_gallery, num_ids, dim = args.large_gallery
+    res = benchmark_large_gallery(num_query, num_gallery, num_ids, dim=dim, device=str(args.device))
+    row = lambda figure, value, unit: make_row("large-gallery", figure, value, unit, args.device,  # noqa: E731
+                                               "fp32", "-", (num_query, num_gallery))
+    rows = [row(f"evaluate_feature_ranks, {dim}-d, distances streamed ({res['queries_per_chunk']} queries x "
+                f"{res['gallery_block']:,} items per chunk)", res["seconds"], "s"),
+            row(f"live tensors by design ({plural(res['chunks_at_once'], 'chunk')} at once + the gallery's sort "
+                "buffers)",
+                res["bound_mib"], "MiB"),
+            row("the [Q, N] float32 distance matrix (never held)", res["distmat_mib"], "MiB")]
+    if math.isnan(res["peak_extra_mib"]):
+        notes.append("large-gallery: no peak memory row (this system cannot reset the peak resident size)")
+    else:
+        where = "resident memory" if args.device.type == "cpu" else "device memory allocated"
+        rows.insert(1, row(f"peak {where} above the inputs", max(res["peak_extra_mib"], 0.0), "MiB"))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 6: the centroid protocols against the rule used before them
+
+def old_per_camera_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, max_rank=50):
+    """The camera-aware centroid evaluation before issue #12, kept ONLY as benchmark_centroids' baseline.
+
+    Its rule is wrong (neither Market's nor the original's): a query of camera c saw EVERY identity's centroid
+    made without camera c. One gallery per query camera, each ranked by evaluate_feature_ranks.
+    Returns mAP, cmc, num_valid_queries and num_skipped_queries."""
+    q_pids, q_camids = torch.as_tensor(q_pids).long(), torch.as_tensor(q_camids).long()
+    g_pids = torch.as_tensor(g_pids).long().to(g_feats.device)
+    g_camids = torch.as_tensor(g_camids).long().to(g_feats.device)
+    distractors = g_pids == 0
+    ap, first = torch.zeros(len(q_pids), dtype=torch.float64), torch.zeros(len(q_pids), dtype=torch.int64)
+    valid = torch.zeros(len(q_pids), dtype=torch.bool)
+    for camid in torch.unique(q_camids).tolist():
+        rows = torch.nonzero(q_camids == camid)[:, 0]
+        centroids, pids = identity_centroids(g_feats, g_pids, g_camids, camid)
+        c_feats = torch.cat([centroids, g_feats.float()[distractors]])
+        c_pids = torch.cat([pids, g_pids[distractors]])
+        c_camids = torch.cat([torch.full_like(pids, -1), g_camids[distractors]])
+        try:
+            part = evaluate_feature_ranks(q_feats[rows.to(q_feats.device)], q_pids[rows], q_camids[rows], c_feats,
+                                          c_pids, c_camids, max_rank, return_per_query=True)["per_query"]
+        except EvaluationError:  # no query of this camera has a true match: all of them are skipped
+            continue
+        ap[rows], first[rows], valid[rows] = part["ap"].double(), part["first"].long(), part["num_matches"] > 0
+    if not valid.any():
+        raise EvaluationError("no query has a true match among the per-camera centroids")
+    cmc = (first[valid][:, None] <= torch.arange(1, max_rank + 1)[None, :]).double().mean(0)
+    return {"mAP": float(ap[valid].mean()), "cmc": cmc.numpy(), "num_valid_queries": int(valid.sum()),
+            "num_skipped_queries": int((~valid).sum())}
+
+
+def benchmark_centroids(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, dim=2048, device="cpu", seed=0,
+                        rounds=3):
+    """Seconds (median of rounds, taken in turn) of per-image evaluation, the old per-camera centroid
+    evaluation and each centroid protocol, on one Market-sized synthetic problem of dim-d embeddings.
+
+    Returns {"rows": [{"name", "seconds", "mAP", "R1", "skipped"}], "standard_over_old": ratio, sizes}."""
+    # random noise separates identities better in more dimensions: grown as dim ** 0.34, the per-image
+    # mAP stays near the 64-d default's (measured at 2048-d: ~80%), not a trivial 100%
+    problem = synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=dim, noise=0.95 * (dim / 64) ** 0.34,
+                                device=device, seed=seed)
+    runs = {"per_image": lambda: evaluate_feature_ranks(*problem),
+            "old_per_camera_centroids": lambda: old_per_camera_centroids(*problem)}
+    runs.update({name: (lambda name=name: evaluate_centroids(*problem, centroid_protocol=name))
+                 for name in CENTROID_PROTOCOLS})
+    few = (problem[0][:16], problem[1][:16], problem[2][:16], *problem[3:])
+    evaluate_centroids(*few)  # warm-up: first-call allocations
+    seconds, results = {name: [] for name in runs}, {}
+    for _ in range(rounds):  # in turn, so that a drifting load hits every variant alike
+        for name, run in runs.items():
+            results[name], (spent,) = utils.timed(run, device)
+            seconds[name].append(spent)
+    rows = [{"name": name, "seconds": float(np.median(seconds[name])), "mAP": res["mAP"],
+             "R1": float(res["cmc"][0]), "skipped": res["num_skipped_queries"]} for name, res in results.items()]
+    by_name = {row["name"]: row for row in rows}
+    return {"device": str(device), "num_query": num_query, "num_gallery": num_gallery, "num_ids": num_ids,
+            "num_cams": num_cams, "dim": dim, "threads": torch.get_num_threads(), "rounds": rounds, "rows": rows,
+            "standard_over_old": by_name["standard"]["seconds"] / by_name["old_per_camera_centroids"]["seconds"]}
+
+
 def bench_centroids(args):
-    """evaluate.benchmark_centroids: per image, the old per-camera centroid rule and each protocol, one problem."""
+    """benchmark_centroids: per image, the old per-camera centroid rule and each protocol, one problem."""
     num_query, num_gallery, num_ids = args.metrics_size
     res = benchmark_centroids(num_query, num_gallery, num_ids, dim=args.centroid_dim, device=str(args.device),
                               rounds=args.centroid_rounds)
@@ -560,21 +782,103 @@ def bench_centroids(args):
     return rows
 
 
-def _memory_mark(device):
-    """Start a peak-memory measurement: reset the peak; returns the memory in use now (MiB)."""
-    if device.type == "cpu":
-        _reset_peak_rss()
-        return _peak_rss_mib()  # the peak was just reset to the current resident size
-    getattr(torch, device.type).reset_peak_memory_stats(device)
-    return getattr(torch, device.type).memory_allocated(device) / 2**20
+# ---------------------------------------------------------------------------------------------------
+# Stage 7: retrieval search (retrieve.py's index), per image vs per centroid, and a 1,000,000-vector gallery
+
+def benchmark_index_search(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, dim=2048, k=10,
+                           device="cpu"):
+    """Market-1501-sized synthetic embeddings: entries, MiB and exact query time per index kind."""
+    q_feats, _, q_camids, g_feats, g_pids, g_camids = synthetic_problem(num_query, num_gallery, num_ids, num_cams,
+                                                                        dim=dim)
+    device = torch.device(device)
+    rows = []
+    for label, centroids in (("per image", False), ("per centroid", True)):
+        index = build_index(g_feats, g_pids, g_camids, centroids)
+        search_index(index, q_feats[:8], q_camids[:8], k, "torch", device)  # warm-up
+        _, (seconds,) = utils.timed(lambda index=index: search_index(index, q_feats, q_camids, k, "torch", device),
+                                    device)
+        rows.append({"index": label, "entries": len(index["pids"]),
+                     "centroids": int((index["exclude_camids"] != SHARED).sum()),
+                     "mib": index["feats"].numel() * 4 / 2**20, "seconds": seconds,
+                     "ms_per_query": 1000 * seconds / num_query})
+    return rows
 
 
-def _memory_peak(device):
-    """Peak memory (MiB) since _memory_mark: resident size on the CPU, allocated device memory otherwise."""
-    if device.type == "cpu":
-        return _peak_rss_mib()
-    return getattr(torch, device.type).max_memory_allocated(device) / 2**20
+def benchmark_large_search(num_gallery=1_000_000, dim=256, batch=100, k=10, device="cpu", backends=("torch", "faiss"),
+                           seed=0):
+    """Exact matrix-product search vs faiss IndexFlatIP on a random unit-vector gallery, per query batch (best of
+    3): seconds, and whether each query, a slightly moved gallery vector, finds its own vector first."""
+    gen = torch.Generator().manual_seed(seed)
+    g_feats = torch.randn(num_gallery, dim, generator=gen)
+    g_feats.div_(g_feats.norm(dim=1, keepdim=True))                                # in place: 1 copy in memory
+    picked = torch.randint(0, num_gallery, (batch,), generator=gen)
+    q_feats = torch.nn.functional.normalize(g_feats[picked] + 0.05 * torch.randn(batch, dim, generator=gen), dim=1)
+    out = {"num_gallery": num_gallery, "dim": dim, "batch": batch, "k": k, "gallery_mib": g_feats.numel() * 4 / 2**20}
+    device = torch.device(device)
+    if "torch" in backends:
+        g_dev, q_dev = g_feats.to(device), q_feats.to(device)
+        (_, exact_idx), seconds = utils.timed(lambda: search_exact(q_dev, g_dev, k), device, repeats=3)
+        out["torch_s"], exact_idx = min(seconds), exact_idx.cpu()
+        out["torch_found_own"] = float((exact_idx[:, 0] == picked).float().mean())
+        del g_dev
+    if "faiss" in backends:
+        flat = import_faiss().IndexFlatIP(dim)
+        _, (out["faiss_add_s"],) = utils.timed(lambda: flat.add(g_feats.numpy()), "cpu")
+        q_np = np.ascontiguousarray(q_feats.numpy())
+        (_, faiss_idx), seconds = utils.timed(lambda: flat.search(q_np, k), "cpu", repeats=3)
+        out["faiss_s"] = min(seconds)
+        if "torch" in backends:
+            out["same_topk"] = float((torch.from_numpy(faiss_idx) == exact_idx).all(1).float().mean())
+    return out
 
+
+def faiss_available():
+    """Whether faiss imports (the optional backend of retrieve.py)."""
+    try:
+        import_faiss()
+        return True
+    except RetrievalError:  # it names the install command; here a note says so
+        return False
+
+
+def bench_search(args, notes):
+    """benchmark_index_search and benchmark_large_search: the rows of retrieve.py's exact (and faiss) search."""
+    num_query, num_gallery, num_ids = args.metrics_size
+    device, k = args.device, 10
+    size = (num_query, num_gallery)
+    rows = []
+    for r in benchmark_index_search(num_query, num_gallery, num_ids, 6, args.centroid_dim, k, str(device)):
+        parts = (f"{r['centroids']:,} centroids + {r['entries'] - r['centroids']:,} distractor images"
+                 if r["centroids"] else "one per image")
+        what = f"{r['index']} index, {r['entries']:,} entries ({parts}), {args.centroid_dim}-d"
+        rows += [make_row("search", f"{what}: top-{k} of all queries", r["seconds"], "s", device, "fp32", "-", size),
+                 make_row("search", f"{what}: per query", r["ms_per_query"], "ms", device, "fp32", "-", size),
+                 make_row("search", f"{what}: index size", r["mib"], "MiB", device, "fp32", "-", size)]
+    gallery, dim, batch = args.large_search
+    if not gallery:
+        return rows
+    backends = ("torch",) + (("faiss",) if faiss_available() and not args.no_faiss else ())
+    if "faiss" not in backends and not args.no_faiss:
+        notes.append("search: no faiss rows (pip install faiss-cpu to time retrieve.py's faiss backend)")
+    res = benchmark_large_search(gallery, dim, batch, k, str(device), backends)
+    size, what = (batch, gallery), f"{gallery:,} unit vectors x {dim}-d, top-{k}, batch of {batch} queries, best of 3"
+    rows += [make_row("search", f"exact search (matrix product, chunked), {what}", 1000 * res["torch_s"], "ms",
+                      device, "fp32", str(batch), size),
+             make_row("search", "queries whose own gallery vector came first (exact)", 100 * res["torch_found_own"],
+                      "%", device, "fp32", str(batch), size)]
+    if "faiss_s" in res:
+        cpu = torch.device("cpu")
+        rows += [make_row("search", f"faiss IndexFlatIP, {what}", 1000 * res["faiss_s"], "ms", cpu, "fp32",
+                          str(batch), size),
+                 make_row("search", "faiss IndexFlatIP: adding the gallery", res["faiss_add_s"], "s", cpu, "fp32",
+                          "-", size),
+                 make_row("search", "queries with the same top-k from faiss as from the exact search",
+                          100 * res["same_topk"], "%", cpu, "fp32", str(batch), size)]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 8: k-reciprocal re-ranking
 
 def bench_rerank(args):
     """rerank.rerank_distances (k1 20, k2 6, lambda 0.3) on a synthetic problem: seconds, peak memory (and the
@@ -585,12 +889,12 @@ def bench_rerank(args):
                                                      dim=dim, device=device)
     rerank_distances(q_feats[:64], g_feats[:256])  # warm-up: first-call allocations and kernel choices
     utils.synchronize(device)
-    before = _memory_mark(device)
+    before = memory_mark(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     dist = rerank_distances(q_feats, g_feats)
     utils.synchronize(device)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    peak = _memory_peak(device)
+    peak = memory_peak(device)
     assert dist.shape == (num_query, num_gallery) and bool(torch.isfinite(dist).all())
     size, figure = [f"{num_query}+{num_gallery}", dim], "rerank_distances k1=20 k2=6 lambda=0.3"
     where = "resident memory of the process" if device.type == "cpu" else "device memory allocated"
@@ -694,8 +998,8 @@ def graph_runs(args, notes):
     runs = [(f"graphed training step: {precision}, {batch_text(n, args.instances)} images",
              lambda n=n: bench_graph_step(args, args.e2e_dtype, n)) for n in args.graph_ids]
     compiled = [(f"graphed training step, compiled model: {precision}, {batch_text(args.ids, args.instances)} images",
-                 lambda: bench_graph_step(args, args.e2e_dtype, args.ids, compiled=True))] if args.graph_compiled else []
-    return runs, compiled
+                 lambda: bench_graph_step(args, args.e2e_dtype, args.ids, compiled=True))]
+    return runs, compiled if args.graph_compiled else []
 
 
 def planned_runs(args, root, notes):
@@ -721,7 +1025,9 @@ def planned_runs(args, root, notes):
                          lambda: bench_end_to_end(args, root, device_augment=True, graph=True)))
     later = {"features": ("feature extraction", lambda: bench_features(args, root)),
              "metrics": ("evaluator", lambda: bench_metrics(args)),
+             "large-gallery": ("evaluator on a large gallery", lambda: bench_large_gallery(args, notes)),
              "centroids": ("centroid evaluation protocols", lambda: bench_centroids(args)),
+             "search": ("retrieval search", lambda: bench_search(args, notes)),
              "preflight": ("the pre-flight image check", lambda: bench_preflight(args, root)),
              "losses": ("the four losses against the model", lambda: bench_losses(args)),
              "rerank": ("k-reciprocal re-ranking", lambda: bench_rerank(args))}
@@ -752,7 +1058,7 @@ def run_stages(args, root, meta, rows, notes):
             print(f"  {r['figure']}: {format_value(r['value'], r['unit'])} {r['unit']} "
                   f"({r['dtype']}, batch {r['batch']}, input {r['input']})", flush=True)
         print(f"  ({time.perf_counter() - start:.1f} s)", flush=True)
-        write_json(args.json, meta, rows, notes)
+        write_bench_json(args.json, meta, rows, notes)
     return failures
 
 
@@ -791,16 +1097,16 @@ def main(argv=None):
             needs_data = {"loader", "e2e", "features", "preflight"} & set(args.stages)
             status = 1 if run_stages(args, prepare_data(args, tmp) if needs_data else None, meta, rows, notes) else 0
     except DataError as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None
     except KeyboardInterrupt:  # e.g. a time limit: report what was measured
         notes.append(f"interrupted after {time.perf_counter() - start:.0f} s: the stages not in the table were not run")
         status = 130
     rows.sort(key=lambda r: STAGES.index(r["stage"]))  # stable: each stage's rows in the order measured
     meta["seconds"] = time.perf_counter() - start
-    write_json(args.json, meta, rows, notes)
+    write_bench_json(args.json, meta, rows, notes)
     print(f"\n{meta['device']}, {args.model}, torch {meta['torch']}, {meta['date']}, "
           f"{meta['seconds']:.0f} s" + (f" — {args.note}" if args.note else ""))
-    print(format_table(rows))
+    print(format_bench_table(rows))
     for note in notes:
         print(f"note: {note}")
     if args.json:

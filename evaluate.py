@@ -1,7 +1,6 @@
 """Retrieval evaluation: mAP, CMC and mINP per image and per identity centroid; checkpoint evaluation CLI.
 
     python evaluate.py --MODEL.PRETRAIN_PATH output/best.pth --DATASETS.NAMES market1501 --DATASETS.ROOT_DIR data
-    python evaluate.py --benchmark [--device cuda]
     python evaluate.py baseline data/synthetic    # raw-pixel nearest-neighbour mAP
 
 Protocol (Market-1501, as torchreid and fast-reid): for each query, gallery items with the same pid and
@@ -176,6 +175,14 @@ def _intra_op_threads(num):
 def _workers(device, num_chunks):
     """Chunks evaluated at once: torch's CPU thread count on the CPU, one on an accelerator."""
     return max(1, min(torch.get_num_threads(), num_chunks)) if torch.device(device).type == "cpu" else 1
+
+
+def memory_plan(num_query, num_gallery, device, chunk_bytes=CHUNK_BYTES):
+    """(queries per chunk, gallery items per block, chunks at once, bytes of live temporaries by design) of
+    evaluate_rank / evaluate_feature_ranks on a num_query x num_gallery problem with torch's threads now."""
+    rows, block = _chunk_shape(num_gallery, chunk_bytes)
+    workers = _workers(device, math.ceil(num_query / rows))
+    return rows, block, workers, workers * rows * block * BYTES_PER_ITEM + GALLERY_BYTES_PER_ITEM * num_gallery
 
 
 def _per_query(source, num_query, num_gallery, q_pids, g_pids, q_camids, g_camids, device,
@@ -689,194 +696,6 @@ def format_results(results):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Benchmark: a Market-1501-sized problem against np.argsort, and a 1,000,000-item gallery
-
-def synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=64, noise=0.95, distractor_share=0.18,
-                      device="cpu", seed=0):
-    """Random but Market-like embeddings: identity centre + camera bias + noise; 18% pid-0 distractors.
-
-    Returns (q_feats, q_pids, q_camids, g_feats, g_pids, g_camids), feats L2-normalised on device,
-    ids/camids int64 CPU tensors. The default noise gives R1 ~97% and mAP ~84%, like a trained model.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    centres = torch.randn(num_ids + 1, dim, generator=gen)
-    cam_bias = 0.3 * torch.randn(num_cams, dim, generator=gen)  # same-camera images look alike
-    q_pids = torch.randint(1, num_ids + 1, (num_query,), generator=gen)
-    g_pids = torch.randint(1, num_ids + 1, (num_gallery,), generator=gen)
-    g_pids[torch.rand(num_gallery, generator=gen) < distractor_share] = 0
-    q_camids = torch.randint(0, num_cams, (num_query,), generator=gen)
-    g_camids = torch.randint(0, num_cams, (num_gallery,), generator=gen)
-
-    def embed(pids, camids):
-        distractor = (pids == 0)[:, None]  # each distractor is a person of its own
-        own = torch.where(distractor, torch.randn(len(pids), dim, generator=gen), centres[pids])
-        return _normalize(own + cam_bias[camids] + noise * torch.randn(len(pids), dim, generator=gen)).to(device)
-    return embed(q_pids, q_camids), q_pids, q_camids, embed(g_pids, g_camids), g_pids, g_camids
-
-
-def _timed(fn, device):
-    """(result, seconds) of one call of fn() with the device synchronised around it."""
-    out, seconds = utils.timed(fn, device)
-    return out, seconds[0]
-
-
-def benchmark_metrics(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, device="cpu", seed=0):
-    """Time np.argsort of a distance matrix and evaluate_rank of the same matrix, in one process.
-
-    On the CPU evaluate_rank is timed with torch's default threads and with one thread (np.argsort
-    uses one). Returns seconds, ratios (evaluate / argsort) and the metrics of the problem.
-    """
-    q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = synthetic_problem(
-        num_query, num_gallery, num_ids, num_cams, device=device, seed=seed)
-    distmat = _feature_source(q_feats, g_feats)[0](0, num_query, 0, num_gallery)                       # [Q, N] float32
-    distmat_np = distmat.cpu().numpy()
-    args = (q_pids, g_pids, q_camids, g_camids)
-    evaluate_rank(distmat[:16], q_pids[:16], g_pids, q_camids[:16], g_camids)     # warm-up
-    _, argsort_s = _timed(lambda: np.argsort(distmat_np, axis=1), "cpu")
-    result, evaluate_s = _timed(lambda: evaluate_rank(distmat, *args), device)
-    out = {"device": str(device), "num_query": num_query, "num_gallery": num_gallery,
-           "threads": torch.get_num_threads(),
-           "argsort_s": argsort_s, "evaluate_s": evaluate_s, "ratio": evaluate_s / argsort_s,
-           "mAP": result["mAP"], "R1": float(result["cmc"][0]), "mINP": result["mINP"]}
-    if torch.device(device).type == "cpu":
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            _, out["evaluate_1thread_s"] = _timed(lambda: evaluate_rank(distmat, *args), device)
-        finally:
-            torch.set_num_threads(threads)
-        out["ratio_1thread"] = out["evaluate_1thread_s"] / argsort_s
-    else:
-        _, out["device_argsort_s"] = _timed(lambda: torch.argsort(distmat, dim=1), device)
-    return out
-
-
-def _per_camera_centroids_baseline(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, max_rank=50,
-                                   chunk_bytes=CHUNK_BYTES):
-    """The camera-aware centroid evaluation before issue #12, kept ONLY as benchmark_centroids' baseline.
-
-    Its rule is wrong (neither Market's nor the original's): a query of camera c saw EVERY identity's
-    centroid made without camera c. One gallery per query camera, each ranked vectorised."""
-    q_pids_t, q_camids_t = _as_tensor(q_pids, "cpu", torch.int64), _as_tensor(q_camids, "cpu", torch.int64)
-    g_pids_t = _as_tensor(g_pids, g_feats.device, torch.int64)
-    g_camids_t = _as_tensor(g_camids, g_feats.device, torch.int64)
-    distractors = g_pids_t == 0
-    per_query = {}
-    for camid in torch.unique(q_camids_t).tolist():
-        rows = torch.nonzero(q_camids_t == camid)[:, 0]
-        centroids, pids = identity_centroids(g_feats, g_pids_t, g_camids_t, camid)
-        c_feats = torch.cat([centroids, g_feats.float()[distractors]])
-        c_pids = torch.cat([pids, g_pids_t[distractors]])
-        c_camids = torch.cat([torch.full_like(pids, -1), g_camids_t[distractors]])
-        part = _per_query(_feature_source(q_feats[rows.to(q_feats.device)], c_feats), len(rows), len(c_feats),
-                          q_pids_t[rows], c_pids, q_camids_t[rows], c_camids, q_feats.device, False, chunk_bytes)
-        for key, values in part.items():
-            per_query.setdefault(key, torch.zeros(len(q_pids_t), dtype=values.dtype))[rows] = values
-    return _finish(per_query, max_rank, False, q_pids, g_pids, q_camids, g_camids)
-
-
-def benchmark_centroids(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, dim=2048, device="cpu", seed=0,
-                        rounds=3):
-    """Seconds (median of rounds, taken in turn) of per-image evaluation, the old per-camera centroid
-    evaluation and each centroid protocol, on one Market-sized synthetic problem of dim-d embeddings.
-
-    Returns {"rows": [{"name", "seconds", "mAP", "R1", "skipped"}], "standard_over_old": ratio, sizes}."""
-    # random noise separates identities better in more dimensions: grown as dim ** 0.34, the per-image
-    # mAP stays near the 64-d default's (measured at 2048-d: ~80%), not a trivial 100%
-    problem = synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=dim, noise=0.95 * (dim / 64) ** 0.34,
-                                device=device, seed=seed)
-    runs = {"per_image": lambda: evaluate_feature_ranks(*problem),
-            "old_per_camera_centroids": lambda: _per_camera_centroids_baseline(*problem)}
-    runs.update({name: (lambda name=name: evaluate_centroids(*problem, centroid_protocol=name))
-                 for name in CENTROID_PROTOCOLS})
-    few = (problem[0][:16], problem[1][:16], problem[2][:16], *problem[3:])
-    evaluate_centroids(*few)  # warm-up: first-call allocations
-    seconds, results = {name: [] for name in runs}, {}
-    for _ in range(rounds):  # in turn, so that a drifting load hits every variant alike
-        for name, run in runs.items():
-            results[name], spent = _timed(run, device)
-            seconds[name].append(spent)
-    rows = [{"name": name, "seconds": float(np.median(seconds[name])), "mAP": res["mAP"],
-             "R1": float(res["cmc"][0]), "skipped": res["num_skipped_queries"]} for name, res in results.items()]
-    by_name = {row["name"]: row for row in rows}
-    return {"device": str(device), "num_query": num_query, "num_gallery": num_gallery, "num_ids": num_ids,
-            "num_cams": num_cams, "dim": dim, "threads": torch.get_num_threads(), "rounds": rounds, "rows": rows,
-            "standard_over_old": by_name["standard"]["seconds"] / by_name["old_per_camera_centroids"]["seconds"]}
-
-
-def _peak_rss_mib():
-    """Peak resident memory of this process so far, MiB (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return 0.0
-
-
-def _reset_peak_rss():
-    """Reset the kernel's peak-RSS counter of this process (Linux); False when it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def benchmark_large_gallery(num_query=200, num_gallery=1_000_000, num_ids=100_000, num_cams=6, dim=64,
-                            device="cpu", chunk_bytes=CHUNK_BYTES, seed=0):
-    """Evaluate queries against a 1,000,000-item gallery from embeddings, distances streamed per chunk.
-
-    Returns seconds and the peak memory the evaluation added above its inputs (MiB), next to the bound.
-    """
-    q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = synthetic_problem(
-        num_query, num_gallery, num_ids, num_cams, dim=dim, device=device, seed=seed)
-    on_cpu = torch.device(device).type == "cpu"
-    if on_cpu:
-        measured = _reset_peak_rss()
-        base = _peak_rss_mib()
-    else:
-        getattr(torch, torch.device(device).type).reset_peak_memory_stats()
-        base = getattr(torch, torch.device(device).type).memory_allocated() / 2**20
-        measured = True
-    result, seconds = _timed(lambda: evaluate_feature_ranks(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
-                                                            chunk_bytes=chunk_bytes), device)
-    peak = _peak_rss_mib() if on_cpu else getattr(torch, torch.device(device).type).max_memory_allocated() / 2**20
-    rows, block = _chunk_shape(num_gallery, chunk_bytes)
-    workers = _workers(device, math.ceil(num_query / rows))
-    return {"device": str(device), "num_query": num_query, "num_gallery": num_gallery, "seconds": seconds,
-            "peak_extra_mib": (peak - base) if measured else float("nan"),
-            "bound_mib": (workers * rows * block * BYTES_PER_ITEM + GALLERY_BYTES_PER_ITEM * num_gallery) / 2**20,
-            "distmat_mib": num_query * num_gallery * 4 / 2**20,
-            "queries_per_chunk": rows, "gallery_block": block,
-            "chunks_at_once": workers,
-            "mAP": result["mAP"], "R1": float(result["cmc"][0])}
-
-
-def run_benchmark(device="cpu", large=True):
-    """Print the Market-sized comparison with np.argsort and the 1,000,000-item gallery run."""
-    print(f"Market-1501-sized problem: 3,368 queries x 15,913 gallery, 751 ids, 6 cameras, device {device}")
-    res = benchmark_metrics(device=device)
-    print(f"  np.argsort(distmat, axis=1):        {res['argsort_s']:7.3f} s (one thread)")
-    print(f"  evaluate_rank ({res['threads']} threads):          {res['evaluate_s']:7.3f} s  "
-          f"ratio {res['ratio']:.3f}  (mAP {100 * res['mAP']:.1f}%, R1 {100 * res['R1']:.1f}%)")
-    if "evaluate_1thread_s" in res:
-        print(f"  evaluate_rank (1 thread):           {res['evaluate_1thread_s']:7.3f} s  "
-              f"ratio {res['ratio_1thread']:.3f}")
-    else:
-        print(f"  torch.argsort on {device}:             {res['device_argsort_s']:7.3f} s")
-    if large:
-        big = benchmark_large_gallery(device=device)
-        print(f"1,000,000-item gallery, {big['num_query']} queries, distances streamed "
-              f"({big['queries_per_chunk']} queries per chunk): {big['seconds']:.2f} s, "
-              f"peak memory above the inputs {big['peak_extra_mib']:.0f} MiB")
-        print(f"  live tensors by design <= {big['bound_mib']:.0f} MiB ({big['chunks_at_once']} chunks at once x "
-              f"{CHUNK_BYTES / 2**20:.0f} MiB + {GALLERY_BYTES_PER_ITEM} B per gallery item; the rest of the peak is "
-              f"the allocator's per-thread caches); the distance matrix alone would take {big['distmat_mib']:.0f} MiB")
-    return res
-
-
-# ---------------------------------------------------------------------------------------------------
 # k-reciprocal re-ranking (rerank.py) per image and per centroid
 
 def _matrix_source(dist):
@@ -1054,16 +873,8 @@ def evaluate_command(argv):
 
 
 def main(argv=None):
-    """`--benchmark [--device D] [--no-large]`, `baseline ROOT`, or evaluate a checkpoint; returns the exit code."""
+    """`baseline ROOT`, or evaluate a checkpoint; returns the exit code (bench.py times the evaluator)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--benchmark" in argv:
-        parser = argparse.ArgumentParser(description="Time evaluate_rank against np.argsort.")
-        parser.add_argument("--benchmark", action="store_true")
-        parser.add_argument("--device", default="cpu", help="cpu | cuda | npu (default: cpu)")
-        parser.add_argument("--no-large", action="store_true", help="skip the 1,000,000-item gallery run")
-        opts = parser.parse_args(argv)
-        run_benchmark(opts.device, large=not opts.no_large)
-        return 0
     if argv[:1] == ["baseline"]:
         parser = argparse.ArgumentParser(prog="evaluate.py baseline", description="Raw-pixel nearest-neighbour mAP.")
         parser.add_argument("root", help="DATASETS.ROOT_DIR (the folder holding the data set, or the data set)")

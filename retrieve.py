@@ -5,7 +5,7 @@
     python retrieve.py index gallery.pt -o index.pt --centroids [--camera-aware]
     python retrieve.py query index.pt new_photos/ --checkpoint CKPT --top-k 5 --json out.json --visualize vis/
     python retrieve.py query index.pt query.pt --rerank                # k-reciprocal re-ranking of the entries
-    python retrieve.py bench                                           # gallery sizes and search times
+    python bench.py --device cpu --stages search                       # gallery sizes and search times
 
 Embeddings are the model's eval-mode BNNeck output, L2-normalised, so the (Euclidean) distance of two
 images is sqrt(2 - 2 * cosine). Embeddings and index files are torch.save'd dicts of tensors, strings
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import utils
 from data import IMAGE_EXTENSIONS, camera_of, identity_pids, load_image, read_dataset
-from evaluate import EvaluationError, extract_features, identity_centroids, synthetic_problem
+from evaluate import EvaluationError, extract_features, identity_centroids
 from model import BACKBONE_EMB_SIZES, WeightError, model_from_checkpoint
 from rerank import RerankError, rerank_distances
 from transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
@@ -147,8 +147,8 @@ def amp_dtype_for(device, fp32=False):
 def embed_chunks(model, paths, device, size, batch_size=128, num_workers=0, flip=False, amp_dtype=None,
                  skip_bad=False, chunk_batches=10):
     """Embed paths in chunks of chunk_batches batches; yields (feats [M, D], positions [M], bad positions)."""
-    loader = DataLoader(MarkedImages(paths, size, *normalisation_of(model)), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type != "cpu")
+    loader = DataLoader(MarkedImages(paths, size, *normalisation_of(model)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type != "cpu")
     batches = iter(loader)
     with tqdm(total=len(paths), desc="embed", unit="img") as bar:
         while (first := next(batches, None)) is not None:
@@ -436,7 +436,7 @@ def top1_accuracy(results):
     return correct, len(labelled)
 
 
-def format_table(results, limit=20):
+def format_query_table(results, limit=20):
     """One line per query: its identity, then identity (distance) of each of the top-k."""
     k = max((len(r["results"]) for r in results), default=0)
     lines = [f"{'query':<32} {'identity':<10} " + " ".join(f"{'#' + str(i + 1) + ' id (dist)':<18}" for i in range(k))]
@@ -450,13 +450,13 @@ def format_table(results, limit=20):
     return "\n".join(lines)
 
 
-def write_json(results, path, info):
+def write_query_json(results, path, info):
     """Write {'info': ..., 'queries': results} as JSON."""
     with open(path, "w") as f:
         json.dump({"info": info, "queries": results}, f, indent=1)
 
 
-def write_csv(results, path):
+def write_query_csv(results, path):
     """Write one row per (query, rank): query, query_identity, rank, identity, distance, path, images."""
     import csv
     with open(path, "w", newline="") as f:
@@ -466,82 +466,6 @@ def write_csv(results, path):
             for h in r["results"]:
                 writer.writerow([r["query"], r["identity"], h["rank"], h["identity"], h["distance"], h["path"],
                                  h["images"]])
-
-
-# ---------------------------------------------------------------------------------------------------
-# Measured: gallery size and query time per image vs per centroid; a 1,000,000-vector gallery
-
-def _timed(fn, device, repeats=1):
-    """(result, best seconds over repeats) of fn() with the device synchronised around each run."""
-    out, seconds = utils.timed(fn, device, repeats)
-    return out, min(seconds)
-
-
-def bench_centroids(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, dim=2048, k=10, device="cpu"):
-    """Market-1501-sized synthetic embeddings: entries, MiB and exact query time per index kind."""
-    q_feats, _, q_camids, g_feats, g_pids, g_camids = synthetic_problem(num_query, num_gallery, num_ids, num_cams,
-                                                                        dim=dim)
-    device = torch.device(device)
-    rows = []
-    for label, centroids in (("per image", False), ("per centroid", True)):
-        index = build_index(g_feats, g_pids, g_camids, centroids)
-        search_index(index, q_feats[:8], q_camids[:8], k, "torch", device)  # warm-up
-        _, seconds = _timed(lambda: search_index(index, q_feats, q_camids, k, "torch", device), device)
-        rows.append({"index": label, "entries": len(index["pids"]),
-                     "centroids": int((index["exclude_camids"] != SHARED).sum()),
-                     "mib": index["feats"].numel() * 4 / 2**20, "seconds": seconds,
-                     "ms_per_query": 1000 * seconds / num_query})
-    return rows
-
-
-def bench_large(num_gallery=1_000_000, dim=256, batch=100, k=10, device="cpu", backends=("torch", "faiss"), seed=0):
-    """Exact matrix-product search vs faiss IndexFlatIP on a random unit-vector gallery, per query batch."""
-    gen = torch.Generator().manual_seed(seed)
-    g_feats = torch.randn(num_gallery, dim, generator=gen)
-    g_feats.div_(g_feats.norm(dim=1, keepdim=True))                                # in place: 1 copy in memory
-    picked = torch.randint(0, num_gallery, (batch,), generator=gen)
-    q_feats = torch.nn.functional.normalize(g_feats[picked] + 0.05 * torch.randn(batch, dim, generator=gen), dim=1)
-    out = {"num_gallery": num_gallery, "dim": dim, "batch": batch, "k": k, "gallery_mib": g_feats.numel() * 4 / 2**20}
-    device = torch.device(device)
-    if "torch" in backends:
-        g_dev, q_dev = g_feats.to(device), q_feats.to(device)
-        (_, exact_idx), out["torch_s"] = _timed(lambda: search_exact(q_dev, g_dev, k), device, repeats=3)
-        exact_idx = exact_idx.cpu()
-        out["torch_found_own"] = float((exact_idx[:, 0] == picked).float().mean())
-        del g_dev
-    if "faiss" in backends:
-        faiss = import_faiss()
-        flat = faiss.IndexFlatIP(dim)
-        _, out["faiss_add_s"] = _timed(lambda: flat.add(g_feats.numpy()), "cpu")
-        q_np = np.ascontiguousarray(q_feats.numpy())
-        (_, faiss_idx), out["faiss_s"] = _timed(lambda: flat.search(q_np, k), "cpu", repeats=3)
-        if "torch" in backends:
-            out["same_topk"] = float((torch.from_numpy(faiss_idx) == exact_idx).all(1).float().mean())
-    return out
-
-
-def run_bench(args):
-    """Print the two measurements of `retrieve.py bench`."""
-    print(f"Market-1501-sized synthetic embeddings: {args.queries} queries, gallery {args.gallery_images} images "
-          f"of {args.ids} identities (+18% unlabelled distractors), 6 cameras, {args.dim}-d, top-{args.k}, "
-          f"exact search on {args.device}, {torch.get_num_threads()} threads")
-    for row in bench_centroids(args.queries, args.gallery_images, args.ids, 6, args.dim, args.k, args.device):
-        parts = (f"{row['centroids']:,} centroids + {row['entries'] - row['centroids']:,} distractor images"
-                 if row["centroids"] else "one per image")
-        print(f"  {row['index']:<13} {row['entries']:>7,} entries ({parts}), {row['mib']:6.1f} MiB: "
-              f"{row['seconds']:6.3f} s for all queries = {row['ms_per_query']:.3f} ms/query")
-    if args.large:
-        backends = ("torch",) + (("faiss",) if not args.no_faiss else ())
-        res = bench_large(args.large, args.large_dim, args.batch, args.k, args.device, backends)
-        print(f"Synthetic gallery of {res['num_gallery']:,} unit vectors x {res['dim']}-d "
-              f"({res['gallery_mib']:,.0f} MiB), query batch {res['batch']}, top-{res['k']}, best of 3:")
-        print(f"  exact (matrix product, chunked) on {args.device}: {1000 * res['torch_s']:8.1f} ms per batch "
-              f"= {1000 * res['torch_s'] / res['batch']:.2f} ms/query")
-        if "faiss_s" in res:
-            print(f"  faiss IndexFlatIP (exact, CPU):        {1000 * res['faiss_s']:8.1f} ms per batch "
-                  f"= {1000 * res['faiss_s'] / res['batch']:.2f} ms/query (add: {res['faiss_add_s']:.2f} s); "
-                  f"same top-{res['k']} as exact for {100 * res['same_topk']:.0f}% of queries")
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -621,7 +545,7 @@ def cmd_query(args):
            if rerank else f"backend {args.backend}")
     print(f"{args.index}: {describe_index(index)}; {len(results)} queries, top-{args.top_k} "
           f"{'identities' if index['entry'] == 'centroid' else 'images'}, {how}")
-    print(format_table(results, args.show))
+    print(format_query_table(results, args.show))
     correct, labelled = top1_accuracy(results)
     if labelled:
         print(f"top-1 identity correct for {correct} of {labelled} labelled queries ({100 * correct / labelled:.1f}%)")
@@ -630,10 +554,10 @@ def cmd_query(args):
     info = {"index": args.index, "entry": index["entry"], "backend": args.backend, "top_k": args.top_k,
             "fingerprint": index["fingerprint"], "skipped": list(skipped), "rerank": rerank}
     if args.json:
-        write_json(results, args.json, info)
+        write_query_json(results, args.json, info)
         print(f"wrote {args.json}")
     if args.csv:
-        write_csv(results, args.csv)
+        write_query_csv(results, args.csv)
         print(f"wrote {args.csv}")
     if args.visualize:
         pngs = draw_query_results(results, args.visualize, args.visualize_limit)
@@ -654,7 +578,8 @@ def _common(parser, model=True):
 
 def get_parser():
     """The retrieve.py parser with its sub-commands."""
-    parser = argparse.ArgumentParser(description="Embed images, build a gallery index, query it; `bench` measures.")
+    parser = argparse.ArgumentParser(
+        description="Embed images, build a gallery index, query it (bench.py --stages search measures the search).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("embed", help="checkpoint + images or a data set -> embeddings file (resumable)")
     p.add_argument("checkpoint", help="our checkpoint (train.py) or an original centroids-reid .ckpt")
@@ -697,28 +622,17 @@ def get_parser():
     p.add_argument("--rerank-k2", type=int, default=6, help="neighbours of the local query expansion (default: 6)")
     p.add_argument("--rerank-lambda", type=float, default=0.3, help="weight of the original distance (default: 0.3)")
     _common(p)
-    p = sub.add_parser("bench", help="gallery size and query time per image vs per centroid; 1,000,000-vector search")
-    p.add_argument("--queries", type=int, default=3368)
-    p.add_argument("--gallery-images", type=int, default=15913)
-    p.add_argument("--ids", type=int, default=751)
-    p.add_argument("--dim", type=int, default=2048, help="embedding size of the Market-sized run (resnet50: 2048)")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--large", type=int, default=1_000_000, help="synthetic gallery size (0: skip)")
-    p.add_argument("--large-dim", type=int, default=256, help="embedding size of the large gallery (default: 256)")
-    p.add_argument("--batch", type=int, default=100, help="queries per batch against the large gallery")
-    p.add_argument("--no-faiss", action="store_true", help="skip the faiss timing")
-    p.add_argument("--device", default="cpu", help="device of the exact search (default: cpu)")
     return parser
 
 
 def main(argv=None):
     """Run a sub-command; user errors end with `error: ...` and exit status 1, no traceback."""
     args = get_parser().parse_args(argv)
-    commands = {"embed": cmd_embed, "index": cmd_index, "query": cmd_query, "bench": run_bench}
+    commands = {"embed": cmd_embed, "index": cmd_index, "query": cmd_query}
     try:
         return commands[args.command](args)
     except (RetrievalError, DataError, WeightError, EvaluationError, RerankError) as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -2,18 +2,15 @@
 BatchNorm statistics, optimizer state), follows lr changes, works under DDP; it is refused cleanly off CUDA and
 for fp16; utils.amp_settings picks bf16 where the device computes it natively."""
 import copy
-import os
-import sys
 import types
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils  # noqa: E402
-from cuda_graph import GraphedStep, graph_supported  # noqa: E402
-from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads  # noqa: E402
-from model import build_model  # noqa: E402
+import utils
+from cuda_graph import GraphedStep, graph_supported
+from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads
+from model import build_model
 
 P, K, NUM_CLASSES, SIZE, LR, CENTER_WEIGHT = 4, 4, 8, (64, 32), 1e-3, 5e-4
 LOSS_KWARGS = {"margin": 0.5, "distance": "euclidean", "label_smooth": 0.1, "ctl_weight": 1.0,

@@ -1,29 +1,28 @@
 """Evaluation with decoding on the device (device_data.device_test_batches): the same batches, labels and features as
 the CPU test loader (run here on the CPU with the same code), and a clear error for a file no decoder reads."""
 import os
-import sys
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import device_data  # noqa: E402
-import synthetic  # noqa: E402
-import utils  # noqa: E402
-from evaluate import extract_features  # noqa: E402
-from model import build_model  # noqa: E402
+import data
+import device_data
+import utils
+from evaluate import extract_features
+from model import build_model
 
 SIZE = (64, 32)
 
 
 @pytest.fixture(scope="module")
-def items(tmp_path_factory):
-    """Query + gallery items of a tiny synthetic set (128x64 JPEGs), with one PNG among them."""
+def items(synthetic_root_128, tmp_path_factory):
+    """Query + gallery items of a tiny synthetic set (128x64 JPEGs), with one PNG among them (in a copy: the
+    session's set stays as it is)."""
     root = str(tmp_path_factory.mktemp("data") / "synthetic")
-    synthetic.synthesize(root, ids=6, images_per_id=4, cameras=2, progress=False)
+    shutil.copytree(os.path.join(synthetic_root_128, "synthetic"), root)
     split = data.read_dataset("synthetic", root)
     items = split["query"] + split["gallery"]
     png = os.path.splitext(items[1][0])[0] + ".png"  # a non-JPEG file is decoded on the host

@@ -13,8 +13,8 @@ SIZE = (64, 32)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A resnet18 checkpoint whose BatchNorm running statistics are not the defaults, and some images."""
+def checkpoint(synthetic_root, tmp_path_factory):
+    """A resnet18 checkpoint whose BatchNorm running statistics are not the defaults, and some 64x32 images."""
     tmp = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     model = build_model("resnet18", 10)
@@ -25,8 +25,7 @@ def checkpoint(tmp_path_factory):
     torch.save({"model": model.state_dict(), "model_name": "resnet18", "num_classes": 10, "last_stride": 1,
                 "stem_relu": True, "config": {"INPUT.SIZE_TEST": list(SIZE), "INPUT.PIXEL_MEAN": [0.5, 0.4, 0.3],
                                                "INPUT.PIXEL_STD": [0.2, 0.25, 0.3]}}, path)
-    synthesize(str(tmp / "synthetic"), ids=4, images_per_id=4, cameras=2, size=SIZE, progress=False)
-    return {"path": str(path), "images": str(tmp / "synthetic" / "query"), "tmp": tmp}
+    return {"path": str(path), "images": os.path.join(synthetic_root, "synthetic", "query"), "tmp": tmp}
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,19 @@
 """Losses: values computed by hand, the vectorised CTL against a slow loop reference, numerical safety."""
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loss import (CenterLoss, batch_hard_triplet_loss, build_center_optimizer,  # noqa: E402
-                  centroid_triplet_loss, compute_losses, cross_entropy_label_smooth, scale_center_grads)
+from loss import (
+    CenterLoss,
+    batch_hard_triplet_loss,
+    build_center_optimizer,
+    centroid_triplet_loss,
+    compute_losses,
+    cross_entropy_label_smooth,
+    scale_center_grads,
+)
 
 # a rotation by atan(4/3): points given on a line become genuine 2-D features, distances unchanged
 ROTATION = torch.tensor([0.6, 0.8])

@@ -3,18 +3,24 @@ import os
 import sys
 import types
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import model as model_module  # noqa: E402
-from loss import CenterLoss  # noqa: E402
-from model import (ARCHS, WeightError, _infer_arch, build_model, load_weights, masked_batch_norm,  # noqa: E402
-                   model_from_checkpoint, stem_relu_message)
+import model as model_module
+from loss import CenterLoss
+from model import (
+    ARCHS,
+    WeightError,
+    _infer_arch,
+    build_model,
+    load_weights,
+    masked_batch_norm,
+    model_from_checkpoint,
+    stem_relu_message,
+)
 
 
 def images(batch=2, seed=0):

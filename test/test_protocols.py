@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import evaluate as ev
-
 
 # ---------------------------------------------------------------------------------------------------
 # Loop references: one query at a time, the rule's words in plain Python, float64
@@ -152,7 +152,7 @@ def test_the_old_per_camera_rule_is_gone():
     problem = three_rules_gallery()
     # the old rule (kept only as the benchmark's baseline) built EVERY identity's centroid without the
     # query's camera: pid 3 (camera 0 only) vanished for q0, and pid 2 lost g2, so q0's match was first.
-    old = ev._per_camera_centroids_baseline(*problem, max_rank=3)
+    old = bench.old_per_camera_centroids(*problem, max_rank=3)
     assert old["mAP"] == pytest.approx(1.0)
     assert ours("standard", problem, max_rank=3)["mAP"] == pytest.approx((1 / 3 + 1) / 2)
 
@@ -289,7 +289,7 @@ def test_an_unknown_protocol_is_named_with_the_choices():
 
 
 def test_centroid_benchmark_times_every_evaluation_on_one_problem():
-    res = ev.benchmark_centroids(num_query=100, num_gallery=600, num_ids=40, num_cams=6, dim=32, rounds=1)
+    res = bench.benchmark_centroids(num_query=100, num_gallery=600, num_ids=40, num_cams=6, dim=32, rounds=1)
     names = ["per_image", "old_per_camera_centroids", *ev.CENTROID_PROTOCOLS]
     assert [row["name"] for row in res["rows"]] == names
     for row in res["rows"]:

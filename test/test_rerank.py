@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-import rerank
 import evaluate as ev
-from evaluate import evaluate_features, evaluate_rank, synthetic_problem
+import rerank
+from bench import synthetic_problem
+from evaluate import evaluate_features, evaluate_rank
 
 
 def reference_rerank(q_feats, g_feats, k1, k2, lambda_value):
@@ -45,7 +46,7 @@ def reference_rerank(q_feats, g_feats, k1, k2, lambda_value):
 
 
 def clustered(num_query, num_gallery, num_ids, dim, seed):
-    """Market-like features: identities, cameras, noise, distractors (evaluate.synthetic_problem)."""
+    """Market-like features: identities, cameras, noise, distractors (bench.synthetic_problem)."""
     q, _, _, g, _, _ = synthetic_problem(num_query, num_gallery, num_ids, 3, dim=dim, seed=seed)
     return q, g
 

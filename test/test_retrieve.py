@@ -1,6 +1,6 @@
 """retrieve.py: embed -> index -> query with a trained tiny model, both backends, centroid entries, the
-fingerprint and input checks, resumable embedding, re-ranking, the pictures' entry points, the benchmark
-functions."""
+fingerprint and input checks, resumable embedding, re-ranking, the pictures' entry points (the search benchmark:
+test_bench.py)."""
 import itertools
 import json
 import os
@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -92,19 +93,47 @@ def gallery(setup):
     return {"emb": emb, **{k: str(tmp / f"{k}.pt") for k in ("images", "centroids", "aware")}}
 
 
+@pytest.fixture(scope="module")
+def untrained_gallery(setup):
+    """The per-image and centroid indexes of the gallery folder as the untrained network embeds it."""
+    tmp = setup["tmp"]
+    run("embed", setup["other"], setup["gallery_dir"], "-o", str(tmp / "gallery_untrained.pt"))
+    for kind, flags in (("images", []), ("centroids", ["--centroids"])):
+        run("index", str(tmp / "gallery_untrained.pt"), "-o", str(tmp / f"{kind}_untrained.pt"), *flags)
+    return {kind: str(tmp / f"{kind}_untrained.pt") for kind in ("images", "centroids")}
+
+
+def retrieval_map(index_path, query_dir, checkpoint):
+    """mAP of the labelled queries with every index entry ranked (no camera removed), through `retrieve.py query`."""
+    entries = len(retrieve.load_index(index_path)["pids"])
+    results = run("query", index_path, query_dir, "--checkpoint", checkpoint, "--top-k", str(entries), "--show", "0")
+    aps = []
+    for r in results:
+        ranks = 1 + np.flatnonzero([h["identity"] == r["identity"] for h in r["results"]])
+        aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
+    return float(np.mean(aps))
+
+
 # ---------------------------------------------------------------------------------------------------
 # embed -> index -> query
 
-@pytest.mark.parametrize("kind", ["images", "centroids"])
-def test_query_finds_the_right_identity_for_most_queries(setup, gallery, kind):
+@pytest.mark.parametrize("kind,margin", [("images", 0.1), ("centroids", 0.03)])
+def test_trained_model_finds_the_right_identity_better_than_an_untrained_one(setup, gallery, untrained_gallery, kind,
+                                                                               margin):
     results = run("query", gallery[kind], setup["query_dir"], "--checkpoint", setup["trained"], "--top-k", "3")
     correct, labelled = retrieve.top1_accuracy(results)
     assert labelled == len(setup["dataset"]["query"])  # every query got its identity from its folder
-    assert correct / labelled >= 0.6  # measured 0.70-0.725 (an untrained resnet18: 0.57-0.65)
+    assert correct / labelled >= 0.6  # measured 0.675
     # a centroid index answers identities: no identity twice in one top-k (unlabelled images stay single)
     if kind == "centroids":
         named = [[h["identity"] for h in r["results"] if h["identity"]] for r in results]
         assert all(len(set(ids)) == len(ids) for ids in named)
+    # an untrained resnet18 already tells these synthetic people apart by colour (top-1 0.47-0.55, per-image mAP
+    # 0.25-0.32, centroid mAP 0.63-0.69 over 5 seeds): 40 training steps must add a margin (measured over 3
+    # seeds: per-image mAP 0.44-0.48, centroid 0.75-0.79)
+    trained = retrieval_map(gallery[kind], setup["query_dir"], setup["trained"])
+    untrained = retrieval_map(untrained_gallery[kind], setup["query_dir"], setup["other"])
+    assert trained >= untrained + margin, (trained, untrained)
 
 
 def test_query_results_equal_a_brute_force_ranking(setup, gallery):
@@ -345,25 +374,3 @@ def test_cmc_curve_and_evaluation_pictures_are_valid_pngs(setup, gallery, tmp_pa
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 100
             image.verify()
-
-
-# ---------------------------------------------------------------------------------------------------
-# the measured command's functions, small
-
-def test_bench_centroid_gallery_is_smaller_and_backends_agree():
-    rows = retrieve.bench_centroids(num_query=200, num_gallery=2000, num_ids=50, dim=64)
-    per_image, per_centroid = rows
-    assert per_centroid["entries"] < per_image["entries"] and per_centroid["centroids"] == 50
-    backends = ("torch", "faiss") if _has_faiss() else ("torch",)
-    res = retrieve.bench_large(num_gallery=20000, dim=32, batch=20, backends=backends)
-    assert res["torch_found_own"] == 1.0  # each query is a slightly moved gallery vector: found first
-    if "faiss" in backends:
-        assert res["same_topk"] == 1.0
-
-
-def _has_faiss():
-    try:
-        import faiss  # noqa: F401
-        return True
-    except ImportError:
-        return False
