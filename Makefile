@@ -1,4 +1,5 @@
-# make test: create .venv if missing, install requirements, run the test suite.
+# make test: create .venv if missing, install requirements, lint (ruff, zero findings), run the test suite.
+# make lint: only the lint.
 # make demo: the same set-up, then generate the synthetic data set and train on it (CPU here).
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,14 +9,17 @@ DEMO_FLAGS := --DATASETS.NAMES synthetic --DATASETS.ROOT_DIR data --OUTPUT_DIR o
 	--MODEL.NAME resnet18 --MODEL.PRETRAINED false --INPUT.SIZE_TRAIN 128 64 --INPUT.SIZE_TEST 128 64 \
 	--SOLVER.MAX_EPOCHS 6 --SOLVER.WARMUP_EPOCHS 2 --SOLVER.BASE_LR 1e-3 --DATALOADER.NUM_WORKERS 2
 
-.PHONY: test demo clean
+.PHONY: test lint demo clean
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
 	touch $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q test
 
 data/synthetic: | $(STAMP)

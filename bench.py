@@ -146,8 +146,8 @@ def resolve_config(args):
     """Fill every None flag from the preset (tiny, or cpu/device by the device type)."""
     try:
         device_type = utils.pick_device_type(args.device)
-    except SystemExit as err:  # train.py's message names its own flag
-        raise SystemExit("error: " + str(err).replace("--MODEL.DEVICE", "--device")) from None
+    except utils.UserError as err:  # train.py's message names its own flag
+        raise utils.UserError(str(err).replace("--MODEL.DEVICE", "--device")) from None
     preset = "tiny" if args.tiny else args.preset or ("cpu" if device_type == "cpu" else "device")
     for key, value in PRESETS[preset].items():
         if vars(args).get(key) is None:
@@ -248,7 +248,8 @@ def precision_text(dtype, device, compiled=False, mode="default"):
 
 def amp_for(dtype, device):
     """(autocast dtype or None, GradScaler) for fp32 / bf16 / fp16, made by train.py's helpers."""
-    amp_dtype, needs_scaler = utils.amp_settings(device.type, dtype != "fp32", "fp16" if dtype == "fp32" else dtype)
+    amp_dtype, needs_scaler = utils.amp_settings(device.type, dtype != "fp32", "fp16" if dtype == "fp32" else dtype,
+                                                 on_cpu=True)
     return amp_dtype, utils.make_grad_scaler(device, needs_scaler)
 
 
@@ -929,7 +930,7 @@ def benchmark_losses(model_name="resnet50", num_ids=16, num_instances=4, num_cla
     """Time the four losses (forward+backward) and the model's forward+backward on one P x K batch."""
     device = torch.device(device)
     size = size or ((128, 64) if device.type == "cpu" else (256, 128))
-    amp_dtype, _ = utils.amp_settings(device.type, amp, "bf16" if device.type == "cpu" else "fp16")
+    amp_dtype, _ = utils.amp_settings(device.type, amp, "bf16" if device.type == "cpu" else "fp16", on_cpu=True)
     model = build_model(model_name, num_classes).to(device).to(memory_format=torch.channels_last).train()
     center_loss = CenterLoss(num_classes, model.feat_dim).to(device)
     batch = num_ids * num_instances
@@ -1072,16 +1073,17 @@ def describe_run(args):
             "command": "python bench.py " + " ".join(sys.argv[1:])}
 
 
+@utils.command
 def main(argv=None):
-    """Run the bench; print the table (and write the JSON)."""
+    """Run the bench; print the table (and write the JSON). Returns the exit code: 1 when a stage failed."""
     args = resolve_config(get_args_parser().parse_args(argv))
     if args.ids < 1 or args.instances < 2:
-        raise SystemExit(f"error: --ids {args.ids} --instances {args.instances}: need P >= 1 and K >= 2")
+        raise utils.UserError(f"--ids {args.ids} --instances {args.instances}: need P >= 1 and K >= 2")
     if args.model not in ARCHS:
-        raise SystemExit(f"error: --model {args.model}: choose one of {', '.join(ARCHS)}")
+        raise utils.UserError(f"--model {args.model}: choose one of {', '.join(ARCHS)}")
     if min(args.size + args.loader_size) < 16 or min(args.rounds, args.steps, args.warmup) < 1:
-        raise SystemExit("error: --size/--loader-size need at least 16 pixels a side; --rounds, --steps and "
-                         "--warmup at least 1")
+        raise utils.UserError("--size/--loader-size need at least 16 pixels a side; --rounds, --steps and "
+                              "--warmup at least 1")
     meta, rows, notes = describe_run(args), [], []
     if args.busy:
         notes.append(f"the CPU was busy when the bench started (load average {meta['load_average']:.1f} on "
@@ -1096,8 +1098,6 @@ def main(argv=None):
         with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
             needs_data = {"loader", "e2e", "features", "preflight"} & set(args.stages)
             status = 1 if run_stages(args, prepare_data(args, tmp) if needs_data else None, meta, rows, notes) else 0
-    except DataError as err:
-        raise SystemExit(f"error: {err}") from None
     except KeyboardInterrupt:  # e.g. a time limit: report what was measured
         notes.append(f"interrupted after {time.perf_counter() - start:.0f} s: the stages not in the table were not run")
         status = 130

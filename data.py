@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+import utils
 from sampler import SAMPLERS, SIMULATED, print_sampler_statistics, simulated_pids, train_sampler
 from synthetic import synthesize
 from transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
@@ -480,8 +481,10 @@ def check(root, name):
     return len(bad)
 
 
+@utils.command
 def main(argv=None):
-    """The data CLI: synthesize, check, sampler-stats."""
+    """The data CLI: synthesize, check, sampler-stats; returns the exit code (2 and one `error: ...` line for bad
+    input, 1 when the check found bad images)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("synthesize", help="write the synthetic data set (Market-1501 layout)")
@@ -508,22 +511,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "sampler-stats" and (args.root is None) == (args.simulate is None):
         parser.error("sampler-stats: give ROOT or --simulate NAME (one of them)")
-    try:
-        if args.command == "synthesize":
-            start = time.perf_counter()
-            counts = synthesize(args.out, args.ids, args.images_per_id, args.cameras, tuple(args.size), args.seed)
-            print(f"{args.out}: " + ", ".join(f"{sub}/ {n} images" for sub, n in counts.items())
-                  + f" ({time.perf_counter() - start:.1f} s)")
-        elif args.command == "check":
-            return 1 if check(args.root, args.dataset) else 0
-        elif args.command == "sampler-stats":
-            pids = (simulated_pids(args.simulate) if args.simulate
-                    else [pid for _, pid, _ in read_dataset(args.dataset, args.root)["train"]])
-            print_sampler_statistics(pids, args.ids, args.instances, [args.sampler] if args.sampler else SAMPLERS,
-                                     args.epochs, args.seed, args.world_size, not args.keep_last)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "synthesize":
+        start = time.perf_counter()
+        counts = synthesize(args.out, args.ids, args.images_per_id, args.cameras, tuple(args.size), args.seed)
+        print(f"{args.out}: " + ", ".join(f"{sub}/ {n} images" for sub, n in counts.items())
+              + f" ({time.perf_counter() - start:.1f} s)")
+    elif args.command == "check":
+        return 1 if check(args.root, args.dataset) else 0
+    elif args.command == "sampler-stats":
+        pids = (simulated_pids(args.simulate) if args.simulate
+                else [pid for _, pid, _ in read_dataset(args.dataset, args.root)["train"]])
+        print_sampler_statistics(pids, args.ids, args.instances, [args.sampler] if args.sampler else SAMPLERS,
+                                 args.epochs, args.seed, args.world_size, not args.keep_last)
     return 0
 
 

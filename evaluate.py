@@ -26,7 +26,7 @@ import config
 import utils
 from data import build_datasets, build_test_loader, item_labels, load_image, read_dataset
 from device_data import device_test_batches
-from model import WeightError, model_from_checkpoint
+from model import model_from_checkpoint
 from rerank import rerank_distances
 from utils import DataError
 from visualize import visualize_evaluation
@@ -39,7 +39,7 @@ GALLERY_BYTES_PER_ITEM = 48  # once per call: the gallery sorted by pid (+ sort 
 INT64_MAX = torch.iinfo(torch.int64).max
 
 
-class EvaluationError(ValueError):
+class EvaluationError(utils.UserError, ValueError):
     """Bad evaluation input (shapes, NaN distances, no valid query); the CLI prints it without a traceback."""
 
 
@@ -827,8 +827,7 @@ def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
     device = torch.device(utils.pick_device_type(cfg.MODEL.DEVICE))
     data = build_datasets(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, cfg.DATASETS.JSON_TRAIN_PATH)
     model = model_from_checkpoint(checkpoint).to(device)
-    amp_dtype, _ = utils.amp_settings(device.type, cfg.USE_MIXED_PRECISION and device.type != "cpu",
-                                      cfg.SOLVER.AMP_DTYPE)
+    amp_dtype, _ = utils.amp_settings(device.type, cfg.USE_MIXED_PRECISION, cfg.SOLVER.AMP_DTYPE)
     # the size the model was trained for, unless INPUT.SIZE_TEST is given
     size = cfg.INPUT.SIZE_TEST if size_given or model.input_size is None else model.input_size
     print(f"input size {size[0]}x{size[1]}")
@@ -857,34 +856,24 @@ def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
     return results
 
 
-def evaluate_checkpoint_cli(cfg, given, checkpoint, visualize_dir=""):
-    """evaluate_checkpoint for a command line: user errors become `error: ...` and exit code 2."""
-    try:
-        return evaluate_checkpoint(cfg, checkpoint, "INPUT.SIZE_TEST" in given, visualize_dir)
-    except (EvaluationError, DataError, WeightError) as err:  # user errors: the message, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def evaluate_command(argv):
-    """The evaluation command line: parse the configuration, evaluate the checkpoint, print; returns the results."""
+    """The evaluation command line: parse the configuration, evaluate the checkpoint, print; returns the results.
+    Bad input raises UserError."""
     cfg, opts, given = config.parse_args(argv, OPTIONS, prog="evaluate.py")
-    return evaluate_checkpoint_cli(cfg, given, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH, opts["visualize"])
+    return evaluate_checkpoint(cfg, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH, "INPUT.SIZE_TEST" in given,
+                               opts["visualize"])
 
 
+@utils.command
 def main(argv=None):
-    """`baseline ROOT`, or evaluate a checkpoint; returns the exit code (bench.py times the evaluator)."""
+    """`baseline ROOT`, or evaluate a checkpoint; returns the exit code (2 and one `error: ...` line for bad input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["baseline"]:
         parser = argparse.ArgumentParser(prog="evaluate.py baseline", description="Raw-pixel nearest-neighbour mAP.")
         parser.add_argument("root", help="DATASETS.ROOT_DIR (the folder holding the data set, or the data set)")
         parser.add_argument("--dataset", default="synthetic", help="DATASETS.NAMES (default: synthetic)")
         opts = parser.parse_args(argv[1:])
-        try:
-            print(f"raw-pixel nearest-neighbour mAP: {100 * pixel_baseline_map(opts.root, opts.dataset):.1f}%")
-        except DataError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        print(f"raw-pixel nearest-neighbour mAP: {100 * pixel_baseline_map(opts.root, opts.dataset):.1f}%")
         return 0
     evaluate_command(argv)
     return 0

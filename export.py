@@ -10,6 +10,7 @@ pixel_std. Optional packages: onnx and onnxscript (the exporter), onnxruntime (t
 """
 import argparse
 import os
+import sys
 import tempfile
 import warnings
 
@@ -17,20 +18,19 @@ import numpy as np
 import torch
 
 from data import load_image
-from model import WeightError
-from retrieve import DEFAULT_SIZE, RetrievalError, collect_images, input_size_for, load_model, normalisation_of
+from retrieve import DEFAULT_SIZE, collect_images, input_size_for, load_model, normalisation_of
 from synthetic import synthesize
 from transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
-from utils import DataError
+from utils import UserError, command
 
 INSTALL_HINT = "pip install onnx onnxscript onnxruntime"
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """Export or check failed; the CLI prints the message without a traceback."""
 
 
-def _require(*modules):
+def _require_modules(*modules):
     """Import the optional packages, or an ExportError naming the missing ones and how to install them."""
     missing = []
     for name in modules:
@@ -44,7 +44,7 @@ def _require(*modules):
 
 def export_onnx(model, out_path, size=DEFAULT_SIZE, opset=None):
     """Write model's eval-mode forward to out_path as one ONNX file with a dynamic batch axis."""
-    _require("onnx", "onnxscript")
+    _require_modules("onnx", "onnxscript")
     model = model.cpu().eval()
     example = torch.zeros(2, 3, *size)  # batch 2: a batch of 1 would let the tracer specialise it
     batch = torch.export.Dim("batch", min=1)
@@ -86,7 +86,7 @@ def check_images(folder=None, count=8, size=DEFAULT_SIZE, normalisation=(IMAGENE
 
 def check_onnx(model, onnx_path, images):
     """Max abs difference between onnxruntime and PyTorch embeddings of images, at two batch sizes."""
-    _require("onnxruntime")
+    _require_modules("onnxruntime")
     import onnxruntime
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     model = model.cpu().eval()
@@ -101,6 +101,7 @@ def check_onnx(model, onnx_path, images):
     return worst
 
 
+@command
 def main(argv=None):
     """Export, then check on real images unless --no-check; exit status 1 when the difference is too large."""
     parser = argparse.ArgumentParser(description="Export the embedding model to ONNX and check it with onnxruntime.")
@@ -114,25 +115,22 @@ def main(argv=None):
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed (default: 1e-4)")
     parser.add_argument("--no-check", action="store_true", help="export only (onnxruntime not needed)")
     args = parser.parse_args(argv)
-    try:
-        if not args.no_check:
-            _require("onnxruntime")  # fail before the (slow) export
-        model = load_model(args.checkpoint, args.arch)
-        size = input_size_for(model, args.size)
-        export_onnx(model, args.out, size, args.opset)
-        print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB): {model.name}, input images "
-              f"[batch, 3, {size[0]}, {size[1]}] -> embeddings [batch, {model.feat_dim}]")
-        if args.no_check:
-            return 0
-        images = check_images(args.check_images, size=size, normalisation=normalisation_of(model))
-        diff = check_onnx(model, args.out, images)
-        verdict = "OK" if diff <= args.tolerance else "TOO LARGE"
-        print(f"onnxruntime vs PyTorch on {len(images)} images (batches of 1 and {len(images)}): "
-              f"max abs difference {diff:.2e} ({verdict}, tolerance {args.tolerance:.0e})")
-        return 0 if diff <= args.tolerance else 1
-    except (ExportError, RetrievalError, DataError, WeightError) as err:
-        raise SystemExit(f"error: {err}")
+    if not args.no_check:
+        _require_modules("onnxruntime")  # fail before the (slow) export
+    model = load_model(args.checkpoint, args.arch)
+    size = input_size_for(model, args.size)
+    export_onnx(model, args.out, size, args.opset)
+    print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB): {model.name}, input images "
+          f"[batch, 3, {size[0]}, {size[1]}] -> embeddings [batch, {model.feat_dim}]")
+    if args.no_check:
+        return 0
+    images = check_images(args.check_images, size=size, normalisation=normalisation_of(model))
+    diff = check_onnx(model, args.out, images)
+    verdict = "OK" if diff <= args.tolerance else "TOO LARGE"
+    print(f"onnxruntime vs PyTorch on {len(images)} images (batches of 1 and {len(images)}): "
+          f"max abs difference {diff:.2e} ({verdict}, tolerance {args.tolerance:.0e})")
+    return 0 if diff <= args.tolerance else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

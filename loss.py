@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 DISTANCES = ("euclidean", "cosine")
 
 

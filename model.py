@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from utils import UserError
+
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
 TORCHVISION_URL = "https://download.pytorch.org/models/"
@@ -42,7 +44,7 @@ _CONFIG_MODULES = ("yacs", "pytorch_lightning", "lightning", "lightning_fabric",
                    "argparse", "callbacks")
 
 
-class WeightError(Exception):
+class WeightError(UserError):
     """A weight file is missing, unreadable or does not fit the model."""
 
 
@@ -170,7 +172,8 @@ def build_model(name="resnet50", num_classes=751, last_stride=1, pretrained=Fals
         if not path.is_file():
             raise WeightError(
                 f"--MODEL.PRETRAINED true needs the ImageNet weights of {name} at {path}: download "
-                f"{ARCHS[name][3]}{ARCHS[name][2]} by hand and put the file there (nothing is downloaded automatically), "
+                f"{ARCHS[name][3]}{ARCHS[name][2]} by hand and put the file there (nothing is downloaded "
+                f"automatically), "
                 f"or name another file with --MODEL.PRETRAIN_PATH, "
                 f"or train from scratch with --MODEL.PRETRAINED false")
     if path:

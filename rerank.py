@@ -19,11 +19,13 @@ Jaccard numerator a sum over the pairs of entries that share a column (a segment
 """
 import torch
 
+from utils import UserError
+
 BLOCK_ROWS = 4096         # rows of a distance block: a 4096 x 4096 float32 block is 64 MiB
 MAX_PAIRS = 1 << 23       # (query entry, gallery entry) pairs per Jaccard chunk: ~200 MiB of temporaries
 
 
-class RerankError(ValueError):
+class RerankError(UserError, ValueError):
     """Bad arguments to the re-ranking."""
 
 

@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -27,9 +28,9 @@ from tqdm import tqdm
 
 import utils
 from data import IMAGE_EXTENSIONS, camera_of, identity_pids, load_image, read_dataset
-from evaluate import EvaluationError, extract_features, identity_centroids
+from evaluate import extract_features, identity_centroids
 from model import BACKBONE_EMB_SIZES, WeightError, model_from_checkpoint
-from rerank import RerankError, rerank_distances
+from rerank import rerank_distances
 from transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
 from utils import DataError
 from visualize import draw_query_results
@@ -40,7 +41,7 @@ ALL_CAMS = -1  # exclude_camids code: a centroid of all of an identity's images
 META_KEYS = ("fingerprint", "model_name", "feat_dim", "size", "flip", "checkpoint")
 
 
-class RetrievalError(Exception):
+class RetrievalError(utils.UserError):
     """Bad input to a retrieval command; the CLI prints the message without a traceback."""
 
 
@@ -141,7 +142,7 @@ class MarkedImages(Dataset):
 
 def amp_dtype_for(device, fp32=False):
     """fp16 autocast on accelerators (fp32 on the CPU, or when asked), as train.py decides it."""
-    return utils.amp_settings(device.type, not fp32 and device.type != "cpu", "fp16")[0]
+    return utils.amp_settings(device.type, not fp32, "fp16")[0]
 
 
 def embed_chunks(model, paths, device, size, batch_size=128, num_workers=0, flip=False, amp_dtype=None,
@@ -625,15 +626,18 @@ def get_parser():
     return parser
 
 
-def main(argv=None):
-    """Run a sub-command; user errors end with `error: ...` and exit status 1, no traceback."""
+def run_command(argv):
+    """Run a sub-command; returns what it made (embeddings, index or query results). Bad input raises UserError."""
     args = get_parser().parse_args(argv)
-    commands = {"embed": cmd_embed, "index": cmd_index, "query": cmd_query}
-    try:
-        return commands[args.command](args)
-    except (RetrievalError, DataError, WeightError, EvaluationError, RerankError) as err:
-        raise SystemExit(f"error: {err}") from None
+    return {"embed": cmd_embed, "index": cmd_index, "query": cmd_query}[args.command](args)
+
+
+@utils.command
+def main(argv=None):
+    """The retrieval command line; returns the exit code (2 and one `error: ...` line for bad input)."""
+    run_command(argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,11 +27,18 @@ import visualize
 from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported
 from data import build_datasets, build_train_loader
 from device_data import DeviceAugmentLoader
-from evaluate import evaluate_checkpoint_cli, evaluate_splits, format_results
-from image_check import (GuardedImages, bad_images_report, dataset_paths, find_bad_images, preflight_check,
-                         with_dataset, without_paths)
+from evaluate import evaluate_checkpoint, evaluate_splits, format_results
+from image_check import (
+    GuardedImages,
+    bad_images_report,
+    dataset_paths,
+    find_bad_images,
+    preflight_check,
+    with_dataset,
+    without_paths,
+)
 from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads
-from model import WeightError, build_model, load_weights, stem_relu_message
+from model import build_model, load_weights, stem_relu_message
 from utils import DataError
 
 OPTIONS = [  # what is not a configuration key (config.parse adds --config_file)
@@ -304,7 +311,7 @@ def checkpoint(state, cfg, next_epoch, next_step):
             "sampler": state.sampler.state_dict(), "rng": rng_state()}
 
 
-class ResumeError(Exception):
+class ResumeError(utils.UserError):
     """A checkpoint that cannot continue this run: the message says which key differs and what to do."""
 
 
@@ -342,7 +349,7 @@ def resolve_resume(value, cfg):
     MODEL.RESUME_TRAINING resumes MODEL.PRETRAIN_PATH, as the original does."""
     if not value and cfg.MODEL.RESUME_TRAINING:
         if not cfg.MODEL.PRETRAIN_PATH:
-            raise SystemExit("error: MODEL.RESUME_TRAINING True needs MODEL.PRETRAIN_PATH: the checkpoint to continue")
+            raise utils.UserError("MODEL.RESUME_TRAINING True needs MODEL.PRETRAIN_PATH: the checkpoint to continue")
         value = cfg.MODEL.PRETRAIN_PATH
     if not value:
         return ""
@@ -423,8 +430,9 @@ def setup_apex(state, cfg, device):
     try:
         from apex import amp as apex_amp
     except ImportError:
-        raise SystemExit("error: SOLVER.AMP_BACKEND apex: apex is not installed. On Ascend install Ascend's apex "
-                         "fork; elsewhere use --SOLVER.AMP_BACKEND native (torch.amp), which needs nothing extra.")
+        raise utils.UserError("SOLVER.AMP_BACKEND apex: apex is not installed. On Ascend install Ascend's apex "
+                              "fork; elsewhere use --SOLVER.AMP_BACKEND native (torch.amp), which needs nothing "
+                              "extra.") from None
     state.model, (state.optimizer, state.center_optimizer) = apex_amp.initialize(
         state.model, state.optimizers, opt_level=cfg.SOLVER.AMP_OPT_LEVEL, loss_scale="dynamic")
     state.apex_amp, state.amp_dtype = apex_amp, None  # apex casts and scales itself
@@ -460,8 +468,8 @@ def build_network(cfg, num_classes, device):
         print(note)
     emb_size = cfg.MODEL.BACKBONE_EMB_SIZE
     if emb_size and emb_size != model.feat_dim:
-        raise SystemExit(f"error: MODEL.BACKBONE_EMB_SIZE {emb_size}: {cfg.MODEL.NAME} gives {model.feat_dim}-d "
-                         "features (set it to that, or 0 to follow the backbone)")
+        raise utils.UserError(f"MODEL.BACKBONE_EMB_SIZE {emb_size}: {cfg.MODEL.NAME} gives {model.feat_dim}-d "
+                              "features (set it to that, or 0 to follow the backbone)")
     center_loss = CenterLoss(num_classes, model.feat_dim)
     if pretrain_path:  # our checkpoints and the original's also carry the center-loss centers
         load_weights(model, pretrain_path, center_loss=center_loss)
@@ -490,7 +498,7 @@ def build_graphed_step(state, cfg, device):
         supported, reason = False, "mock images (DATALOADER.USE_RESAMPLING False) need the eager step's masks"
     if not supported:
         if cfg.SOLVER.CUDA_GRAPH == "true":
-            raise SystemExit(f"error: SOLVER.CUDA_GRAPH true: {reason}; use SOLVER.CUDA_GRAPH auto or false")
+            raise utils.UserError(f"SOLVER.CUDA_GRAPH true: {reason}; use SOLVER.CUDA_GRAPH auto or false")
         print(f"CUDA graph: off ({reason})")
         return
     K = cfg.DATALOADER.NUM_INSTANCE
@@ -505,8 +513,7 @@ def build_state(cfg, data, device, rank, world_size):
     loader, sampler = build_loader(cfg, data, device, rank, world_size)
     model, center_loss = build_network(cfg, data["num_train_pids"], device)
     optimizer, center_optimizer, scheduler = build_optimizers(cfg, model, center_loss)
-    amp_dtype, needs_scaler = utils.amp_settings(device.type, cfg.USE_MIXED_PRECISION and device.type != "cpu",
-                                                 cfg.SOLVER.AMP_DTYPE)
+    amp_dtype, needs_scaler = utils.amp_settings(device.type, cfg.USE_MIXED_PRECISION, cfg.SOLVER.AMP_DTYPE)
     state = TrainState(model, center_loss, optimizer, center_optimizer, scheduler,
                        utils.make_grad_scaler(device, needs_scaler), sampler, amp_dtype=amp_dtype)
     if cfg.SOLVER.AMP_BACKEND == "apex":
@@ -773,19 +780,13 @@ def save_or_stop(failure):
 def prepare(cfg, given, resume_flag, device, rank, world_size):
     """Everything before the first step, ordered so that nothing is written until the checks pass: the data, the
     checkpoint to resume (does it fit?), the images, the model, OUTPUT_DIR; then config.yaml."""
-    try:
-        data = build_datasets(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, cfg.DATASETS.JSON_TRAIN_PATH)
-    except DataError as err:
-        raise SystemExit(f"error: {err}") from None
+    data = build_datasets(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, cfg.DATASETS.JSON_TRAIN_PATH)
     resume_path = resolve_resume(resume_flag, cfg)
     saved = read_checkpoint(resume_path, resume_flag or resume_path, cfg.OUTPUT_DIR) if resume_path else None
     if saved is not None:
         check_resume_fits(saved, resume_path, cfg, data["num_train_pids"], world_size)
     data, bad = check_images(cfg, data, rank)
-    try:
-        loader, state = build_state(cfg, data, device, rank, world_size)
-    except (DataError, WeightError) as err:
-        raise SystemExit(f"error: {err}") from None
+    loader, state = build_state(cfg, data, device, rank, world_size)
     check_output_dir(cfg, state, rank)
     if rank == 0:
         write_config(cfg, given)
@@ -842,7 +843,7 @@ def train_epochs(cfg, data, loader, state, device, rank, world_size, trained_sta
             try:
                 stats, stopped_at = train_one_epoch(state, loader, cfg, device, epoch, state.next_step, world_size)
             except NonFiniteLoss as err:
-                raise SystemExit(f"error: {err}")
+                raise RunStop(1, f"error: {err}") from None
             except BadImageStop as stop:  # one process: stop before the step that would use the file
                 step = state.next_step + stop.step
                 save_or_stop(save_checkpoints(state, cfg, epoch, step, rank, world_size, ["last.pth"], stop.torch_rng))
@@ -940,12 +941,13 @@ def summarise_runs(output_dirs, summary_path):
     return summary
 
 
+@utils.command
 def main(argv=None):
-    """Parse the configuration, then train (REPRODUCIBLE: several seeded runs and their summary) or only test."""
+    """Parse the configuration, then train (REPRODUCIBLE: several seeded runs and their summary) or only test;
+    returns the exit code (2 and one `error: ...` line for bad input)."""
     cfg, opts, given = parse_args(argv)
     if opts["plot"]:
-        visualize.main(["curves", opts["plot"]])  # exits with a message when it cannot draw
-        return 0
+        return visualize.main(["curves", opts["plot"]])
     device_type = utils.pick_device_type(cfg.MODEL.DEVICE)
     local_rank = None if opts["local_rank"] is None else int(opts["local_rank"])
     device, rank, world_size, _ = utils.init_distributed(device_type, cfg.GPU_IDS, local_rank)
@@ -954,7 +956,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     if cfg.TEST.ONLY_TEST:
-        evaluate_checkpoint_cli(cfg, given, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH)
+        evaluate_checkpoint(cfg, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH, "INPUT.SIZE_TEST" in given)
         return 0
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)

@@ -1,8 +1,9 @@
-"""Devices, distributed helpers, mixed precision, atomic checkpoints and DataError, for every tool."""
+"""Devices, distributed helpers, mixed precision, atomic checkpoints, and the errors and exit codes of every tool."""
 import atexit
 import contextlib
 import datetime
 import errno
+import functools
 import os
 import sys
 import threading
@@ -12,7 +13,25 @@ import torch
 import torch.distributed as dist
 
 
-class DataError(Exception):
+class UserError(Exception):
+    """Input the user can fix (a file, folder, flag, checkpoint, or an optional package to install): every command
+    prints its message as one `error: ...` line, without a traceback, and exits with status 2."""
+
+
+def command(main):
+    """Decorate a command's main(argv=None) -> exit code: a UserError becomes one `error: ...` line on stderr and
+    exit code 2 (argparse's own errors exit 2 too); main returns 0 when done and 1 for a failure it reports."""
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
+    return run
+
+
+class DataError(UserError):
     """Bad input data: the message names the path and what was expected."""
 
     def __init__(self, message):
@@ -50,17 +69,17 @@ def pick_device_type(requested="auto"):
     """Resolve auto|npu|cuda|cpu to an available device type, with a clear error when one is missing."""
     requested = requested.lower()
     if requested not in ("auto", "npu", "cuda", "cpu"):
-        raise SystemExit(f"--MODEL.DEVICE {requested!r}: expected one of auto, npu, cuda, cpu")
+        raise UserError(f"--MODEL.DEVICE {requested!r}: expected one of auto, npu, cuda, cpu")
     if requested in ("auto", "npu") and import_torch_npu() is not None and torch.npu.is_available():
         return "npu"
     if requested == "npu":
-        raise SystemExit("--MODEL.DEVICE npu: torch_npu is not installed or no NPU is visible "
-                         "(install Ascend's torch_npu and source test/env_npu.sh), or use --MODEL.DEVICE auto")
+        raise UserError("--MODEL.DEVICE npu: torch_npu is not installed or no NPU is visible "
+                        "(install Ascend's torch_npu and source test/env_npu.sh), or use --MODEL.DEVICE auto")
     if requested in ("auto", "cuda") and torch.cuda.is_available():
         return "cuda"
     if requested == "cuda":
-        raise SystemExit("--MODEL.DEVICE cuda: no CUDA device is visible to this torch build; "
-                         "use --MODEL.DEVICE auto or cpu")
+        raise UserError("--MODEL.DEVICE cuda: no CUDA device is visible to this torch build; "
+                        "use --MODEL.DEVICE auto or cpu")
     return "cpu"
 
 
@@ -84,7 +103,7 @@ def init_distributed(device_type, gpu_ids=(), local_rank_arg=None, timeout_s=COL
     if device_type != "cpu":
         ids = list(gpu_ids) if gpu_ids else list(range(getattr(torch, device_type).device_count()))
         if local_rank >= len(ids):
-            raise SystemExit(f"local rank {local_rank} has no device: --GPU_IDS lists {ids}")
+            raise UserError(f"local rank {local_rank} has no device: --GPU_IDS lists {ids}")
         device = torch.device(device_type, ids[local_rank])
         getattr(torch, device_type).set_device(device)
     if world_size > 1 and not dist.is_initialized():
@@ -295,14 +314,16 @@ def bf16_supported(device_type):
     return device_type == "cpu"
 
 
-def amp_settings(device_type, enabled, dtype_name="auto"):
+def amp_settings(device_type, enabled, dtype_name="auto", on_cpu=False):
     """(autocast dtype or None, whether a GradScaler is needed) for a device type and --SOLVER.AMP_DTYPE.
 
-    auto: bf16 where the device computes it natively (no loss scaling, the range of fp32), else fp16 with a
-    GradScaler (older GPUs, NPUs that do not report bf16). bf16 and fp16 are taken as given."""
+    The CPU runs fp32 (USE_MIXED_PRECISION is for accelerators; CPU autocast is slower there) unless on_cpu
+    (a benchmark's explicit choice). auto: bf16 where the device computes it natively (no loss scaling, the
+    range of fp32), else fp16 with a GradScaler (older GPUs, NPUs that do not report bf16). bf16 and fp16 are
+    taken as given."""
     if dtype_name not in AMP_DTYPES:
         raise ValueError(f"--SOLVER.AMP_DTYPE {dtype_name!r}: expected one of {', '.join(AMP_DTYPES)}")
-    if not enabled:
+    if not enabled or (device_type == "cpu" and not on_cpu):
         return None, False
     if dtype_name == "auto":
         dtype_name = "bf16" if bf16_supported(device_type) else "fp16"

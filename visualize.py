@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+import utils
+
 GREEN, RED, GREY, DARK = (0, 170, 0), (215, 25, 25), (150, 150, 150), (40, 40, 40)
 METRICS = ("mAP", "rank1", "rank5", "rank10", "mINP")  # metrics.jsonl keys, optionally with a 'centroid_' prefix
 LOSS_KEYS = ("loss", "loss_centroid_triplet", "loss_triplet", "loss_xent", "loss_center")
@@ -314,8 +316,10 @@ def log_config_text(writer, yaml_text):
 # ---------------------------------------------------------------------------------------------------
 # Command line
 
+@utils.command
 def main(argv=None):
-    """`python visualize.py curves OUTPUT_DIR`: redraw OUTPUT_DIR/curves.png from OUTPUT_DIR/metrics.jsonl."""
+    """`python visualize.py curves OUTPUT_DIR`: redraw OUTPUT_DIR/curves.png from OUTPUT_DIR/metrics.jsonl; returns
+    the exit code (2 and one `error: ...` line when there is nothing to draw or no matplotlib)."""
     parser = argparse.ArgumentParser(description="Pictures of a run.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("curves", help="OUTPUT_DIR/metrics.jsonl -> OUTPUT_DIR/curves.png (losses, lr, mAP, R1)")
@@ -327,12 +331,12 @@ def main(argv=None):
     try:
         drawn = plot_curves(args.output_dir, out)
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise utils.UserError(str(err)) from None
     if drawn is None:
-        raise SystemExit("error: drawing curves.png needs matplotlib: pip install matplotlib")
+        raise utils.UserError("drawing curves.png needs matplotlib: pip install matplotlib")
     print(f"wrote {out}")
-    return out
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -186,7 +186,8 @@ def test_amp_settings_auto_picks_bf16_where_the_device_has_it(monkeypatch):
     assert utils.amp_settings("cuda", False, "auto") == (None, False)
     assert utils.amp_settings("cuda", True, "fp16") == (torch.float16, True)
     assert utils.amp_settings("npu", True, "bf16") == (torch.bfloat16, False)
-    assert utils.amp_settings("cpu", True, "auto") == (torch.bfloat16, False)
+    assert utils.amp_settings("cpu", True, "auto") == (None, False)  # the CPU trains and evaluates in fp32
+    assert utils.amp_settings("cpu", True, "auto", on_cpu=True) == (torch.bfloat16, False)  # a benchmark's choice
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for native, expected in ((True, (torch.bfloat16, False)), (False, (torch.float16, True))):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)

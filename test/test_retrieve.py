@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import retrieve
+import utils
 import visualize
 from data import build_train_loader, read_dataset
 from loss import compute_losses
@@ -79,7 +80,7 @@ def setup(tmp_path_factory):
 def run(*argv):
     """retrieve.main on the CPU without loader processes."""
     extra = ["--device", "cpu", "--workers", "0"] if argv[0] in ("embed", "query") else []
-    return retrieve.main([*argv, *extra])
+    return retrieve.run_command([*argv, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -227,25 +228,26 @@ def test_camera_aware_index_has_one_entry_per_identity_and_camera_set(gallery):
 # refusals: another model, another model size, empty folder, unreadable image
 
 def test_fingerprint_refuses_an_index_of_another_model(setup, gallery, tmp_path):
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(utils.UserError) as err:
         run("query", gallery["centroids"], setup["query_dir"], "--checkpoint", setup["other"])
     message = str(err.value)
     assert gallery["emb"]["fingerprint"] in message and setup["other"] in message
     assert retrieve.model_fingerprint(retrieve.load_model(setup["other"])) in message
     run("embed", setup["other"], setup["query_dir"], "-o", str(tmp_path / "q_other.pt"))
-    with pytest.raises(SystemExit, match="different models"):
+    with pytest.raises(utils.UserError, match="different models"):
         run("query", gallery["centroids"], str(tmp_path / "q_other.pt"))
 
 
 def test_checkpoint_of_another_model_size_is_refused(setup, tmp_path):
-    with pytest.raises(SystemExit, match="holds a resnet18 model .512-d embeddings., but --arch asks for resnet50"):
+    refusal = "holds a resnet18 model .512-d embeddings., but --arch asks for resnet50"
+    with pytest.raises(utils.UserError, match=refusal):
         run("embed", setup["trained"], setup["query_dir"], "-o", str(tmp_path / "q.pt"), "--arch", "resnet50")
     assert not os.path.exists(tmp_path / "q.pt")
 
 
 def test_empty_folder_is_a_clear_error(setup, tmp_path):
     (tmp_path / "empty" / "alice").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="holds no images"):
+    with pytest.raises(utils.UserError, match="holds no images"):
         run("embed", setup["trained"], str(tmp_path / "empty"), "-o", str(tmp_path / "e.pt"))
 
 
@@ -255,7 +257,7 @@ def test_unreadable_image_is_named_or_skipped_with_a_count(setup, tmp_path, caps
     for path, _, _ in setup["dataset"]["query"][:3]:
         shutil.copy(path, folder)
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(SystemExit, match=r"cannot read image .*broken\.jpg.*--skip-bad"):
+    with pytest.raises(utils.UserError, match=r"cannot read image .*broken\.jpg.*--skip-bad"):
         run("embed", setup["trained"], str(tmp_path / "photos"), "-o", str(tmp_path / "p.pt"))
     emb = run("embed", setup["trained"], str(tmp_path / "photos"), "-o", str(tmp_path / "p.pt"), "--skip-bad")
     assert len(emb["paths"]) == 3 and emb["skipped"] == [str(folder / "broken.jpg")]
@@ -265,7 +267,7 @@ def test_unreadable_image_is_named_or_skipped_with_a_count(setup, tmp_path, caps
 def test_cli_user_errors_have_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "retrieve.py", "index", str(tmp_path / "missing.pt"), "-o", "x.pt"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "no such embeddings file" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "no such embeddings file" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,7 +292,7 @@ def test_interrupted_embed_resumes_without_redoing(setup, gallery, tmp_path, mon
     saved = sorted(os.listdir(out + ".partial"))
     assert not os.path.exists(out) and len(saved) == 1  # the first chunk was saved, the second was not done
     assert len(torch.load(os.path.join(out + ".partial", saved[0]), weights_only=True)["paths"]) == 8
-    with pytest.raises(SystemExit, match="incomplete"):
+    with pytest.raises(utils.UserError, match="incomplete"):
         run("index", out, "-o", str(tmp_path / "i.pt"))
     monkeypatch.setattr(retrieve, "extract_features", real)
     embedded.clear()
@@ -347,7 +349,7 @@ def test_rerank_ranks_the_index_entries_by_reranked_distances(setup, gallery, tm
     seen = aware["exclude_camids"][idx]
     assert ((seen == groups[:, None]) | (seen == retrieve.SHARED)).all() and (idx >= 0).all()
     assert (dist.diff(dim=1) >= 0).all() and len(set(groups.tolist())) > 1
-    with pytest.raises(SystemExit, match="drop --backend faiss"):
+    with pytest.raises(utils.UserError, match="drop --backend faiss"):
         run("query", gallery["images"], setup["query_dir"], "--checkpoint", setup["trained"], "--rerank",
             "--backend", "faiss")
 

@@ -166,7 +166,7 @@ def test_missing_data_set_and_bad_values_fail_with_clear_messages(tmp_path):
 def test_apex_backend_without_apex_says_what_is_missing(synthetic_root, tmp_path):
     result = run_script([sys.executable, "train.py", *tiny_flags(synthetic_root, tmp_path),
                          "--SOLVER.AMP_BACKEND", "apex"])
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "apex is not installed" in result.stderr and "--SOLVER.AMP_BACKEND native" in result.stderr
 
 
@@ -326,6 +326,7 @@ def test_reproducible_runs_each_seed_and_print_mean_and_std(synthetic_root, tmp_
 
 
 def test_cuda_graph_is_refused_cleanly_where_it_cannot_run(synthetic_root, tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"SOLVER.CUDA_GRAPH true: CUDA graphs need a CUDA device"):
-        train.main(tiny_flags(synthetic_root, tmp_path, "--SOLVER.MAX_EPOCHS", "1", "SOLVER.CUDA_GRAPH", "true"))
+    flags = tiny_flags(synthetic_root, tmp_path, "--SOLVER.MAX_EPOCHS", "1", "SOLVER.CUDA_GRAPH", "true")
+    assert train.main(flags) == 2
+    assert "error: SOLVER.CUDA_GRAPH true: CUDA graphs need a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "last.pth").exists()
