@@ -58,7 +58,6 @@ from loss import CenterLoss, compute_losses
 from model import ARCHS, build_model
 from rerank import rerank_distances
 from retrieve import SHARED, RetrievalError, build_index, import_faiss, search_exact, search_index
-from sampler import PKSampler, describe_batch
 from synthetic import synthesize
 from utils import DataError
 
@@ -278,42 +277,21 @@ def time_loader(loader, skip, batches, device):
     return images / (time.perf_counter() - start)
 
 
-def throughput(root, name, workers=(0, 2), size=(256, 128), num_ids=16, num_instances=4, batches=10):
-    """Decoded + augmented training images per second for each worker count: {workers: images/s}."""
-    items = read_dataset(name, root)["train"]
-    results, threads = {}, torch.get_num_threads()
-    for num_workers in workers:
-        loader, _ = build_train_loader(items, num_ids, num_instances, size, num_workers)
-        warmup = 1 + 2 * num_workers  # start-up and the prefetched batches are not throughput
-        if len(loader) < warmup + batches:
-            raise DataError(f"{root}: an epoch has {len(loader)} batches of {describe_batch(num_ids, num_instances)}, "
-                            f"the measurement needs {warmup + batches}: use fewer --batches or a larger data set")
-        torch.set_num_threads(1)  # as in a loader worker: the main process then measures one worker
-        iterator = iter(loader)
-        for _ in range(warmup):
-            next(iterator)
-        start, images = time.perf_counter(), 0
-        for _, (x, _, _) in zip(range(batches), iterator):
-            images += len(x)
-        results[num_workers] = images / (time.perf_counter() - start)
-        torch.set_num_threads(threads)
-        print(f"workers={num_workers}: {results[num_workers]:.0f} images/s "
-              f"({results[num_workers] / max(num_workers, 1):.0f} images/s per worker), "
-              f"{size[0]}x{size[1]}, {describe_batch(num_ids, num_instances)}")
-        del iterator, loader
-    return results
-
-
 def bench_loader(args, root):
-    """Decoded + augmented images/s of data.build_train_loader for 0 and N workers (throughput)."""
+    """Decoded + augmented images/s of data.build_train_loader for 0 and N workers."""
     items = read_dataset("synthetic", root)["train"]
-    num_steps = len(PKSampler([pid for _, pid, _ in items], args.ids, args.instances))
-    batch, size, rows = batch_text(args.ids, args.instances), args.loader_size, []
+    batch, size, rows, threads = batch_text(args.ids, args.instances), args.loader_size, [], torch.get_num_threads()
     row = lambda figure, value, unit="images/s": make_row("loader", figure, value, unit, args.device,  # noqa: E731
                                                           "uint8->fp32", batch, size)
     for workers in sorted({0, args.workers}):
-        ips = throughput(root, "synthetic", [workers], tuple(size), args.ids, args.instances,
-                         loader_batches(args, num_steps, workers))[workers]
+        loader, _ = build_train_loader(items, args.ids, args.instances, tuple(size), workers)
+        torch.set_num_threads(1)  # as in a loader worker: the main process then measures one worker
+        try:
+            ips = time_loader(loader, 1 + 2 * workers, loader_batches(args, len(loader), workers),
+                              torch.device("cpu"))
+        finally:
+            torch.set_num_threads(threads)
+        del loader
         if workers == 0:
             rows.append(row("decode+augment, 1 process (1 thread)", ips))
         else:
@@ -925,12 +903,11 @@ def _median_ms(step, device, warmup, iters):
     return statistics.median(seconds) * 1000
 
 
-def benchmark_losses(model_name="resnet50", num_ids=16, num_instances=4, num_classes=751, size=None,
-                     device="cpu", amp=False, warmup=1, iters=3, loss_iters=20):
-    """Time the four losses (forward+backward) and the model's forward+backward on one P x K batch."""
+def benchmark_losses(model_name, num_ids, num_instances, size, device, amp_dtype=None, num_classes=751, warmup=1,
+                     iters=3, loss_iters=20):
+    """Time the four losses (forward+backward) and the model's forward+backward on one P x K batch, in amp_dtype
+    autocast (None: fp32)."""
     device = torch.device(device)
-    size = size or ((128, 64) if device.type == "cpu" else (256, 128))
-    amp_dtype, _ = utils.amp_settings(device.type, amp, "bf16" if device.type == "cpu" else "fp16", on_cpu=True)
     model = build_model(model_name, num_classes).to(device).to(memory_format=torch.channels_last).train()
     center_loss = CenterLoss(num_classes, model.feat_dim).to(device)
     batch = num_ids * num_instances
@@ -955,8 +932,9 @@ def benchmark_losses(model_name="resnet50", num_ids=16, num_instances=4, num_cla
 
     backbone_ms = _median_ms(model_step, device, warmup, iters)
     losses_ms = _median_ms(loss_step, device, 3, loss_iters)
-    return {"model": model_name, "batch": batch, "size": tuple(size), "device": str(device), "amp": amp,
-            "backbone_ms": backbone_ms, "losses_ms": losses_ms, "ratio": losses_ms / backbone_ms}
+    return {"model": model_name, "batch": batch, "size": tuple(size), "device": str(device),
+            "amp": amp_dtype is not None, "backbone_ms": backbone_ms, "losses_ms": losses_ms,
+            "ratio": losses_ms / backbone_ms}
 
 
 def bench_preflight(args, root):
@@ -978,8 +956,8 @@ def bench_preflight(args, root):
 def bench_losses(args):
     """The four losses' forward+backward against the model's on one P x K batch (benchmark_losses)."""
     device, dtype = args.device, args.e2e_dtype
-    res = benchmark_losses(args.model, args.ids, args.instances, size=tuple(args.size), device=str(device),
-                           amp=dtype != "fp32", iters=max(1, args.rounds // 2))
+    res = benchmark_losses(args.model, args.ids, args.instances, tuple(args.size), device, amp_for(dtype, device)[0],
+                           iters=max(1, args.rounds // 2))
     row = lambda figure, value, unit: make_row("losses", figure, value, unit, device,  # noqa: E731
                                                precision_text(dtype, device), batch_text(args.ids, args.instances),
                                                args.size)

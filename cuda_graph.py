@@ -68,7 +68,7 @@ class GraphedStep:
     optimizers' state is loaded again. Do not zero the grads between steps: each replay overwrites them."""
 
     def __init__(self, model, center_loss, optimizers, loss_kwargs, num_instances, center_weight, amp_dtype,
-                 batch_shape, device, warmup_steps=WARMUP_STEPS):
+                 batch_shape, device):
         self.device = torch.device(device)
         supported, reason = graph_supported(self.device, amp_dtype, sync_bn=has_sync_bn(model))
         if not supported:
@@ -77,7 +77,7 @@ class GraphedStep:
         self.model, self.center_loss, self.optimizers = unwrap(model), unwrap(center_loss), list(optimizers)
         self.loss_kwargs = {**loss_kwargs, "check_layout": False}  # the layout check reads the device
         self.num_instances, self.center_weight, self.amp_dtype = num_instances, center_weight, amp_dtype
-        self.warmup_left = warmup_steps
+        self.warmup_left = WARMUP_STEPS
         self.images = torch.zeros(batch_shape, device=self.device).contiguous(
             memory_format=utils.memory_format(self.device))
         self.pids = torch.zeros(batch_shape[0], dtype=torch.long, device=self.device)
@@ -113,7 +113,7 @@ class GraphedStep:
                 self._capture()
             except RuntimeError as err:  # an op that reads the device on the host, a kernel that cannot be captured
                 self.graphs, self.loss_row = [], None
-                self.fallback_reason = f"CUDA graph capture failed, the step runs eagerly: {str(err).splitlines()[0]}"
+                self.fallback_reason = f"CUDA graph capture failed, the step runs eagerly: {utils.first_line(err)}"
                 warnings.warn(self.fallback_reason, stacklevel=2)
                 return self._eager_step()
         self.graphs[0].replay()

@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import utils
+from image_check import dataset_paths, find_bad_images
 from sampler import SAMPLERS, SIMULATED, print_sampler_statistics, simulated_pids, train_sampler
 from synthetic import synthesize
 from transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
@@ -465,18 +466,12 @@ def build_test_loader(items, size, batch_size, num_workers, pixel_mean=IMAGENET_
 
 def check(root, name):
     """Print each split's counts, decode every image and list the bad ones; returns their number."""
-    from tqdm import tqdm
     ds = read_dataset(name, root)
     print(describe_dataset(ds))
-    paths = sorted({path for split in ("train", "query", "gallery") for path, _, _ in ds[split]})
-    bad = []
-    for path in tqdm(paths, "decode", unit="img"):
-        try:
-            load_image(path)
-        except DataError as e:
-            bad.append(str(e))
-    for message in bad:
-        print(message)
+    paths = dataset_paths(ds)
+    bad = find_bad_images(paths)  # the check train.py runs before the first step
+    for path, why in bad:
+        print(f"cannot read image {path}: {why}")
     print(f"{len(paths)} images decoded, {len(bad)} bad")
     return len(bad)
 

@@ -39,6 +39,16 @@ def collate_encoded(batch):
             torch.tensor(indices))
 
 
+def resize_batch(images, size):
+    """uint8 [3, h, w] list -> float [B, 3, H, W] in 0..1, resized bilinear with antialiasing as the CPU
+    transforms do; one kernel for the batch when all share one size (Market: all 128x64)."""
+    resize = lambda x: F.interpolate(x.float(), size=tuple(size), mode="bilinear", antialias=True,  # noqa: E731
+                                     align_corners=False)
+    if all(img.shape == images[0].shape for img in images):
+        return resize(torch.stack(images)) / 255
+    return torch.cat([resize(img[None]) for img in images]) / 255
+
+
 def augment_batch(images, size, flip_prob=0.5, padding=10, re_prob=0.5, pixel_mean=IMAGENET_MEAN,
                   pixel_std=IMAGENET_STD):
     """build_train_transform on a whole batch on its device: uint8 [3, h, w] list -> float [B, 3, H, W].
@@ -47,12 +57,7 @@ def augment_batch(images, size, flip_prob=0.5, padding=10, re_prob=0.5, pixel_me
     (filled with pixel_mean): the same draws and distributions as the per-image torchvision pipeline."""
     height, width = size
     device = images[0].device
-    resize = lambda x: F.interpolate(x.float(), size=(height, width), mode="bilinear", antialias=True,  # noqa: E731
-                                     align_corners=False)
-    if all(img.shape == images[0].shape for img in images):  # one kernel for the batch (Market: all 128x64)
-        x = resize(torch.stack(images)) / 255  # [B, 3, H, W]
-    else:
-        x = torch.cat([resize(img[None]) for img in images]) / 255
+    x = resize_batch(images, size)  # [B, 3, H, W]
     batch = len(x)
     flip = torch.rand(batch, device=device) < flip_prob
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -101,7 +106,7 @@ def device_test_batches(items, size, batch_size, num_workers, device, pixel_mean
     """build_test_loader's batches with decoding, resizing and normalisation on `device` (nvjpeg on CUDA; the
     same code on the CPU): yields (images float32 [B, 3, H, W] on device, pids, camids) in the items' order.
     Loader workers only read file bytes; a file nvjpeg cannot decode (PNG ...) is decoded on the host."""
-    device, (height, width) = torch.device(device), size
+    device = torch.device(device)
     num_workers = usable_workers(num_workers)
     loader = DataLoader(EncodedImages(items), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_encoded)
@@ -116,11 +121,7 @@ def device_test_batches(items, size, batch_size, num_workers, device, pixel_mean
                     images[i] = torchvision.io.decode_image(files[i], mode=torchvision.io.ImageReadMode.RGB).to(device)
                 except RuntimeError as err:
                     raise DataError(f"{items[int(indices[i])][0]}: cannot decode the image ({err})") from None
-        shapes = {img.shape for img in images}
-        stacked = [torch.stack(images)] if len(shapes) == 1 else [img[None] for img in images]  # Market: one size
-        resized = torch.cat([F.interpolate(x.float(), size=(height, width), mode="bilinear", antialias=True,
-                                           align_corners=False) for x in stacked])
-        yield (resized / 255 - mean) / std, pids, camids
+        yield (resize_batch(images, size) - mean) / std, pids, camids
 
 
 class DeviceAugmentLoader:

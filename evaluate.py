@@ -250,6 +250,11 @@ def _check_lengths(distmat_shape, q_pids, g_pids, q_camids, g_camids):
                                   f"{'rows (queries)' if n == 0 else 'columns (gallery items)'}")
 
 
+def _matrix_source(dist):
+    """evaluate's (block distances, pair distances) source over a [Q, N] matrix."""
+    return lambda a, b, c0, c1: dist[a:b, c0:c1], lambda rows, cols: dist[rows, cols]
+
+
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, camera_agnostic=False,
                   chunk_bytes=CHUNK_BYTES, return_per_query=False):
     """mAP, mINP, CMC (and the Market-1501 trapezoid mAP) of a [num_query, num_gallery] distance matrix.
@@ -260,8 +265,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, came
     """
     distmat = torch.as_tensor(distmat) if not torch.is_tensor(distmat) else distmat
     _check_lengths(distmat.shape, q_pids, g_pids, q_camids, g_camids)
-    source = (lambda a, b, c0, c1: distmat[a:b, c0:c1], lambda rows, cols: distmat[rows, cols])
-    per_query = _per_query(source, distmat.shape[0], distmat.shape[1], q_pids, g_pids,
+    per_query = _per_query(_matrix_source(distmat), distmat.shape[0], distmat.shape[1], q_pids, g_pids,
                            q_camids, g_camids, distmat.device, camera_agnostic, chunk_bytes)
     return _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids)
 
@@ -493,16 +497,18 @@ def _original_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
 
 
 def _original_per_query(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware, index_bug,
-                        normalize, chunk_bytes):
-    """Per-query metrics of the original's rule (see evaluate_centroids)."""
+                        normalize, chunk_bytes, source_of=None):
+    """Per-query metrics of the original's rule (see evaluate_centroids); source_of(queries, gallery entries) gives
+    the distances (default: from the features; evaluate_reranked passes re-ranked ones)."""
     feats, pids, sets, q_bits = _original_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
                                                   index_bug, normalize)
     q_feats = _normalize(q_feats) if normalize else q_feats  # its R1_mAP.compute normalises queries too
+    source = (source_of or _feature_source)(q_feats, feats)
     if not camera_aware:  # its dummy camids (queries 0, centroids 1): nothing is removed
-        return _per_query(_feature_source(q_feats, feats), len(q_feats), len(feats), q_pids, pids, q_camids,
-                          torch.zeros_like(pids), q_feats.device, True, chunk_bytes)
-    return _per_query(_feature_source(q_feats, feats), len(q_feats), len(feats), q_pids, pids, q_bits, sets,
-                      q_feats.device, False, chunk_bytes, camera_sets=True)
+        return _per_query(source, len(q_feats), len(feats), q_pids, pids, q_camids, torch.zeros_like(pids),
+                          q_feats.device, True, chunk_bytes)
+    return _per_query(source, len(q_feats), len(feats), q_pids, pids, q_bits, sets, q_feats.device, False,
+                      chunk_bytes, camera_sets=True)
 
 
 def evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=True,
@@ -698,11 +704,6 @@ def format_results(results):
 # ---------------------------------------------------------------------------------------------------
 # k-reciprocal re-ranking (rerank.py) per image and per centroid
 
-def _matrix_source(dist):
-    """evaluate's (block distances, pair distances) source over a [Q, N] matrix."""
-    return lambda a, b, c0, c1: dist[a:b, c0:c1], lambda rows, cols: dist[rows, cols]
-
-
 def _other_camera_grid(q_pids, q_camids, g_feats, g_pids, g_camids, normalize):
     """Each identity's centroid of its gallery images outside camera c, for EVERY camera c it has such images for
     (not only the pairs queries need: the re-ranking pool then owes nothing to the queries' identities), and each
@@ -743,19 +744,6 @@ def _standard_reranked(rerank, q_feats, q_pids, q_camids, g_feats, g_pids, g_cam
                          q_feats.device, camera_agnostic, chunk_bytes)
 
 
-def _original_reranked(rerank, q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware, index_bug,
-                       normalize, chunk_bytes):
-    """Per-query metrics of evaluate's original centroid rules on re-ranked distances (as _original_per_query)."""
-    feats, pids, sets, q_bits = _original_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
-                                                     index_bug, normalize)
-    source = _matrix_source(rerank(_normalize(q_feats) if normalize else q_feats, feats))
-    if not camera_aware:
-        return _per_query(source, len(q_feats), len(feats), q_pids, pids, q_camids, torch.zeros_like(pids),
-                             q_feats.device, True, chunk_bytes)
-    return _per_query(source, len(q_feats), len(feats), q_pids, pids, q_bits, sets, q_feats.device, False,
-                         chunk_bytes, camera_sets=True)
-
-
 def evaluate_reranked(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, k1=20, k2=6, lambda_value=0.3,
                       keep_camid_centroids=True, max_rank=50, camera_agnostic=False, normalize_centroids=True,
                       chunk_bytes=None, centroid_protocol="standard", raw_feats=False):
@@ -783,8 +771,9 @@ def evaluate_reranked(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, k1=2
                                            camera_aware, camera_agnostic, normalize_centroids, chunk_bytes)
         else:
             raw_q, raw_g = (q_feats, g_feats) if raw_feats else (unit_q, unit_g)
-            per_query = _original_reranked(rerank, raw_q, q_pids, q_camids, raw_g, g_pids, g_camids, camera_aware,
-                                           protocol == "original", normalize_centroids, chunk_bytes)
+            per_query = _original_per_query(raw_q, q_pids, q_camids, raw_g, g_pids, g_camids, camera_aware,
+                                            protocol == "original", normalize_centroids, chunk_bytes,
+                                            source_of=lambda q, g: _matrix_source(rerank(q, g)))
         result = _finish(per_query, max_rank, False, *labels)
         results[centroid_key(protocol, protocols)] = {**result, "protocol": protocol}
     return results

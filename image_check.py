@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from utils import DataError, usable_workers
+from utils import DataError, usable_workers, write_text_atomic
 
 CHECK_VERSION = 1  # bump when check_image gets stricter: verdicts cached by an older check no longer count
 CACHE_DIR_ENV = "CENTROID_REID_CACHE_DIR"  # where the check's cache goes (default ~/.cache/centroid-reid)
@@ -93,9 +93,8 @@ def _read_check_cache():
         return {}
 
 
-def checked_before(paths, jpeg_only=False):
-    """Whether these exact files (count, sizes, mtimes) all decoded in an earlier check."""
-    fingerprint = _fingerprint(paths, jpeg_only)
+def checked_before(fingerprint, jpeg_only=False):
+    """Whether the files of a _fingerprint (count, sizes, mtimes) all decoded in an earlier check."""
     if fingerprint is None:
         return False
     key, entry = fingerprint
@@ -104,9 +103,9 @@ def checked_before(paths, jpeg_only=False):
         (seen.get("jpeg_only") or not jpeg_only)
 
 
-def remember_checked(paths, jpeg_only=False, keep=64):
-    """Record that these files all decoded (best effort: an unwritable cache only means checking again)."""
-    fingerprint = _fingerprint(paths, jpeg_only)
+def remember_checked(fingerprint, keep=64):
+    """Record that the files of a _fingerprint all decoded (best effort: an unwritable cache only means checking
+    again)."""
     if fingerprint is None:
         return
     key, entry = fingerprint
@@ -117,24 +116,22 @@ def remember_checked(paths, jpeg_only=False, keep=64):
     path = check_cache_path()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(cache, f)
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(cache))
     except OSError:
         pass
 
 
-def dataset_paths(dataset):
-    """Every image file of a data set's train, query and gallery splits, once each, sorted."""
-    return sorted({path for split in ("train", "query", "gallery") for path, _, _ in dataset[split]})
+def dataset_paths(dataset, splits=("train", "query", "gallery")):
+    """Every image file of a data set's splits, once each, sorted."""
+    return sorted({path for split in splits for path, _, _ in dataset[split]})
 
 
 def preflight_check(dataset, num_workers=0, jpeg_only=False, progress=True):
     """Check every image of a data set before training: [(path, why)] of the bad ones ([] when all decode now or
     did in an earlier check of the same files). Prints one line on how it went."""
     paths = dataset_paths(dataset)
-    if checked_before(paths, jpeg_only):
+    fingerprint = _fingerprint(paths, jpeg_only)  # as the files were before the check: a later change re-checks
+    if checked_before(fingerprint, jpeg_only):
         print(f"images: all {len(paths)} decoded in an earlier check (unchanged since; {check_cache_path()})")
         return []
     start = time.perf_counter()
@@ -143,7 +140,7 @@ def preflight_check(dataset, num_workers=0, jpeg_only=False, progress=True):
     print(f"images: {len(paths)} checked in {seconds:.1f} s ({len(paths) / max(seconds, 1e-9):.0f} images/s), "
           f"{len(bad)} bad", flush=True)
     if not bad:
-        remember_checked(paths, jpeg_only)
+        remember_checked(fingerprint)
     return bad
 
 

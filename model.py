@@ -361,22 +361,24 @@ def model_from_checkpoint(path, center_loss=None):
     return model.eval()
 
 
+def _trained_input(obj, name):
+    """A checkpoint's INPUT.<name>: ours keep it in config, the original's in hyper_parameters."""
+    if isinstance(obj.get("config"), dict):
+        return obj["config"][f"INPUT.{name}"]
+    return obj["hyper_parameters"]["INPUT"][name]
+
+
 def _trained_normalisation(obj):
     """(INPUT.PIXEL_MEAN, INPUT.PIXEL_STD) the checkpoint's model was trained with, (None, None) when unrecorded."""
     try:
-        if isinstance(obj.get("config"), dict):
-            return tuple(obj["config"]["INPUT.PIXEL_MEAN"]), tuple(obj["config"]["INPUT.PIXEL_STD"])
-        inputs = obj["hyper_parameters"]["INPUT"]
-        return tuple(inputs["PIXEL_MEAN"]), tuple(inputs["PIXEL_STD"])
+        return tuple(_trained_input(obj, "PIXEL_MEAN")), tuple(_trained_input(obj, "PIXEL_STD"))
     except (KeyError, TypeError, ValueError):
         return None, None
 
 
 def _trained_input_size(obj):
-    """[H, W] the checkpoint's model was tested at (ours: config, original: hyper_parameters), or None."""
+    """[H, W] the checkpoint's model was tested at, or None."""
     try:
-        if isinstance(obj.get("config"), dict):
-            return [int(v) for v in obj["config"]["INPUT.SIZE_TEST"]]
-        return [int(v) for v in obj["hyper_parameters"]["INPUT"]["SIZE_TEST"]]
+        return [int(v) for v in _trained_input(obj, "SIZE_TEST")]
     except (KeyError, TypeError, ValueError):
         return None

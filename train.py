@@ -24,7 +24,7 @@ from tqdm import tqdm
 import config
 import utils
 import visualize
-from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported
+from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported, has_sync_bn
 from data import build_datasets, build_train_loader
 from device_data import DeviceAugmentLoader
 from evaluate import evaluate_checkpoint, evaluate_splits, format_results
@@ -176,8 +176,9 @@ def agree(device, first_bad_step):
         return bool(stop), int(first_bad_step)
     t = torch.tensor([stop, float(bool(bad_image_message())), float(first_bad_step)], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)  # a dead rank fails it: see run()
-    STOP["image_stop"] = bool(t[1].item())
-    return bool(t[0].item() or t[1].item()), int(t[2].item())
+    stop, image_stop, first_bad = t.tolist()  # one host read
+    STOP["image_stop"] = bool(image_stop)
+    return bool(stop or image_stop), int(first_bad)
 
 
 def check_disjoint_identities(pids, world_size):
@@ -493,7 +494,7 @@ def build_graphed_step(state, cfg, device):
     if cfg.SOLVER.CUDA_GRAPH == "false":
         return
     supported, reason = graph_supported(device, state.amp_dtype, cfg.SOLVER.AMP_BACKEND,
-                                        sync_bn=cfg.SOLVER.SYNC_BN and torch.distributed.is_initialized())
+                                        sync_bn=has_sync_bn(state.train_model))
     if supported and not cfg.DATALOADER.USE_RESAMPLING:
         supported, reason = False, "mock images (DATALOADER.USE_RESAMPLING False) need the eager step's masks"
     if not supported:
@@ -585,9 +586,6 @@ class GuardedLoader:
 
     def __init__(self, loader):
         self.loader, self.batch_sampler = loader, loader.batch_sampler
-
-    def __len__(self):
-        return len(self.loader)
 
     def __iter__(self):
         iterator, done = iter(self.loader), 0
@@ -708,8 +706,8 @@ def evaluate_epoch(state, data, cfg, device, rank, world_size):
                 raise BadImageStop(str(err)) from None
             bad = None
             if rank == 0:
-                items = sorted({path for split in ("query", "gallery") for path, _, _ in data[split]})
-                bad = find_bad_images(items, cfg.DATALOADER.NUM_WORKERS, cfg.INPUT.DEVICE_AUGMENT, progress=False)
+                bad = find_bad_images(dataset_paths(data, ("query", "gallery")), cfg.DATALOADER.NUM_WORKERS,
+                                      cfg.INPUT.DEVICE_AUGMENT, progress=False)
                 log_skipped(cfg.OUTPUT_DIR, bad)
             bad = utils.from_rank0(bad)
             if not bad:  # it failed, then read: a flaky mount; stop rather than go round
@@ -918,11 +916,10 @@ def stopped(where, cfg):
 
 def last_evaluation(output_dir):
     """The last metrics.jsonl row that holds evaluation results, or None."""
-    path = os.path.join(output_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    try:
+        rows = visualize.read_metrics(output_dir)
+    except ValueError:  # no metrics.jsonl, or no rows yet
         return None
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
     evaluated = [row for row in rows if "mAP" in row]
     return evaluated[-1] if evaluated else None
 

@@ -90,7 +90,7 @@ COLLECTIVE_TIMEOUT_S = 600  # a collective waiting this long fails (a rank that 
 PEER_TIMEOUT_ENV = "CENTROID_REID_PEER_TIMEOUT_S"  # a rank silent this long counts as dead (default 30 s)
 
 
-def init_distributed(device_type, gpu_ids=(), local_rank_arg=None, timeout_s=COLLECTIVE_TIMEOUT_S):
+def init_distributed(device_type, gpu_ids=(), local_rank_arg=None):
     """Set up the device of this process and, under a launcher, the process group and the rank heartbeat.
 
     Returns (device, rank, world_size, local_rank). Launchers (torchrun, torch.distributed.launch)
@@ -108,7 +108,7 @@ def init_distributed(device_type, gpu_ids=(), local_rank_arg=None, timeout_s=COL
         getattr(torch, device_type).set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(BACKENDS[device_type], rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         start_heartbeat(rank, world_size)
     return device, rank, world_size, local_rank
 

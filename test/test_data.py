@@ -46,11 +46,9 @@ MARKET_NAMES = (
 
 
 @pytest.fixture(scope="module")
-def tiny_synthetic(tmp_path_factory):
-    """A tiny synthetic data set (8 train + 8 test identities, 64x32)."""
-    root = str(tmp_path_factory.mktemp("syn") / "synthetic")
-    synthetic.synthesize(root, ids=16, images_per_id=6, cameras=3, size=(64, 32), progress=False)
-    return root
+def tiny_synthetic(synthetic_root):
+    """The session's tiny synthetic data set (8 train + 8 test identities, 64x32): its folder."""
+    return os.path.join(synthetic_root, "synthetic")
 
 
 # ------------------------------------------------------------------------------------------------
