@@ -16,7 +16,7 @@ value | unit | device | dtype | batch | input) and, with --json, writes the same
     python bench.py --device cpu --stages search  # retrieve.py's index: per image vs per centroid, exact vs faiss
 
 Every eager training figure runs train.py's own code: train.build_optimizers, train.train_one_epoch
-(compute_losses, backward_and_step) on a batch already on the device (the step) or on the real loader (end to
+(train.train_step) on a batch already on the device (the step) or on the real loader (end to
 end); the graphed figures run cuda_graph.GraphedStep on the same model, losses and optimizers (end to end:
 train.train_one_epoch with SOLVER.CUDA_GRAPH true).
 """
@@ -39,7 +39,7 @@ import torchvision
 import config
 import train
 import utils
-from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported
+from cuda_graph import WARMUP_STEPS, graph_supported
 from data import build_datasets, build_test_loader, build_train_loader, read_dataset
 from device_data import DeviceAugmentLoader, device_test_batches
 from evaluate import (
@@ -318,7 +318,7 @@ class RepeatedBatch:
     """A loader stand-in for train.train_one_epoch: one device-resident batch, `steps` times."""
 
     def __init__(self, batch, steps):
-        self.batch, self.batch_sampler = batch, range(steps)
+        self.batch, self.batch_sampler, self.bad_message = batch, range(steps), ""
 
     def __iter__(self):
         return (self.batch for _ in self.batch_sampler)
@@ -384,7 +384,8 @@ def bench_step(args, dtype, compiled, num_ids, notes):
     _, bare_scaler = amp_for(dtype, device)
     mode = {"mode": args.compile_mode} if args.compile_mode != "default" else {}
     state = train.TrainState(model, center_loss, *optimizers, full_scaler, None,
-                             train_model=torch.compile(model, **mode) if compiled else model, amp_dtype=amp_dtype)
+                             train_model=torch.compile(model, **mode) if compiled else model, amp_dtype=amp_dtype,
+                             loss_kwargs=train.loss_arguments(cfg), num_instances=K)
 
     def pooled(x):  # the backbone and global average pooling: [B, 3, H, W] -> [B, D]
         return model.backbone(x).mean(dim=(2, 3))
@@ -443,9 +444,11 @@ def bench_graph_step(args, dtype, num_ids, compiled=False):
         raise RuntimeError(reason)
     cfg, model, center_loss, optimizers, (images, pids, _, _) = step_setup(args, dtype, num_ids)
     mode = {"mode": args.compile_mode} if args.compile_mode != "default" else {}
-    graphed = GraphedStep(torch.compile(model, **mode) if compiled else model, center_loss, list(optimizers[:2]),
-                          train.loss_arguments(cfg), args.instances, cfg.SOLVER.CENTER_LOSS_WEIGHT,
-                          amp_dtype, tuple(images.shape), device)
+    state = train.TrainState(model, center_loss, *optimizers, amp_for(dtype, device)[1], None, amp_dtype=amp_dtype,
+                             loss_kwargs=train.loss_arguments(cfg), num_instances=args.instances)
+    if compiled:
+        state.model = torch.compile(model, **mode)  # the graph trains state.model itself
+    graphed = train.graphed_step(state, tuple(images.shape))
     graph_round(graphed, images, pids, device, WARMUP_STEPS + args.warmup)  # eager warm-up, capture, replays
     if not graphed.captured:
         raise RuntimeError(graphed.fallback_reason)
@@ -480,7 +483,7 @@ def bench_end_to_end(args, root, device_augment=False, graph=False):
     if args.e2e_compile:
         state.train_model = torch.compile(state.train_model)
     train.build_graphed_step(state, cfg, device)
-    sampler = state.sampler
+    loader, sampler = train.guard_train_loader(loader, cfg), state.sampler
     seconds = waiting = steps = 0.0
     for epoch in range(max(2, args.epochs)):
         sampler.set_epoch(epoch)

@@ -24,10 +24,17 @@ from torch.utils.data import DataLoader, Dataset
 
 import utils
 from image_check import dataset_paths, find_bad_images
-from sampler import SAMPLERS, SIMULATED, print_sampler_statistics, simulated_pids, train_sampler
+from sampler import (
+    SAMPLERS,
+    SIMULATED,
+    SeededBatches,
+    print_sampler_statistics,
+    simulated_pids,
+    train_sampler,
+)
 from synthetic import synthesize
 from transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
-from utils import DataError, folder_listing, usable_workers
+from utils import DataError, folder_listing, split_item, usable_workers
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MARKET_SPLITS = (("train", "bounding_box_train"), ("query", "query"), ("gallery", "bounding_box_test"))
@@ -414,13 +421,23 @@ class ImageDataset(Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        index, seed = split_item(item)  # an index, or (index, augmentation seed) from SeededBatches
         real = index < len(self.items)
         path, pid, camid = self.items[index if real else index - len(self.items)]
         if self.mock_size is None:
-            return self.transform(load_image(path)), pid, camid
-        image = self.transform(load_image(path)) if real else torch.zeros(3, *self.mock_size)
+            return self._transformed(path, seed), pid, camid
+        image = self._transformed(path, seed) if real else torch.zeros(3, *self.mock_size)
         return image, pid, camid, real
+
+    def _transformed(self, path, seed):
+        """The transformed image; with a seed, the transform's draws come from it alone (not from this process's
+        stream, which differs between 0 and N loader workers and restarts with every run)."""
+        if seed is None:
+            return self.transform(load_image(path))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(load_image(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,9 +463,11 @@ def build_train_loader(items, num_ids, num_instances, size, num_workers, seed=0,
     transform = build_train_transform(size, flip_prob, padding, re_prob, pixel_mean, pixel_std)
     dataset = ImageDataset(items, transform, mock_size=tuple(size) if with_is_real else None)
     num_workers = usable_workers(num_workers)
-    loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=_pin_memory(),
-                        persistent_workers=num_workers > 0,
-                        generator=torch.Generator().manual_seed(seed * 1000 + rank))  # worker seeds
+    # each image's augmentation seed comes with its index (SeededBatches); the generator only keeps the workers'
+    # own seeds from drawing on the global stream
+    loader = DataLoader(dataset, batch_sampler=SeededBatches(batch_sampler), num_workers=num_workers,
+                        pin_memory=_pin_memory(), persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
     return loader, batch_sampler
 
 

@@ -5,14 +5,14 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
-from sampler import train_sampler
+from sampler import SeededBatches, train_sampler
 from transforms import IMAGENET_MEAN, IMAGENET_STD, random_erasing_boxes
-from utils import DataError, usable_workers
+from utils import DataError, split_item, usable_workers
 
 
 class EncodedImages(Dataset):
-    """(path, pid, camid) items -> (file bytes as a uint8 tensor, pid, camid, index); index len(items) + i
-    (a mock of item i, see PKSampler) gives no bytes."""
+    """(path, pid, camid) items -> (file bytes as a uint8 tensor, pid, camid, index, augmentation seed or -1);
+    index len(items) + i (a mock of item i, see PKSampler) gives no bytes."""
 
     def __init__(self, items):
         self.items = list(items)
@@ -20,23 +20,25 @@ class EncodedImages(Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        index, seed = split_item(item)  # an index, or (index, augmentation seed) from SeededBatches
+        seed = -1 if seed is None else seed
         real = index < len(self.items)
         path, pid, camid = self.items[index if real else index - len(self.items)]
         if not real:
-            return torch.empty(0, dtype=torch.uint8), pid, camid, index
+            return torch.empty(0, dtype=torch.uint8), pid, camid, index, seed
         try:
-            return torchvision.io.read_file(path), pid, camid, index
+            return torchvision.io.read_file(path), pid, camid, index, seed
         except (OSError, RuntimeError) as err:
             raise DataError(f"{path}: cannot read the file ({err})") from None
 
 
 def collate_encoded(batch):
-    """(all files' bytes in one tensor, lengths [B], pids [B], camids [B], indices [B]): one shared buffer per
-    batch (a tensor per image would pass a file descriptor per image between processes)."""
-    data, pids, camids, indices = zip(*batch)
+    """(all files' bytes in one tensor, lengths [B], pids [B], camids [B], indices [B], seeds [B]): one shared
+    buffer per batch (a tensor per image would pass a file descriptor per image between processes)."""
+    data, pids, camids, indices, seeds = zip(*batch)
     return (torch.cat(data), torch.tensor([len(d) for d in data]), torch.tensor(pids), torch.tensor(camids),
-            torch.tensor(indices))
+            torch.tensor(indices), torch.tensor(seeds))
 
 
 def resize_batch(images, size):
@@ -50,19 +52,20 @@ def resize_batch(images, size):
 
 
 def augment_batch(images, size, flip_prob=0.5, padding=10, re_prob=0.5, pixel_mean=IMAGENET_MEAN,
-                  pixel_std=IMAGENET_STD):
+                  pixel_std=IMAGENET_STD, generator=None):
     """build_train_transform on a whole batch on its device: uint8 [3, h, w] list -> float [B, 3, H, W].
 
     Resize (bilinear, antialiased), flip, zero pad + random crop, normalisation, the original's random erasing
-    (filled with pixel_mean): the same draws and distributions as the per-image torchvision pipeline."""
+    (filled with pixel_mean): the same draws and distributions as the per-image torchvision pipeline, drawn
+    from generator (a torch.Generator on the images' device; the device's global stream when None)."""
     height, width = size
     device = images[0].device
     x = resize_batch(images, size)  # [B, 3, H, W]
     batch = len(x)
-    flip = torch.rand(batch, device=device) < flip_prob
+    flip = torch.rand(batch, device=device, generator=generator) < flip_prob
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     # pad + crop = shift by (padding - offset) with zeros coming in; offsets uniform in 0..2*padding
-    dy, dx = torch.randint(0, 2 * padding + 1, (2, batch, 1), device=device)
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, batch, 1), device=device, generator=generator)
     rows = torch.arange(height, device=device) + dy - padding                               # [B, H]
     cols = torch.arange(width, device=device) + dx - padding                                # [B, W]
     inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
@@ -72,7 +75,7 @@ def augment_batch(images, size, flip_prob=0.5, padding=10, re_prob=0.5, pixel_me
     mean = torch.tensor(pixel_mean, device=device)[:, None, None]
     std = torch.tensor(pixel_std, device=device)[:, None, None]
     x = (x - mean) / std
-    erase, top, left, h, w = random_erasing_boxes(batch, height, width, device, re_prob)
+    erase, top, left, h, w = random_erasing_boxes(batch, height, width, device, re_prob, generator)
     r = torch.arange(height, device=device)[None, :, None]
     c = torch.arange(width, device=device)[None, None, :]
     box = ((r >= top[:, None, None]) & (r < (top + h)[:, None, None]) & (c >= left[:, None, None])
@@ -112,7 +115,7 @@ def device_test_batches(items, size, batch_size, num_workers, device, pixel_mean
                         collate_fn=collate_encoded)
     mean = torch.tensor(pixel_mean, device=device)[:, None, None]
     std = torch.tensor(pixel_std, device=device)[:, None, None]
-    for data, lengths, pids, camids, indices in loader:
+    for data, lengths, pids, camids, indices, _ in loader:
         files = list(data.split(lengths.tolist()))
         images = decode_images(files, device)
         for i, img in enumerate(images):
@@ -138,14 +141,16 @@ class DeviceAugmentLoader:
         self.batch_sampler = train_sampler(items, num_ids, num_instances, seed, rank, world_size, sampler,
                                            use_resampling, drop_last, with_is_real)
         num_workers = usable_workers(num_workers)
-        self.loader = DataLoader(EncodedImages(items), batch_sampler=self.batch_sampler, num_workers=num_workers,
-                                 collate_fn=collate_encoded, persistent_workers=num_workers > 0)
+        self.loader = DataLoader(EncodedImages(items), batch_sampler=SeededBatches(self.batch_sampler),
+                                 num_workers=num_workers, collate_fn=collate_encoded,
+                                 persistent_workers=num_workers > 0)
 
     def __len__(self):
         return len(self.batch_sampler)
 
-    def _images(self, data, lengths, indices):
-        """Decoded, augmented images [B, 3, H, W] on the device; mocks (no bytes) all zero."""
+    def _images(self, data, lengths, indices, seeds):
+        """Decoded, augmented images [B, 3, H, W] on the device; mocks (no bytes) all zero. The batch's draws
+        come from a generator seeded with its first image's seed: a function of (seed, rank, epoch, step)."""
         is_real = indices < len(self.items)
         files = [f for f, real in zip(data.split(lengths.tolist()), is_real.tolist()) if real]
         images = decode_images(files, self.device)
@@ -153,15 +158,16 @@ class DeviceAugmentLoader:
         if bad:
             raise DataError(f"{bad[0]}: not a readable JPEG file (--INPUT.DEVICE_AUGMENT decodes JPEG only; "
                             f"check the set with `python data.py check`)")
-        augmented = augment_batch(images, self.size, **self.augment)
+        generator = torch.Generator(self.device).manual_seed(int(seeds[0]))
+        augmented = augment_batch(images, self.size, **self.augment, generator=generator)
         if bool(is_real.all()):
             return augmented
         positions = torch.nonzero(is_real).flatten().to(self.device)  # from the host: no device sync
         return augmented.new_zeros(len(indices), *augmented.shape[1:]).index_copy_(0, positions, augmented)
 
     def __iter__(self):
-        for data, lengths, pids, camids, indices in self.loader:
-            images = self._images(data, lengths, indices)
+        for data, lengths, pids, camids, indices, seeds in self.loader:
+            images = self._images(data, lengths, indices, seeds)
             if self.with_is_real:
                 yield images, pids, camids, indices < len(self.items)
             else:

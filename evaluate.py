@@ -808,8 +808,9 @@ OPTIONS = [("visualize", ("--visualize",), "", "write ranked lists and the CMC c
               "(as TEST.VISUALIZE yes does, into OUTPUT_DIR/visualize)")]
 
 
-def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
-    """Evaluate a checkpoint per image and per centroid on the first of DATASETS.NAMES; print the table."""
+def evaluate_checkpoint(cfg, checkpoint, given=(), visualize_dir=""):
+    """Evaluate a checkpoint per image and per centroid on the first of DATASETS.NAMES; print the table. The input
+    size and normalisation are the checkpoint's unless given (the configuration keys set on the command line)."""
     if not checkpoint:
         raise EvaluationError("no checkpoint to evaluate: give MODEL.PRETRAIN_PATH (or TEST.WEIGHT), "
                               "ours or an original .ckpt")
@@ -817,9 +818,10 @@ def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
     data = build_datasets(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, cfg.DATASETS.JSON_TRAIN_PATH)
     model = model_from_checkpoint(checkpoint).to(device)
     amp_dtype, _ = utils.amp_settings(device.type, cfg.USE_MIXED_PRECISION, cfg.SOLVER.AMP_DTYPE)
-    # the size the model was trained for, unless INPUT.SIZE_TEST is given
-    size = cfg.INPUT.SIZE_TEST if size_given or model.input_size is None else model.input_size
-    print(f"input size {size[0]}x{size[1]}")
+    cfg = checkpoint_inputs(cfg, model, given)
+    size = cfg.INPUT.SIZE_TEST
+    print(f"input size {size[0]}x{size[1]}, normalisation mean {_numbers(cfg.INPUT.PIXEL_MEAN)} "
+          f"std {_numbers(cfg.INPUT.PIXEL_STD)}")
     results, (q_feats, g_feats) = evaluate_splits(model, data, cfg, device, amp_dtype, size=size)
     plain = None
     if cfg.TEST.RERANK:  # the same embeddings without re-ranking, for comparison
@@ -845,12 +847,23 @@ def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
     return results
 
 
+def checkpoint_inputs(cfg, model, given=()):
+    """cfg with INPUT.SIZE_TEST, PIXEL_MEAN and PIXEL_STD as the checkpoint's model recorded them (the size it was
+    tested at, the normalisation it was trained with), except the keys in given (set on the command line)."""
+    recorded = {"INPUT.SIZE_TEST": model.input_size, "INPUT.PIXEL_MEAN": getattr(model, "pixel_mean", None),
+                "INPUT.PIXEL_STD": getattr(model, "pixel_std", None)}
+    return cfg.replace({key: list(value) for key, value in recorded.items() if value and key not in given})
+
+
+def _numbers(values):
+    return " ".join(f"{v:g}" for v in values)
+
+
 def evaluate_command(argv):
     """The evaluation command line: parse the configuration, evaluate the checkpoint, print; returns the results.
     Bad input raises UserError."""
     cfg, opts, given = config.parse_args(argv, OPTIONS, prog="evaluate.py")
-    return evaluate_checkpoint(cfg, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH, "INPUT.SIZE_TEST" in given,
-                               opts["visualize"])
+    return evaluate_checkpoint(cfg, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH, given, opts["visualize"])
 
 
 @utils.command

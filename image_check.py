@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from utils import DataError, usable_workers, write_text_atomic
+from utils import DataError, split_item, usable_workers, write_text_atomic
 
 CHECK_VERSION = 1  # bump when check_image gets stricter: verdicts cached by an older check no longer count
 CACHE_DIR_ENV = "CENTROID_REID_CACHE_DIR"  # where the check's cache goes (default ~/.cache/centroid-reid)
@@ -163,28 +163,29 @@ def without_paths(dataset, paths):
 
 
 class GuardedImages(Dataset):
-    """A training dataset of (path, pid, camid) items that survives a file going bad mid-run: an unreadable image
-    is replaced by the next readable image of its identity. Each bad file is appended to `log_path` (path, tab,
-    why) and the first message kept in `flag` (a shared multiprocessing char array) for the training process."""
+    """A training dataset of (path, pid, camid) items that survives a file going bad mid-run (DATALOADER.SKIP_BAD):
+    an unreadable image is replaced by the next readable image of its identity, with the same augmentation seed,
+    and each bad file is appended to `log_path` (path, tab, why)."""
 
-    def __init__(self, dataset, log_path="", flag=None):
-        self.dataset, self.log_path, self.flag = dataset, log_path, flag
+    def __init__(self, dataset, log_path=""):
+        self.dataset, self.log_path = dataset, log_path
         self.items = dataset.items
         self._by_pid, self._logged = None, set()
 
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
         try:
-            return self.dataset[index]
+            return self.dataset[item]
         except DataError as err:
+            index, seed = split_item(item)
             self._note(index, str(err))
-        return self._replacement(index)
+        return self._replacement(index, seed)
 
-    def _replacement(self, index):
-        """The next readable image of the identity (in item order, wrapping round): no random draw, so a
-        replacement leaves the augmentation's random stream as it was."""
+    def _replacement(self, index, seed):
+        """The next readable image of the identity (in item order, wrapping round), augmented with the seed of the
+        image it replaces."""
         if self._by_pid is None:
             self._by_pid = {}
             for i, (_, pid, _) in enumerate(self.items):
@@ -194,19 +195,15 @@ class GuardedImages(Dataset):
         start = same.index(index)
         for other in same[start + 1:] + same[:start]:
             try:
-                return self.dataset[other]
+                return self.dataset[other if seed is None else (other, seed)]
             except DataError as err:
                 self._note(other, str(err))
         raise DataError(f"{path}: cannot read it, nor any other of the {len(same)} images of its identity "
                         f"(pid {pid}): python data.py check lists every bad file")
 
     def _note(self, index, message):
-        """Log a bad file once per process and keep the first message in the shared flag."""
+        """Log a bad file once per process."""
         path = self.items[index][0]
-        if self.flag is not None:
-            with self.flag.get_lock():
-                if not self.flag.value:
-                    self.flag.value = message.encode()[: len(self.flag) - 1]
         if path in self._logged or not self.log_path:
             return
         self._logged.add(path)

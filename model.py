@@ -11,6 +11,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
@@ -127,7 +128,8 @@ class CTLModel(nn.Module):
         """Training: (pre-BN feature [B, D], logits [B, C]); eval: embedding BN(f) [B, D].
 
         is_real [B] (bool, training only): the BNNeck's batch statistics come from the real images only, as the
-        original applies its BNNeck to the real features alone; mock images still pass through the backbone."""
+        original applies its BNNeck to the real features alone; mock images still pass through the backbone.
+        None (no mock images): the BNNeck's own forward."""
         feat = self.backbone(x).mean(dim=(2, 3))  # global average pooling, [B, D]
         if not self.training:
             return self.bn(feat)
@@ -135,15 +137,26 @@ class CTLModel(nn.Module):
         return feat, self.classifier(neck)
 
 
-def masked_batch_norm(bn, x, mask):
-    """Training-mode BatchNorm1d over the rows where mask is True (statistics and running-stat update); every
-    row is normalised with them. No host sync: the mask is a weight, not an index."""
-    weight = mask.to(torch.float32)[:, None]  # [B, 1]
-    count = weight.sum()
+def masked_batch_norm(bn, x, mask=None):
+    """Training-mode BatchNorm of x [B, C, ...] with statistics over the rows where mask [B] is True (every row when
+    None), and the running statistics updated with them; every row is normalised. No host sync: the mask is a
+    weight, not an index. When bn is a SyncedBatchNorm in a process group of several ranks, the statistics are
+    those of every rank's rows: the counts and sums are all-reduced, and so are their gradients."""
+    dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
     values = x.float()
-    mean = (weight * values).sum(0) / count
-    var = (weight * (values - mean).pow(2)).sum(0) / count
-    out = (values - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias
+    per_row = values.numel() // (values.shape[0] * values.shape[1])  # positions per row and channel (H x W)
+    if mask is None:
+        weight, count = None, values.new_full((1,), float(values.shape[0] * per_row))
+        sums = values.sum(dims)
+    else:
+        weight = mask.to(torch.float32).view(-1, *[1] * (x.dim() - 1))  # [B, 1, ...]
+        count, sums = weight.sum().reshape(1) * per_row, (weight * values).sum(dims)
+    totals = _sum_over_ranks(torch.cat([count, sums]), bn)  # [1 + C]
+    count, mean = totals[0], totals[1:] / totals[0]
+    centred = values - mean.view(shape)
+    squares = centred.pow(2) if weight is None else weight * centred.pow(2)
+    var = _sum_over_ranks(squares.sum(dims), bn) / count
+    out = centred * torch.rsqrt(var + bn.eps).view(shape) * bn.weight.view(shape) + bn.bias.view(shape)
     if bn.track_running_stats:
         with torch.no_grad():
             bn.num_batches_tracked += 1
@@ -151,6 +164,74 @@ def masked_batch_norm(bn, x, mask):
             bn.running_mean.lerp_(mean, momentum)
             bn.running_var.lerp_(var * count / (count - 1).clamp_min(1), momentum)  # unbiased, as BatchNorm
     return out.to(x.dtype)
+
+
+def _sum_over_ranks(tensor, bn):
+    """tensor summed over bn's process group when bn is a SyncedBatchNorm with several ranks (differentiable: the
+    gradient is all-reduced too); tensor itself otherwise."""
+    if not isinstance(bn, SyncedBatchNorm) or _group_size(bn.process_group) == 1:
+        return tensor
+    return _SumOverRanks.apply(tensor, bn.process_group or dist.group.WORLD)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """A sum over a process group's ranks whose gradient is the sum of every rank's gradient (each rank's loss
+    depends on every rank's rows through it)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        total = tensor.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
+
+def _group_size(process_group):
+    """Ranks in a process group (the default one for None); 1 without torch.distributed."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(process_group or dist.group.WORLD)
+
+
+class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (1d or 2d) whose training statistics are those of every rank's batch (SOLVER.SYNC_BN), on every
+    device alike: torch's SyncBatchNorm runs on accelerators only, so the CPU could not test it. Eval mode, and a
+    single process, are plain BatchNorm."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, process_group=None):
+        super().__init__(num_features, eps, momentum)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected a batch of at least 2 dimensions, got {input.dim()}")
+
+    def forward(self, x):
+        """x [B, C, ...] -> normalised x; statistics over the process group in training."""
+        if not self.training or _group_size(self.process_group) == 1:
+            return super().forward(x)
+        return masked_batch_norm(self, x)
+
+
+def synchronise_batch_norms(module, process_group=None):
+    """module with each BatchNorm1d/2d replaced by a SyncedBatchNorm holding the same parameters and statistics
+    (the state dict keeps its keys); returns module."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            synced = SyncedBatchNorm(child.num_features, child.eps, child.momentum, process_group).train(child.training)
+            synced.weight, synced.bias = child.weight, child.bias  # the same Parameters (the BNNeck's frozen bias)
+            synced.running_mean, synced.running_var = child.running_mean, child.running_var
+            synced.num_batches_tracked = child.num_batches_tracked
+            setattr(module, name, synced)
+        else:
+            synchronise_batch_norms(child, process_group)
+    return module
 
 
 def build_model(name="resnet50", num_classes=751, last_stride=1, pretrained=False, pretrain_path="",

@@ -193,6 +193,32 @@ class PKSampler:
         yield from self.epoch_batches()[self.start_step:]
 
 
+AUGMENTATION_STREAM = 0xA06  # keeps the augmentation's seed sequences apart from the sampler's (seed, epoch) ones
+
+
+def augmentation_seeds(seed, rank, epoch, step, count):
+    """The augmentation seeds of a step's images on a rank: numpy uint32 [count], a pure function of (seed, rank,
+    epoch, step). Ranks draw apart, and a resumed run (at any number of loader workers) draws what an
+    uninterrupted one draws: the position in the schedule, which last.pth holds, is the whole random state."""
+    return np.random.SeedSequence([AUGMENTATION_STREAM, seed, rank, epoch, step]).generate_state(count)
+
+
+class SeededBatches:
+    """A PKSampler's batches for a training loader: [(dataset index, augmentation seed)] per batch (see
+    augmentation_seeds), from the sampler's current epoch and start step."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        pk = self.sampler
+        for step, batch in enumerate(pk.epoch_batches()[pk.start_step:], start=pk.start_step):
+            yield list(zip(batch, augmentation_seeds(pk.seed, pk.rank, pk.epoch, step, len(batch)).tolist()))
+
+
 def train_sampler(items, num_ids, num_instances, seed, rank, world_size, sampler, use_resampling, drop_last,
                   with_is_real):
     """The PKSampler of a train loader; refuses mock images that no is_real would mask."""

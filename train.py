@@ -7,9 +7,9 @@
 """
 import dataclasses
 import errno
+import functools
 import json
 import math
-import multiprocessing
 import os
 import random
 import signal
@@ -24,7 +24,7 @@ from tqdm import tqdm
 import config
 import utils
 import visualize
-from cuda_graph import WARMUP_STEPS, GraphedStep, graph_supported, has_sync_bn
+from cuda_graph import WARMUP_STEPS, GraphedStep, StepHalves, graph_supported, has_sync_bn
 from data import build_datasets, build_train_loader
 from device_data import DeviceAugmentLoader
 from evaluate import evaluate_checkpoint, evaluate_splits, format_results
@@ -38,7 +38,8 @@ from image_check import (
     without_paths,
 )
 from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads
-from model import build_model, load_weights, stem_relu_message
+from model import build_model, load_weights, stem_relu_message, synchronise_batch_norms
+from sampler import PKSampler
 from utils import DataError
 
 OPTIONS = [  # what is not a configuration key (config.parse adds --config_file)
@@ -109,6 +110,9 @@ class TrainState:
     next_epoch: int = 0
     next_step: int = 0
     best_metric: float = None
+    loss_kwargs: dict = None  # compute_losses's keyword arguments (loss_arguments)
+    num_instances: int = 4  # K
+    masked: bool = False  # batches can hold mock images (USE_RESAMPLING False): the step passes is_real
 
     def __post_init__(self):
         self.train_model = self.train_model or self.model
@@ -122,7 +126,7 @@ class TrainState:
 # ---------------------------------------------------------------------------------------------------
 # The training step and epoch
 
-STOP = {"signal": None, "signal_time": 0.0, "bad_image": None, "image_stop": False}
+STOP = {"signal": None, "signal_time": 0.0}
 SIGNAL_REPEAT_S = 1.0  # a second signal sooner than this is the first one delivered twice, not a second request
 
 
@@ -141,44 +145,55 @@ def request_stop(signum, frame):
           "(send it again to quit at once)", file=sys.stderr, flush=True)
 
 
-def backward_and_step(total, state, center_weight):
-    """Backward through the (scaled) loss, rescale the center grads, step both optimizers."""
+def forward_backward(state, images, pids, is_real=None):
+    """The step's first half: zero the grads, forward, the four losses, backward (the loss scaled for fp16 or
+    apex) -> the [5] loss row (total, then the terms). is_real only when batches can hold mock images."""
+    for opt in state.optimizers:
+        opt.zero_grad(set_to_none=True)
+    with utils.autocast(images.device, state.amp_dtype):
+        feat, logits = state.train_model(images, is_real)  # mock images: the BNNeck's statistics skip them
+    total, terms = compute_losses(feat.float(), logits.float(), pids, state.train_center_loss, state.num_instances,
+                                  is_real=is_real, **state.loss_kwargs)
     if state.apex_amp is not None:
         with state.apex_amp.scale_loss(total, state.optimizers) as scaled:
             scaled.backward()
     else:
         state.scaler.scale(total).backward()
-        state.scaler.unscale_(state.center_optimizer)  # the center grads must be rescaled unscaled
-    scale_center_grads(state.center_loss, center_weight)
+    return torch.stack([total.detach().float()] + [t.float() for t in terms.values()])
+
+
+def apply_update(state):
+    """The step's second half: the centers' gradients rescaled (unscaled first), both optimizers stepped."""
+    state.scaler.unscale_(state.center_optimizer)  # a no-op unless fp16's GradScaler scaled the loss
+    scale_center_grads(state.center_loss, state.loss_kwargs["center_weight"])
     state.scaler.step(state.optimizer)
     state.scaler.step(state.center_optimizer)
     state.scaler.update()
 
 
-def eager_step(state, images, pids, is_real, num_instances, loss_kwargs):
-    """Forward, the four losses, backward and both optimizer steps; the [5] loss row (total, then the terms)."""
-    with utils.autocast(images.device, state.amp_dtype):
-        feat, logits = state.train_model(images, is_real)  # mock images (USE_RESAMPLING False) skip the BNNeck
-    total, terms = compute_losses(feat.float(), logits.float(), pids, state.train_center_loss, num_instances,
-                                  is_real=is_real, **loss_kwargs)
-    for opt in state.optimizers:
-        opt.zero_grad(set_to_none=True)
-    backward_and_step(total, state, loss_kwargs["center_weight"])
-    return torch.stack([total.detach().float()] + [t.float() for t in terms.values()])
+def train_step(state, images, pids, is_real=None):
+    """One training step -> the [5] loss row. The one body: run as it is, or recorded in a CUDA graph
+    (cuda_graph.GraphedStep replays these same two halves)."""
+    loss_row = forward_backward(state, images, pids, is_real)
+    apply_update(state)
+    return loss_row
 
 
-def agree(device, first_bad_step):
-    """(stop requested on any rank, first non-finite step on any rank or -1): one small collective. A stop is a
-    signal or, with several ranks and DATALOADER.SKIP_BAD false, a bad image that a rank replaced for now;
-    STOP["image_stop"] tells the two apart afterwards."""
-    stop = float(STOP["signal"] is not None)
-    if not torch.distributed.is_initialized():
-        return bool(stop), int(first_bad_step)
-    t = torch.tensor([stop, float(bool(bad_image_message())), float(first_bad_step)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)  # a dead rank fails it: see run()
-    stop, image_stop, first_bad = t.tolist()  # one host read
-    STOP["image_stop"] = bool(image_stop)
-    return bool(stop or image_stop), int(first_bad)
+def stop_before_step(bad_message, world_size):
+    """(a stop signal on any rank, the first rank's message about a batch it could not read, or ''): every rank asks
+    before each step, so all of them stop at the same step, before any trains on a batch one could not read. One
+    all-reduce of two host flags (no device sync); the messages travel only when one is set."""
+    stop, bad = utils.any_rank(STOP["signal"] is not None, bad_message)
+    if bad and world_size > 1:
+        bad_message = next(message for message in utils.all_gather_objects(bad_message) if message)
+    return stop, bad_message if bad else ""
+
+
+def first_non_finite_step(device, first_bad):
+    """The first step whose loss was NaN/inf on any rank, or -1: one small device collective and one host read (the
+    only host sync of a step, at log steps)."""
+    first_bad = utils.all_reduce_max(first_bad.clone())
+    return int(first_bad.item())
 
 
 def check_disjoint_identities(pids, world_size):
@@ -206,14 +221,23 @@ def non_finite_message(epoch, step, amp_dtype):
            f"good state ({advice})"
 
 
+def run_step(state, batch, device):
+    """Move a loader batch to the device and train on it, graphed or eager -> (the loss row, pids on the device)."""
+    images, pids, _, is_real = batch
+    images = images.to(device, non_blocking=True, memory_format=utils.memory_format(device))
+    pids = pids.to(device, non_blocking=True)
+    is_real = is_real.to(device, non_blocking=True) if state.masked else None
+    if state.graphed is not None:
+        return state.graphed.step(images, pids, is_real), pids  # the same body, replayed as a CUDA graph
+    return train_step(state, images, pids, is_real), pids
+
+
 def train_one_epoch(state, loader, cfg, device, epoch, start_step, world_size):
-    """Train one epoch (from start_step); returns the epoch's mean losses and speed, and where it stopped."""
+    """Train one epoch (from start_step); returns the epoch's mean losses and speed, and where it stopped (None when
+    it ran to the end). A batch that could not be read stops every rank before that step (BadImageStop)."""
     state.train_model.train()
-    K = cfg.DATALOADER.NUM_INSTANCE
-    images_per_step = cfg.SOLVER.IMS_PER_BATCH * K * world_size
+    images_per_step = cfg.SOLVER.IMS_PER_BATCH * cfg.DATALOADER.NUM_INSTANCE * world_size
     log_period = max(1, cfg.SOLVER.LOG_PERIOD)
-    channels_last = utils.memory_format(device)
-    loss_kwargs = loss_arguments(cfg)
     sums = torch.zeros(5, device=device)  # total, centroid_triplet, triplet, xent, center
     first_bad = torch.tensor(-1, device=device)
     num_steps = len(loader.batch_sampler)
@@ -221,32 +245,28 @@ def train_one_epoch(state, loader, cfg, device, epoch, start_step, world_size):
                disable=not utils.is_main_process(), dynamic_ncols=True, leave=False)
     done, data_time, stopped = 0, 0.0, False
     start = tick = time.perf_counter()
-    for step, (images, pids, _, is_real) in enumerate(loader, start=start_step):
+    for step, batch in enumerate(loader, start=start_step):
         data_time += time.perf_counter() - tick
-        images = images.to(device, non_blocking=True, memory_format=channels_last)
-        pids, is_real = pids.to(device, non_blocking=True), is_real.to(device, non_blocking=True)
+        stop, bad_message = stop_before_step(loader.bad_message, world_size)
+        if bad_message:
+            bar.close()
+            raise BadImageStop(bad_message, step)
+        if stop:
+            stopped = True
+            break
+        loss_row, pids = run_step(state, batch, device)
         if step == start_step and world_size > 1:
             check_disjoint_identities(pids, world_size)
-        if state.graphed is not None:
-            loss_row = state.graphed.step(images, pids)  # the same maths, replayed as one CUDA graph
-        else:
-            loss_row = eager_step(state, images, pids, is_real, K, loss_kwargs)
         sums += loss_row
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_row).all(), step, first_bad)
         done += 1
         bar.update(1)
-        at_log = (step + 1) % log_period == 0 or step + 1 == num_steps
-        if at_log or (world_size == 1 and STOP["signal"] is not None):
-            stop, bad_step = agree(device, first_bad.item())  # the only host sync of a step
+        if (step + 1) % log_period == 0 or step + 1 == num_steps:
+            bad_step = first_non_finite_step(device, first_bad)
             if bad_step >= 0:
                 raise NonFiniteLoss(non_finite_message(epoch, bad_step, state.amp_dtype))
-            if (step + 1) % log_period == 0:
-                seconds = time.perf_counter() - start
-                bar.set_postfix(loss=f"{sums[0].item() / done:.3f}", lr=f"{state.optimizer.param_groups[0]['lr']:.2e}",
-                                img_s=f"{done * images_per_step / seconds:.1f}")
-            if stop:
-                stopped = True
-                break
+            bar.set_postfix(loss=f"{sums[0].item() / done:.3f}", lr=f"{state.optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{done * images_per_step / (time.perf_counter() - start):.1f}")
         tick = time.perf_counter()
     utils.synchronize(device)
     seconds = time.perf_counter() - start
@@ -286,10 +306,15 @@ def flatten_results(results):
 
 
 def rng_state():
-    """Python, numpy and torch RNG states as weights_only-loadable values."""
+    """Python, numpy, torch and (when used) CUDA RNG states as weights_only-loadable values. Training draws nothing
+    from them (the sampler and the augmentation are functions of the seed and the position): they are kept so
+    that anything else drawing from them continues as it would have."""
     np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state):
@@ -298,6 +323,8 @@ def set_rng_state(state):
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def checkpoint(state, cfg, next_epoch, next_step):
@@ -316,9 +343,12 @@ class ResumeError(utils.UserError):
     """A checkpoint that cannot continue this run: the message says which key differs and what to do."""
 
 
-def resume(saved, state, path, rank=0):
+def resume(saved, state, path, cfg, rank=0):
     """Load a checkpoint written by checkpoint() into state: weights, optimizers, schedule, sampler, position (and
-    this rank's random state). ResumeError when its tensors do not fit the model built now."""
+    this rank's random state). The optimizers' settings stay the configuration's (see apply_settings).
+    ResumeError when its tensors do not fit the model built now."""
+    settings = [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+                for opt in state.optimizers]  # what the configuration asks for, before the saved state replaces it
     try:
         state.model.load_state_dict(saved["model"])
         state.center_loss.load_state_dict(saved["center_loss"])
@@ -330,11 +360,37 @@ def resume(saved, state, path, rank=0):
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         raise ResumeError(f"--resume {path}: the checkpoint does not fit the model built now "
                           f"({utils.first_line(err)}): {NEW_RUN_ADVICE.format(path=path)}") from None
+    apply_settings(state, settings, cfg)
     rng = saved["rng"]  # one state per rank since distributed runs save every rank's; a dict before
     set_rng_state(rng[rank if rank < len(rng) else 0] if isinstance(rng, list) else rng)
     state.next_epoch, state.next_step, state.best_metric = saved["next_epoch"], saved["next_step"], saved["best_metric"]
     print(f"resumed from {path}: epoch {state.next_epoch + 1}, step {state.next_step}, "
           f"lr {state.optimizer.param_groups[0]['lr']:.2e}")
+    changed = [f"{key} was {_shown(saved['config'][key])}, now {_shown(cfg[key])}" for key in APPLIED_ON_RESUME
+               if key in saved.get("config", {}) and _as_saved(saved["config"][key]) != cfg[key]]
+    if changed:
+        print(f"note: --resume {path}: {'; '.join(changed)}: applied from here on (the optimizers' moments and "
+              "the position in the schedule are the checkpoint's)")
+
+
+# What a resumed run takes from the configuration rather than from the checkpoint's optimizer and scheduler state
+# (which would otherwise bring back the old values unsaid); the resume note names each that changed.
+APPLIED_ON_RESUME = ("SOLVER.BASE_LR", "SOLVER.WEIGHT_DECAY", "SOLVER.WEIGHT_DECAY_BIAS", "SOLVER.MOMENTUM",
+                     "SOLVER.CENTER_LR", "SOLVER.LR_SCHEDULER_NAME", "SOLVER.LR_STEPS", "SOLVER.GAMMA",
+                     "SOLVER.USE_WARMUP_LR", "SOLVER.WARMUP_EPOCHS", "SOLVER.MIN_LR")
+
+
+def apply_settings(state, settings, cfg):
+    """Give the loaded optimizers the configuration's settings (lr, weight decay, momentum ...) and the scheduler
+    its base lr, then set each lr where the schedule stands (LambdaLR: base lr x lr_factor of its epoch)."""
+    for opt, groups in zip(state.optimizers, settings):
+        for group, wanted in zip(opt.param_groups, groups):
+            group.update(wanted)
+    scheduler = state.scheduler
+    scheduler.base_lrs = [group["initial_lr"] for group in state.optimizer.param_groups]
+    for group, base in zip(state.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * lr_factor(scheduler.last_epoch, cfg)
+    scheduler._last_lr = [group["lr"] for group in state.optimizer.param_groups]  # what get_last_lr() reports
 
 
 NEW_RUN_ADVICE = "or train from its weights in a new OUTPUT_DIR with --MODEL.PRETRAIN_PATH {path}"
@@ -479,34 +535,39 @@ def build_network(cfg, num_classes, device):
 
 
 def wrap_for_training(state, cfg, device, world_size):
-    """DDP (model and centers, whose gradients are averaged like the model's) and SyncBN."""
+    """DDP (model and centers, whose gradients are averaged like the model's) and, with SOLVER.SYNC_BN, BatchNorm
+    statistics over every rank's batch (model.SyncedBatchNorm, the BNNeck's masked statistics included)."""
     if world_size > 1:
-        model = state.model
-        if cfg.SOLVER.SYNC_BN:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = synchronise_batch_norms(state.model) if cfg.SOLVER.SYNC_BN else state.model
         device_ids = [device.index] if device.type != "cpu" else None
         state.train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         state.train_center_loss = torch.nn.parallel.DistributedDataParallel(state.center_loss, device_ids=device_ids)
 
 
 def build_graphed_step(state, cfg, device):
-    """state.graphed: the whole step as one CUDA graph when SOLVER.CUDA_GRAPH allows it; the reason once when not."""
+    """state.graphed: the step body as one CUDA graph when SOLVER.CUDA_GRAPH allows it; the reason once when not."""
     if cfg.SOLVER.CUDA_GRAPH == "false":
         return
     supported, reason = graph_supported(device, state.amp_dtype, cfg.SOLVER.AMP_BACKEND,
                                         sync_bn=has_sync_bn(state.train_model))
-    if supported and not cfg.DATALOADER.USE_RESAMPLING:
-        supported, reason = False, "mock images (DATALOADER.USE_RESAMPLING False) need the eager step's masks"
     if not supported:
         if cfg.SOLVER.CUDA_GRAPH == "true":
             raise utils.UserError(f"SOLVER.CUDA_GRAPH true: {reason}; use SOLVER.CUDA_GRAPH auto or false")
         print(f"CUDA graph: off ({reason})")
         return
-    K = cfg.DATALOADER.NUM_INSTANCE
-    shape = (cfg.SOLVER.IMS_PER_BATCH * K, 3, *cfg.INPUT.SIZE_TRAIN)
-    state.graphed = GraphedStep(state.train_model, state.train_center_loss, state.optimizers, loss_arguments(cfg), K,
-                                cfg.SOLVER.CENTER_LOSS_WEIGHT, state.amp_dtype, shape, device)
-    print(f"CUDA graph: the training step is captured after {WARMUP_STEPS} eager steps and replayed")
+    state.graphed = graphed_step(state, (cfg.SOLVER.IMS_PER_BATCH * state.num_instances, 3, *cfg.INPUT.SIZE_TRAIN))
+    last = "" if cfg.DATALOADER.DROP_LAST else "; the epoch's last, smaller step (DATALOADER.DROP_LAST False) eagerly"
+    print(f"CUDA graph: the training step is captured after {WARMUP_STEPS} eager steps and replayed{last}")
+
+
+def graphed_step(state, batch_shape, **options):
+    """A GraphedStep of this state's step body: its two halves on the model and center loss themselves (the graph
+    averages the gradients over DDP's process group itself). options: GraphedStep's warmup_steps and record."""
+    direct = dataclasses.replace(state, train_model=state.model, train_center_loss=state.center_loss, graphed=None)
+    halves = StepHalves(functools.partial(forward_backward, direct), functools.partial(apply_update, direct))
+    ddp = isinstance(state.train_model, torch.nn.parallel.DistributedDataParallel)
+    return GraphedStep(halves, state.optimizers, batch_shape, next(state.model.parameters()).device,
+                       masked=state.masked, process_group=state.train_model.process_group if ddp else None, **options)
 
 
 def build_state(cfg, data, device, rank, world_size):
@@ -516,7 +577,9 @@ def build_state(cfg, data, device, rank, world_size):
     optimizer, center_optimizer, scheduler = build_optimizers(cfg, model, center_loss)
     amp_dtype, needs_scaler = utils.amp_settings(device.type, cfg.USE_MIXED_PRECISION, cfg.SOLVER.AMP_DTYPE)
     state = TrainState(model, center_loss, optimizer, center_optimizer, scheduler,
-                       utils.make_grad_scaler(device, needs_scaler), sampler, amp_dtype=amp_dtype)
+                       utils.make_grad_scaler(device, needs_scaler), sampler, amp_dtype=amp_dtype,
+                       loss_kwargs=loss_arguments(cfg), num_instances=cfg.DATALOADER.NUM_INSTANCE,
+                       masked=not cfg.DATALOADER.USE_RESAMPLING)
     if cfg.SOLVER.AMP_BACKEND == "apex":
         setup_apex(state, cfg, device)
     return loader, state
@@ -538,8 +601,27 @@ def describe_run(cfg, state, device, world_size, steps_per_epoch):
               "triplet losses have no negatives and stay 0", file=sys.stderr)
     print(f"{P} identities x {K} images = {P * K} images per device, {world_size} device(s) "
           f"({device}) = {P * K * world_size} images per step; {steps_per_epoch} steps per epoch")
+    if world_size > 1:
+        print(schedule_note(state.sampler, steps_per_epoch, world_size, cfg.SOLVER.MAX_EPOCHS))
     precision = f"apex {cfg.SOLVER.AMP_OPT_LEVEL}" if state.apex_amp else state.amp_dtype or "fp32"
     print(f"precision: {precision}")
+
+
+def schedule_note(sampler, steps_per_epoch, world_size, max_epochs):
+    """Updates per epoch and in all on world_size devices, beside one device's with the same P, and how to train
+    with one device's schedule: P is per device (as in the original), so each step holds world_size x the images
+    and an epoch makes world_size x fewer updates."""
+    P, K = sampler.num_ids, sampler.num_instances
+    one = len(PKSampler(sampler.pids, P, K, sampler.seed, 0, 1, sampler.sampler, sampler.use_resampling,
+                        sampler.drop_last))
+    note = (f"schedule: {world_size} devices make {steps_per_epoch} updates per epoch, {steps_per_epoch * max_epochs:,}"
+            f" in {max_epochs} epochs; one device with the same P makes {one} per epoch, {one * max_epochs:,} in all "
+            f"(SOLVER.IMS_PER_BATCH is P per device, as in the original). For one device's schedule: ")
+    if P % world_size == 0 and P // world_size >= 2:
+        note += (f"--SOLVER.IMS_PER_BATCH {P // world_size} (the same {P * K}-image step, split over the devices), "
+                 "or ")
+    return note + (f"multiply SOLVER.MAX_EPOCHS, LR_STEPS and WARMUP_EPOCHS by {one / steps_per_epoch:.1f} "
+                   f"(as many updates, each on {world_size}x the images)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -573,55 +655,47 @@ class RunStop(Exception):
 
 
 class BadImageStop(Exception):
-    """A file could not be read mid-run: the message names it; step and rng say where training stands (train)."""
+    """A file could not be read mid-run: the message names it; step (training) is the step it would have been in."""
 
-    def __init__(self, message, step=None, torch_rng=None):
+    def __init__(self, message, step=None):
         super().__init__(message)
-        self.message, self.step, self.torch_rng = message, step, torch_rng
+        self.message, self.step = message, step
 
 
 class GuardedLoader:
-    """The training loader, a bad file turned into BadImageStop at the step it would have been trained in, with
-    torch's random state from before that step's batch (the transforms draw from it while loading in-process)."""
+    """The training loader; a batch it cannot read (a file gone bad, a JPEG the device decoder rejects) ends the
+    iteration, with bad_message saying which file: train_one_epoch then stops every rank before that step."""
 
     def __init__(self, loader):
-        self.loader, self.batch_sampler = loader, loader.batch_sampler
+        self.loader, self.batch_sampler, self.bad_message = loader, loader.batch_sampler, ""
 
     def __iter__(self):
-        iterator, done = iter(self.loader), 0
+        self.bad_message = ""
+        iterator = iter(self.loader)
         while True:
-            torch_rng = torch.get_rng_state()  # ~1 us
             try:
                 batch = next(iterator)
             except StopIteration:
                 return
             except DataError as err:
-                raise BadImageStop(str(err), done, torch_rng) from None
-            done += 1
+                self.bad_message = str(err)
+                yield None  # the step this batch was for: every rank agrees there to stop
+                return
             yield batch
 
 
-def guard_train_loader(loader, cfg, world_size):
+def guard_train_loader(loader, cfg):
     """Make the training loader survive a file that goes bad mid-run. DATALOADER.SKIP_BAD: the image is replaced by
-    another of its identity and logged in skipped.txt. Without it one process stops at the step (BadImageStop);
-    several replace the image until they agree, at the next log step, to stop (a rank cannot leave a step alone)."""
+    another of its identity (with its augmentation seed) and logged in skipped.txt. Without it, every rank stops
+    before the step that needed the file (GuardedLoader), and the run saves last.pth there."""
     inner = loader.loader if isinstance(loader, DeviceAugmentLoader) else loader  # its DataLoader of files
-    if (cfg.DATALOADER.SKIP_BAD or world_size > 1) and hasattr(getattr(inner, "dataset", None), "items"):
-        flag = None if cfg.DATALOADER.SKIP_BAD else multiprocessing.Array("c", 4096)
-        log_path = os.path.join(cfg.OUTPUT_DIR, SKIPPED) if cfg.DATALOADER.SKIP_BAD else ""
-        STOP["bad_image"] = flag
-        guarded = with_dataset(inner, GuardedImages(inner.dataset, log_path=log_path, flag=flag))
+    if cfg.DATALOADER.SKIP_BAD and hasattr(getattr(inner, "dataset", None), "items"):
+        guarded = with_dataset(inner, GuardedImages(inner.dataset, log_path=os.path.join(cfg.OUTPUT_DIR, SKIPPED)))
         if isinstance(loader, DeviceAugmentLoader):
             loader.loader = guarded
         else:
             loader = guarded
     return GuardedLoader(loader)
-
-
-def bad_image_message():
-    """The first bad image this rank's loader replaced while waiting to stop ('' when none)."""
-    flag = STOP["bad_image"]
-    return flag.value.decode(errors="replace") if flag is not None else ""
 
 
 def resume_command(output_dir):
@@ -632,8 +706,13 @@ def resume_command(output_dir):
 
 
 def resume_hint(output_dir):
-    """How to go on after a failure that saved nothing: from last.pth if an earlier save left one."""
-    if os.path.exists(os.path.join(output_dir, "last.pth")):
+    """How to go on after a failure that saved nothing: from last.pth if an earlier save left one; by itself when
+    torchrun has restarts left (--max-restarts)."""
+    saved = os.path.exists(os.path.join(output_dir, "last.pth"))
+    if utils.restart_count() < int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
+        return (f"torchrun restarts the group, which {'resumes from last.pth' if saved else 'starts again'} by itself "
+                f"(restart {utils.restart_count() + 1} of {os.environ['TORCHELASTIC_MAX_RESTARTS']})")
+    if saved:
         return f"continue from {output_dir}/last.pth with: {resume_command(output_dir)}"
     return "no last.pth was saved yet: start again with the same command"
 
@@ -749,10 +828,10 @@ def save_failure(path, err):
             f"then continue with: {resume_command(os.path.dirname(path))}")
 
 
-def save_checkpoints(state, cfg, next_epoch, next_step, rank, world_size, names, torch_rng=None, extra=None):
+def save_checkpoints(state, cfg, next_epoch, next_step, rank, world_size, names, extra=None):
     """Write the checkpoint as each of names (rank 0), with every rank's random state; returns the failure line of
     a write that failed (the files it would have replaced stay as they were), or None. Call on every rank."""
-    rngs = utils.all_gather_objects(rng_state() if torch_rng is None else {**rng_state(), "torch": torch_rng})
+    rngs = utils.all_gather_objects(rng_state())
     if rank != 0:
         return None
     saved = {**checkpoint(state, cfg, next_epoch, next_step), "rng": rngs, "world_size": world_size, **(extra or {})}
@@ -779,9 +858,11 @@ def prepare(cfg, given, resume_flag, device, rank, world_size):
     """Everything before the first step, ordered so that nothing is written until the checks pass: the data, the
     checkpoint to resume (does it fit?), the images, the model, OUTPUT_DIR; then config.yaml."""
     data = build_datasets(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, cfg.DATASETS.JSON_TRAIN_PATH)
-    resume_path = resolve_resume(resume_flag, cfg)
-    saved = read_checkpoint(resume_path, resume_flag or resume_path, cfg.OUTPUT_DIR) if resume_path else None
-    if saved is not None:
+    # rank 0 decides whether to resume (two nodes' folders could disagree about --resume auto); every rank reads
+    resume_path = utils.decided_by_rank0(lambda: resolve_resume(resume_flag, cfg), rank)
+    saved = None
+    if resume_path:
+        saved = utils.on_every_rank(lambda: read_checkpoint(resume_path, resume_flag or resume_path, cfg.OUTPUT_DIR))
         check_resume_fits(saved, resume_path, cfg, data["num_train_pids"], world_size)
     data, bad = check_images(cfg, data, rank)
     loader, state = build_state(cfg, data, device, rank, world_size)
@@ -794,10 +875,10 @@ def prepare(cfg, given, resume_flag, device, rank, world_size):
         visualize.log_config_text(state.writer, config.to_yaml(cfg))
     describe_run(cfg, state, device, world_size, len(state.sampler))
     if saved is not None:
-        resume(saved, state, resume_path, rank)
+        resume(saved, state, resume_path, cfg, rank)
     wrap_for_training(state, cfg, device, world_size)
     build_graphed_step(state, cfg, device)
-    return data, guard_train_loader(loader, cfg, world_size), state, (saved or {}).get("epoch_stats")
+    return data, guard_train_loader(loader, cfg), state, (saved or {}).get("epoch_stats")
 
 
 def run(cfg, given, resume_flag, device, rank, world_size):
@@ -805,7 +886,6 @@ def run(cfg, given, resume_flag, device, rank, world_size):
     torch.manual_seed(cfg.SOLVER.SEED)
     random.seed(cfg.SOLVER.SEED + rank)
     np.random.seed(cfg.SOLVER.SEED + rank)
-    STOP.update(bad_image=None, image_stop=False)
     try:
         data, loader, state, trained_stats = prepare(cfg, given, resume_flag, device, rank, world_size)
         try:
@@ -842,15 +922,13 @@ def train_epochs(cfg, data, loader, state, device, rank, world_size, trained_sta
                 stats, stopped_at = train_one_epoch(state, loader, cfg, device, epoch, state.next_step, world_size)
             except NonFiniteLoss as err:
                 raise RunStop(1, f"error: {err}") from None
-            except BadImageStop as stop:  # one process: stop before the step that would use the file
-                step = state.next_step + stop.step
-                save_or_stop(save_checkpoints(state, cfg, epoch, step, rank, world_size, ["last.pth"], stop.torch_rng))
-                raise RunStop(2, bad_image_line(stop.message, f"epoch {epoch + 1}, step {step}", cfg)) from None
+            except BadImageStop as stop:  # every rank, before the step that would use the file
+                save_or_stop(save_checkpoints(state, cfg, epoch, stop.step, rank, world_size, ["last.pth"]))
+                raise RunStop(2, bad_image_line(stop.message, f"epoch {epoch + 1}, step {stop.step}", cfg)) from None
             if stopped_at is not None and stopped_at < len(state.sampler):  # mid-epoch: save where it stopped
                 save_or_stop(save_checkpoints(state, cfg, epoch, stopped_at, rank, world_size, ["last.pth"]))
                 return stopped(f"epoch {epoch + 1}, step {stopped_at}", cfg)
         trained_stats, state.next_step = None, 0
-        torch_rng = torch.get_rng_state()  # the evaluation's loaders draw their seeds from it: a stop there rewinds
         try:
             with warnings.catch_warnings():
                 if evaluate_only:  # the resumed optimizer stepped before the stop: torch cannot know it
@@ -858,7 +936,7 @@ def train_epochs(cfg, data, loader, state, device, rank, world_size, trained_sta
                 finish_epoch(state, cfg, data, device, epoch, stats, rank, world_size)
         except BadImageStop as stop:  # in the evaluation: the epoch is trained, the schedule not yet stepped
             steps = len(state.sampler)
-            save_or_stop(save_checkpoints(state, cfg, epoch, steps, rank, world_size, ["last.pth"], torch_rng,
+            save_or_stop(save_checkpoints(state, cfg, epoch, steps, rank, world_size, ["last.pth"],
                                           extra={"epoch_stats": stats}))
             raise RunStop(2, bad_image_line(stop.message, f"the evaluation after epoch {epoch + 1}", cfg)) from None
         if stopped_at is not None:  # the signal came on the epoch's last step: the epoch is complete
@@ -903,15 +981,9 @@ def finish_epoch(state, cfg, data, device, epoch, stats, rank, world_size):
 
 
 def stopped(where, cfg):
-    """After a stop at a step boundary: say where and why. Exit code 2 for a bad image (the rank that met it says
-    which), 128 + signal for SIGINT/SIGTERM."""
-    if STOP["image_stop"]:
-        message = bad_image_message()
-        if message:
-            print(bad_image_line(message, where, cfg), file=sys.stderr, flush=True)
-        return 2
+    """After a stop signal at a step boundary: say where; exit code 128 + the signal (SIGINT/SIGTERM)."""
     print(f"stopped at {where}: saved {cfg.OUTPUT_DIR}/last.pth (continue with --resume auto)", flush=True)
-    return 128 + STOP["signal"]
+    return 128 + (STOP["signal"] or signal.SIGTERM)  # another rank's signal: this one stops as if it got it too
 
 
 def last_evaluation(output_dir):
@@ -953,21 +1025,26 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     if cfg.TEST.ONLY_TEST:
-        evaluate_checkpoint(cfg, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH, "INPUT.SIZE_TEST" in given)
+        evaluate_checkpoint(cfg, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH, given)
         return 0
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    resume_flag = opts["resume"]
+    if utils.restart_count() and not resume_flag:  # torchrun --max-restarts restarted the group after a failure
+        resume_flag = "auto"
+        print(f"restart {utils.restart_count()} of this job (torchrun --max-restarts): resuming from "
+              f"{cfg.OUTPUT_DIR}/last.pth when there is one")
     if not cfg.REPRODUCIBLE:
         if cfg.REPRODUCIBLE_NUM_RUNS > 1 and "REPRODUCIBLE_NUM_RUNS" in given:
             print(f"note: REPRODUCIBLE_NUM_RUNS {cfg.REPRODUCIBLE_NUM_RUNS} applies with REPRODUCIBLE True; "
                   f"this is one run with SOLVER.SEED {cfg.SOLVER.SEED}")
-        code = run(cfg, given, opts["resume"], device, rank, world_size)
+        code = run(cfg, given, resume_flag, device, rank, world_size)
     else:
         seeds = range(cfg.REPRODUCIBLE_SEED, cfg.REPRODUCIBLE_SEED + cfg.REPRODUCIBLE_NUM_RUNS)
         dirs = [os.path.join(cfg.OUTPUT_DIR, f"run_{seed}") for seed in seeds]
         for seed, run_dir in zip(seeds, dirs):
             print(f"run {seed - seeds[0] + 1}/{len(seeds)}: seed {seed}, {run_dir}", flush=True)
-            code = run(cfg.replace({"SOLVER.SEED": seed, "OUTPUT_DIR": run_dir}), given, opts["resume"],
+            code = run(cfg.replace({"SOLVER.SEED": seed, "OUTPUT_DIR": run_dir}), given, resume_flag,
                        device, rank, world_size)
             if code:
                 break

@@ -4,23 +4,25 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+ERASING_SCALE, ERASING_RATIO = (0.02, 0.4), (0.3, 1 / 0.3)  # the original RandomErasing's sl, sh and r1, 1/r1
 
 
-def random_erasing_boxes(batch, height, width, device, prob=0.5, scale=(0.02, 0.4), ratio=(0.3, 1 / 0.3),
-                         tries=100):
-    """Per image: whether to erase and the box (top, left, h, w), drawn as the original's RandomErasing: with
-    probability prob, up to `tries` draws of an area (uniform in scale x H*W) and an aspect h/w (uniform in
-    ratio); the first box that fits (h < H, w < W) wins, none -> no erasing; top and left are uniform."""
-    area = height * width * torch.empty(batch, tries, device=device).uniform_(*scale)          # [B, T]
-    aspect = torch.empty(batch, tries, device=device).uniform_(*ratio)                          # [B, T]
+def random_erasing_boxes(batch, height, width, device, prob=0.5, generator=None, tries=100):
+    """Per image: whether to erase and the box (top, left, h, w), drawn as the original's RandomErasing (area
+    0.02-0.4 of the image, aspect h/w 0.3-3.33): with probability prob, up to `tries` draws of an area and an
+    aspect; the first box that fits (h < H, w < W) wins, none -> no erasing; top and left are uniform. Draws
+    from generator (a torch.Generator on device), or the device's global stream when None."""
+    (low, high), (ratio_low, ratio_high) = ERASING_SCALE, ERASING_RATIO
+    area = height * width * torch.empty(batch, tries, device=device).uniform_(low, high, generator=generator)  # [B, T]
+    aspect = torch.empty(batch, tries, device=device).uniform_(ratio_low, ratio_high, generator=generator)  # [B, T]
     h = torch.sqrt(area * aspect).round().long()  # round half to even, as Python's round()
     w = torch.sqrt(area / aspect).round().long()
     fits = (h < height) & (w < width)                                                           # [B, T]
     first = fits.long().argmax(dim=1, keepdim=True)                                             # [B, 1]
     h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]                                   # [B]
-    erase = (torch.rand(batch, device=device) < prob) & fits.any(dim=1)
-    top = (torch.rand(batch, device=device) * (height - h + 1)).long()
-    left = (torch.rand(batch, device=device) * (width - w + 1)).long()
+    erase = (torch.rand(batch, device=device, generator=generator) < prob) & fits.any(dim=1)
+    top = (torch.rand(batch, device=device, generator=generator) * (height - h + 1)).long()
+    left = (torch.rand(batch, device=device, generator=generator) * (width - w + 1)).long()
     return erase, top, left, h, w
 
 

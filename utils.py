@@ -48,6 +48,12 @@ def usable_workers(num_workers):
     return max(0, min(int(num_workers), os.cpu_count() or 1))
 
 
+def split_item(item):
+    """(dataset index, augmentation seed or None) of what a loader asks a dataset for: an index, or the
+    (index, seed) pair of a training loader (sampler.SeededBatches)."""
+    return (int(item[0]), int(item[1])) if isinstance(item, (tuple, list)) else (int(item), None)
+
+
 def folder_listing(folder, limit=8):
     """A short "a/, b.txt, ..." listing of a folder for error messages."""
     names = sorted(os.listdir(folder))
@@ -107,10 +113,29 @@ def init_distributed(device_type, gpu_ids=(), local_rank_arg=None):
         device = torch.device(device_type, ids[local_rank])
         getattr(torch, device_type).set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(BACKENDS[device_type], rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        store, rank, world_size = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        # a group that torchrun restarts (--max-restarts) meets again in the launcher's store: under keys of its own,
+        # or its ranks may read the previous round's addresses and fail to connect (gloo) or wait (NCCL)
+        store = dist.PrefixStore(f"centroid_reid/round{restart_count()}", store)
+        dist.init_process_group(BACKENDS[device_type], store=store, rank=rank, world_size=world_size, timeout=timeout)
+        # decisions on the host (stop, a bad file) travel through gloo: no device sync, no device tensor
+        HOST_GROUP["group"] = None if device_type == "cpu" else dist.new_group(backend="gloo", timeout=timeout)
         start_heartbeat(rank, world_size)
     return device, rank, world_size, local_rank
+
+
+HOST_GROUP = {"group": None}  # a gloo group beside an NCCL/HCCL one; None: the default group is gloo already
+
+
+def any_rank(*flags):
+    """[whether any rank's flag i is set] for host booleans: one small all-reduce through gloo, no device sync
+    (the flags themselves without a process group)."""
+    if not dist.is_initialized():
+        return [bool(flag) for flag in flags]
+    values = torch.tensor([float(bool(flag)) for flag in flags])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=HOST_GROUP["group"])
+    return [bool(value) for value in values.tolist()]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,11 +146,17 @@ HEARTBEAT = {"store": None, "rank": 0, "world_size": 1, "stop": threading.Event(
 
 
 def _beat_key(rank):
-    return f"centroid_reid/heartbeat/{rank}"
+    return f"centroid_reid/{restart_count()}/heartbeat/{rank}"
 
 
 def _done_key(rank):
-    return f"centroid_reid/exited/{rank}"
+    return f"centroid_reid/{restart_count()}/exited/{rank}"
+
+
+def restart_count():
+    """How often torchrun (--max-restarts) has restarted this job's workers: the keys of an earlier round, in the
+    launcher's store that outlives it, are not this round's."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def start_heartbeat(rank, world_size, period_s=1.0):
@@ -256,6 +287,13 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def all_reduce_max(tensor):
+    """The element-wise maximum of a tensor over all ranks, in place; returns it."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def broadcast_buffers(module):
     """Give every rank rank 0's buffers (BatchNorm statistics): each rank's last forward updated its own."""
     if dist.is_initialized():
@@ -281,7 +319,7 @@ def from_rank0(obj):
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=HOST_GROUP["group"])
     return box[0]
 
 
@@ -290,8 +328,37 @@ def all_gather_objects(obj):
     if not dist.is_initialized():
         return [obj]
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    dist.all_gather_object(gathered, obj, group=HOST_GROUP["group"])
     return gathered
+
+
+def decided_by_rank0(decide, rank):
+    """decide() run on rank 0 only, its value (or the UserError it raised) on every rank: one answer where each
+    rank's own file system could give another (a node without the shared folder)."""
+    outcome = None
+    if rank == 0:
+        try:
+            outcome = (decide(), None)
+        except UserError as err:
+            outcome = (None, err)
+    value, error = from_rank0(outcome)
+    if error is not None:
+        raise error
+    return value
+
+
+def on_every_rank(work):
+    """work() on every rank; if it raised a UserError on any, the first rank's error is raised on all of them
+    (rather than one rank stopping while the others wait for it in the next collective)."""
+    error = None
+    try:
+        value = work()
+    except UserError as err:
+        value, error = None, err
+    errors = [e for e in all_gather_objects(error) if e is not None]
+    if errors:
+        raise errors[0]
+    return value
 
 
 def shard_bounds(total, rank, world_size):

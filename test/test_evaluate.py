@@ -369,6 +369,28 @@ def test_cli_evaluates_a_checkpoint_both_ways(synthetic_root, tmp_path, capsys):
     assert set(reranked) == {"image", "centroid"}
 
 
+def test_a_checkpoint_is_evaluated_with_the_normalisation_it_was_trained_with(synthetic_root, tmp_path, capsys):
+    model = pytest.importorskip("model")
+    net = model.build_model("resnet18", num_classes=4)
+    saved = {"model": net.state_dict(), "model_name": "resnet18", "num_classes": 4, "last_stride": 1,
+             "stem_relu": True}
+    recorded = {"INPUT.PIXEL_MEAN": [0.2, 0.3, 0.4], "INPUT.PIXEL_STD": [0.5, 0.25, 0.5], "INPUT.SIZE_TEST": [64, 32]}
+    torch.save({**saved, "config": recorded}, tmp_path / "recorded.pth")
+    torch.save(saved, tmp_path / "plain.pth")  # weights only: nothing recorded
+    common = ["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", synthetic_root, "--DATALOADER.NUM_WORKERS", "0",
+              "--TEST.IMS_PER_BATCH", "16", "--MODEL.PRETRAIN_PATH"]
+    from_checkpoint = ev.evaluate_command([*common, str(tmp_path / "recorded.pth")])
+    assert "input size 64x32, normalisation mean 0.2 0.3 0.4 std 0.5 0.25 0.5" in capsys.readouterr().out
+    given = ["--INPUT.SIZE_TEST", "64", "32", "--INPUT.PIXEL_MEAN", "0.2", "0.3", "0.4", "--INPUT.PIXEL_STD", "0.5",
+             "0.25", "0.5"]
+    by_hand = ev.evaluate_command([*common, str(tmp_path / "plain.pth"), *given])
+    assert from_checkpoint["image"]["mAP"] == by_hand["image"]["mAP"]
+    assert from_checkpoint["centroid"]["mAP"] == by_hand["centroid"]["mAP"]
+    capsys.readouterr()
+    ev.evaluate_command([*common, str(tmp_path / "recorded.pth"), "--INPUT.PIXEL_MEAN", "0.5", "0.5", "0.5"])
+    assert "normalisation mean 0.5 0.5 0.5 std 0.5 0.25 0.5" in capsys.readouterr().out  # given beats recorded
+
+
 def test_pixel_baseline_is_perfect_when_gallery_images_copy_the_queries(tmp_path, capsys):
     from PIL import Image
     colours = {1: (250, 0, 0), 2: (0, 250, 0), 3: (0, 0, 250)}

@@ -2,8 +2,6 @@
 an output folder that cannot take a checkpoint, a dead rank or a signal in a distributed run, a malformed flag."""
 import datetime
 import hashlib
-import json
-import multiprocessing
 import os
 import resource
 import shutil
@@ -14,6 +12,7 @@ import time
 
 import pytest
 import torch
+from run_outputs import TIMING, assert_same_weights, read_metrics, weights
 
 import data
 import image_check
@@ -23,7 +22,6 @@ import utils
 from data import build_datasets, build_train_loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = ("images_per_s", "step_time_s", "data_time_s")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,7 +41,7 @@ def own_cache_and_signals(tmp_path, monkeypatch):
     yield
     for s, handler in handlers.items():
         signal.signal(s, handler)
-    train.STOP.update(signal=None, signal_time=0.0, bad_image=None, image_stop=False)
+    train.STOP.update(signal=None, signal_time=0.0)
 
 
 def copy_of(root, tmp_path):
@@ -65,21 +63,6 @@ def error_lines(text):
     """The lines that say error:, and a check that no traceback came with them."""
     assert "Traceback" not in text, text
     return [line for line in text.splitlines() if "error:" in line]
-
-
-def read_metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def digest(path):
@@ -260,18 +243,17 @@ def test_skip_bad_leaves_out_what_the_check_found(synthetic_root, tmp_path):
     assert len(kept["train"]) == len(dataset["train"]) - 1 and kept["num_train_pids"] == dataset["num_train_pids"]
 
 
-def test_guarded_images_replace_with_the_same_identity_and_flag_the_first_bad_file(synthetic_root, tmp_path):
+def test_guarded_images_replace_with_the_same_identity_and_its_augmentation_seed(synthetic_root, tmp_path):
     root = copy_of(synthetic_root, tmp_path)
     items = build_datasets("synthetic", root)["train"]
     same = [i for i, item in enumerate(items) if item[1] == items[0][1]]
     break_image(items[same[0]][0], "truncate")
-    flag = multiprocessing.Array("c", 4096)
     log = tmp_path / "skipped.txt"
-    guarded = image_check.GuardedImages(data.ImageDataset(items, transforms.build_test_transform((64, 32))),
-                                 log_path=str(log), flag=flag)
-    image, pid, _ = guarded[same[0]]
-    assert pid == items[0][1] and torch.equal(image, guarded[same[1]][0])  # the identity's next image
-    assert items[same[0]][0] in flag.value.decode() and log.read_text().startswith(items[same[0]][0] + "\t")
+    images = data.ImageDataset(items, transforms.build_train_transform((64, 32)))
+    guarded = image_check.GuardedImages(images, log_path=str(log))
+    image, pid, _ = guarded[(same[0], 1234)]  # as a training loader asks: (index, augmentation seed)
+    assert pid == items[0][1] and torch.equal(image, images[(same[1], 1234)][0])  # the next image, the same draws
+    assert log.read_text().startswith(items[same[0]][0] + "\t")
     for i in same:
         break_image(items[i][0], "empty")
     with pytest.raises(utils.DataError, match="nor any other"):
@@ -529,23 +511,6 @@ def test_the_heartbeat_names_a_silent_rank_and_ends_the_process(monkeypatch, cap
     finally:
         utils.HEARTBEAT["stop"].set()
         utils.HEARTBEAT.update(store=None, reporting=False)
-
-
-def test_a_bad_image_one_rank_replaced_stops_every_rank_at_the_next_agreement(tmp_path, capsys):
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    try:
-        flag = multiprocessing.Array("c", 4096)
-        train.STOP["bad_image"] = flag
-        assert train.agree(torch.device("cpu"), -1) == (False, -1) and not train.STOP["image_stop"]
-        flag.value = b"cannot read image /d/0001_c1s1_000001_00.jpg: image file is truncated"
-        assert train.agree(torch.device("cpu"), -1) == (True, -1) and train.STOP["image_stop"]
-        cfg, _, _ = train.parse_args(["--OUTPUT_DIR", str(tmp_path)])
-        assert train.stopped("epoch 1, step 3", cfg) == 2
-        lines = error_lines(capsys.readouterr().err)
-        assert len(lines) == 1 and "/d/0001_c1s1_000001_00.jpg" in lines[0] and "epoch 1, step 3" in lines[0]
-        assert "--resume auto" in lines[0]
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_a_signal_delivered_twice_at_once_counts_once(monkeypatch, capsys):

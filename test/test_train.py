@@ -115,6 +115,21 @@ def test_resume_auto_continues_at_the_next_epoch_with_the_right_lr(synthetic_roo
     assert rows[1]["lr"] == pytest.approx(3.5e-4 * 2 / 4)
 
 
+def test_a_resumed_run_applies_a_changed_lr_and_says_so(synthetic_root, two_epoch_run, tmp_path, capsys):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    for name in ("last.pth", "metrics.jsonl"):
+        (out / name).write_bytes((two_epoch_run / name).read_bytes())
+    assert train.main(tiny_flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "3", "--resume", "auto",
+                                 "--SOLVER.BASE_LR", "1e-3", "--SOLVER.CENTER_LR", "0.25")) == 0
+    printed = capsys.readouterr().out
+    assert "SOLVER.BASE_LR was 0.00035, now 0.001; SOLVER.CENTER_LR was 0.5, now 0.25: applied from here on" in printed
+    assert read_metrics(out)[2]["lr"] == pytest.approx(1e-3 * 3 / 4)  # the new base at the schedule's place
+    saved = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert saved["center_optimizer"]["param_groups"][0]["lr"] == 0.25
+    assert saved["scheduler"]["base_lrs"] == [1e-3] * len(saved["optimizer"]["param_groups"])
+
+
 def test_sigterm_mid_epoch_leaves_a_loadable_last_checkpoint(synthetic_root, tmp_path):
     # one identity per step and many images per identity: a long epoch to interrupt
     flags = tiny_flags(synthetic_root, tmp_path, "--SOLVER.MAX_EPOCHS", "50", "--SOLVER.IMS_PER_BATCH", "1")
