@@ -71,7 +71,8 @@ SCHEMA = [
     ("SOLVER.CENTER_LR", 0.5, "SGD learning rate of the center-loss centers", None),
     ("SOLVER.CENTER_LOSS_WEIGHT", 5e-4, "weight of the center loss", None),
     ("SOLVER.WEIGHT_DECAY", 5e-4, "weight decay of the weights", None),
-    ("SOLVER.WEIGHT_DECAY_BIAS", 5e-4, "weight decay of the biases (parameters named *bias)", None),
+    ("SOLVER.WEIGHT_DECAY_BIAS", 5e-4, "accepted and unused, as in the original: biases decay at "
+     "SOLVER.WEIGHT_DECAY like every parameter", None),
     ("SOLVER.LR_SCHEDULER_NAME", "multistep_lr", "multistep_lr (x GAMMA at LR_STEPS) | cosine_annealing "
      "(down to MIN_LR at MAX_EPOCHS)", ("multistep_lr", "cosine_annealing")),
     ("SOLVER.MIN_LR", 0.0, "ours: the floor of cosine_annealing (the original reads it but never defines it)",
@@ -137,6 +138,8 @@ IGNORED = {  # accepted keys that do nothing here, and why
                            "sets the processes",
     "SOLVER.USE_AUTOMATIC_OPTIM": "Lightning's switch; here the step is written out",
     "SOLVER.CLUSTER_MARGIN": "unused in the original too",
+    "SOLVER.WEIGHT_DECAY_BIAS": "the original defines it and never reads it: every parameter, biases included, "
+                                "decays at SOLVER.WEIGHT_DECAY in one optimizer group",
 }
 # the element type of list keys whose default cannot show it
 LIST_TYPES = {"GPU_IDS": int, "DATASETS.NAMES": str}

@@ -73,12 +73,11 @@ def lr_factor(epoch, cfg):
 
 
 def build_optimizers(cfg, model, center_loss):
-    """The model's optimizer (biases at WEIGHT_DECAY_BIAS), the center loss's SGD, and the per-epoch lr schedule."""
+    """The model's optimizer, the center loss's SGD, and the per-epoch lr schedule. Every trainable parameter decays
+    at SOLVER.WEIGHT_DECAY, biases included: the original's one group (its SOLVER.WEIGHT_DECAY_BIAS is never read;
+    config.IGNORED says so when it is set)."""
     solver = cfg.SOLVER
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if "bias" not in n], "weight_decay": solver.WEIGHT_DECAY},
-              {"params": [p for n, p in named if "bias" in n], "weight_decay": solver.WEIGHT_DECAY_BIAS}]
-    groups = [g for g in groups if g["params"]]
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": solver.WEIGHT_DECAY}]
     if solver.OPTIMIZER_NAME == "Adam":
         optimizer = torch.optim.Adam(groups, lr=solver.BASE_LR)
     elif solver.OPTIMIZER_NAME == "AdamW":
