@@ -53,8 +53,9 @@ SCHEMA = [
      "among those with images left; balanced: every identity in turn", ("random_identity", "balanced")),
     ("DATALOADER.NUM_INSTANCE", 4, "K: images per identity in a batch (>= 2)", None),
     ("DATALOADER.DROP_LAST", True, "drop the epoch's last incomplete batch", None),
-    ("DATALOADER.USE_RESAMPLING", True, "an identity with fewer than K images: True repeats its own images, "
-     "False pads with zero mock images masked out of the losses (the CTL recipe)", None),
+    ("DATALOADER.USE_RESAMPLING", True, "a short chunk (an identity's last r < K images): True fills it with "
+     "K - r draws from those r images, with replacement (the original's rule); False pads it with zero mock images "
+     "masked out of the losses (the CTL recipe)", None),
     ("DATALOADER.CHECK_IMAGES", True, "ours: decode every image once before training and list the bad ones "
      "(remembered per data set in ~/.cache/centroid-reid until a file changes)", None),
     ("DATALOADER.SKIP_BAD", False, "ours: an unreadable image is replaced by another of its identity (train) or "
@@ -101,8 +102,9 @@ SCHEMA = [
      ("auto", "true", "false")),
     ("SOLVER.AMP_DTYPE", "auto", "ours: auto (bf16 where the device computes it natively, else fp16) | fp16 | bf16",
      ("auto", "fp16", "bf16")),
-    ("SOLVER.AMP_BACKEND", "native", "ours: native (torch.amp) | apex", ("native", "apex")),
-    ("SOLVER.AMP_OPT_LEVEL", "O2", "ours: apex opt level (with SOLVER.AMP_BACKEND apex)", None),
+    ("SOLVER.AMP_BACKEND", "auto", "ours: auto (apex O2 on an NPU where apex is installed, as the seed trains; "
+     "native torch.autocast elsewhere; the run says which and why) | native | apex", ("auto", "native", "apex")),
+    ("SOLVER.AMP_OPT_LEVEL", "O2", "ours: apex opt level (when the backend is apex)", None),
     ("SOLVER.SEED", 0, "ours: seed of the sampler, augmentation and initialisation", None),
     ("TEST.IMS_PER_BATCH", 128, "images per device per evaluation batch", None),
     ("TEST.WEIGHT", "", "the checkpoint TEST.ONLY_TEST evaluates (default: MODEL.PRETRAIN_PATH)", None),

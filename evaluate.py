@@ -841,7 +841,7 @@ def evaluate_checkpoint(cfg, checkpoint, size_given=False, visualize_dir=""):
     if not checkpoint:
         raise EvaluationError("no checkpoint to evaluate: give MODEL.PRETRAIN_PATH (or TEST.WEIGHT), "
                               "ours or an original .ckpt")
-    device = torch.device(utils.pick_device_type(cfg.MODEL.DEVICE))
+    device = utils.pick_device(cfg.MODEL.DEVICE)
     data = build_datasets(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, cfg.DATASETS.JSON_TRAIN_PATH)
     model = model_from_checkpoint(checkpoint).to(device)
     amp_dtype, _ = utils.amp_settings(device.type, cfg.USE_MIXED_PRECISION, cfg.SOLVER.AMP_DTYPE)

@@ -426,13 +426,12 @@ def is_better(value, best, mode):
 
 
 def setup_apex(state, cfg, device):
-    """apex.amp.initialize when SOLVER.AMP_BACKEND apex and apex is installed; a clear exit when not."""
-    try:
-        from apex import amp as apex_amp
-    except ImportError:
+    """apex.amp.initialize (SOLVER.AMP_OPT_LEVEL, dynamic loss scale) when apex is installed; a clear exit when not."""
+    apex_amp = utils.import_apex_amp()
+    if apex_amp is None:
         raise utils.UserError("SOLVER.AMP_BACKEND apex: apex is not installed. On Ascend install Ascend's apex "
-                              "fork; elsewhere use --SOLVER.AMP_BACKEND native (torch.amp), which needs nothing "
-                              "extra.") from None
+                              "fork (requirements-npu.txt); elsewhere use --SOLVER.AMP_BACKEND native (torch.amp), "
+                              "which needs nothing extra, or auto.")
     state.model, (state.optimizer, state.center_optimizer) = apex_amp.initialize(
         state.model, state.optimizers, opt_level=cfg.SOLVER.AMP_OPT_LEVEL, loss_scale="dynamic")
     state.apex_amp, state.amp_dtype = apex_amp, None  # apex casts and scales itself
@@ -492,7 +491,7 @@ def build_graphed_step(state, cfg, device):
     """state.graphed: the whole step as one CUDA graph when SOLVER.CUDA_GRAPH allows it; the reason once when not."""
     if cfg.SOLVER.CUDA_GRAPH == "false":
         return
-    supported, reason = graph_supported(device, state.amp_dtype, cfg.SOLVER.AMP_BACKEND,
+    supported, reason = graph_supported(device, state.amp_dtype, "apex" if state.apex_amp else "native",
                                         sync_bn=has_sync_bn(state.train_model))
     if supported and not cfg.DATALOADER.USE_RESAMPLING:
         supported, reason = False, "mock images (DATALOADER.USE_RESAMPLING False) need the eager step's masks"
@@ -516,7 +515,7 @@ def build_state(cfg, data, device, rank, world_size):
     amp_dtype, needs_scaler = utils.amp_settings(device.type, cfg.USE_MIXED_PRECISION, cfg.SOLVER.AMP_DTYPE)
     state = TrainState(model, center_loss, optimizer, center_optimizer, scheduler,
                        utils.make_grad_scaler(device, needs_scaler), sampler, amp_dtype=amp_dtype)
-    if cfg.SOLVER.AMP_BACKEND == "apex":
+    if utils.amp_backend(cfg.SOLVER.AMP_BACKEND, device, cfg.USE_MIXED_PRECISION)[0] == "apex":
         setup_apex(state, cfg, device)
     return loader, state
 
@@ -535,10 +534,13 @@ def describe_run(cfg, state, device, world_size, steps_per_epoch):
     if P < 2:
         print("warning: SOLVER.IMS_PER_BATCH 1 gives batches of one identity: the triplet and centroid "
               "triplet losses have no negatives and stay 0", file=sys.stderr)
+    api = utils.device_api(device)
+    where = device if api == device.type else f"{api}, its tensors on the {device.type} (a stand-in)"
     print(f"{P} identities x {K} images = {P * K} images per device, {world_size} device(s) "
-          f"({device}) = {P * K * world_size} images per step; {steps_per_epoch} steps per epoch")
+          f"({where}) = {P * K * world_size} images per step; {steps_per_epoch} steps per epoch")
+    backend, why = utils.amp_backend(cfg.SOLVER.AMP_BACKEND, device, cfg.USE_MIXED_PRECISION)
     precision = f"apex {cfg.SOLVER.AMP_OPT_LEVEL}" if state.apex_amp else state.amp_dtype or "fp32"
-    print(f"precision: {precision}")
+    print(f"precision: {precision}; mixed-precision backend {backend} ({why})")
 
 
 # ---------------------------------------------------------------------------------------------------
