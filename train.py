@@ -5,6 +5,7 @@
     python -m torch.distributed.launch --nproc_per_node=8 train.py ...
     torchrun --nproc_per_node=8 train.py ...
 """
+import contextlib
 import dataclasses
 import errno
 import json
@@ -220,6 +221,7 @@ def train_one_epoch(state, loader, cfg, device, epoch, start_step, world_size):
                disable=not utils.is_main_process(), dynamic_ncols=True, leave=False)
     done, data_time, stopped = 0, 0.0, False
     start = tick = time.perf_counter()
+    since = (start, start_step)  # the previous logged step: (time, steps done), for steps.jsonl
     for step, (images, pids, _, is_real) in enumerate(loader, start=start_step):
         data_time += time.perf_counter() - tick
         images = images.to(device, non_blocking=True, memory_format=channels_last)
@@ -239,6 +241,8 @@ def train_one_epoch(state, loader, cfg, device, epoch, start_step, world_size):
             stop, bad_step = agree(device, first_bad.item())  # the only host sync of a step
             if bad_step >= 0:
                 raise NonFiniteLoss(non_finite_message(epoch, bad_step, state.amp_dtype))
+            if at_log:
+                since = log_step(cfg.OUTPUT_DIR, epoch, step, loss_row, since, images_per_step)
             if (step + 1) % log_period == 0:
                 seconds = time.perf_counter() - start
                 bar.set_postfix(loss=f"{sums[0].item() / done:.3f}", lr=f"{state.optimizer.param_groups[0]['lr']:.2e}",
@@ -526,6 +530,25 @@ def log_epoch(epoch, max_epochs, stats, lr, device):
     print(f"epoch {epoch + 1}/{max_epochs}  loss {stats['loss']:.4f} ({terms})  lr {lr:.2e}  "
           f"{stats['images_per_s']:.1f} images/s ({device.type})  step {stats['step_time_s'] * 1000:.0f} ms "
           f"(waiting for data {stats['data_time_s'] * 1000:.0f} ms)", flush=True)
+
+
+STEPS_LOG = "steps.jsonl"  # one row per logged step (rank 0): what the ModelZoo wrappers' loss file and speed read
+
+
+def log_step(output_dir, epoch, step, loss_row, since, images_per_step):
+    """On rank 0, append a logged step to OUTPUT_DIR/steps.jsonl: epoch and step (from 1), that step's loss, the
+    steps, seconds and images/s since the previous logged step (since: its (time, steps done)), and the device type.
+    Returns the since of this one. Called where the step already synchronised (agree): it adds no device sync."""
+    now = time.perf_counter()
+    if utils.is_main_process():
+        steps, seconds = step + 1 - since[1], now - since[0]
+        row = {"epoch": epoch + 1, "step": step + 1, "loss": loss_row[0].item(), "steps": steps,
+               "seconds": seconds, "images_per_s": steps * images_per_step / seconds,
+               "device": utils.device_api(loss_row.device)}
+        with contextlib.suppress(OSError):  # a full disk stops the run at the next checkpoint, which says so
+            with open(os.path.join(output_dir, STEPS_LOG), "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return now, step + 1
 
 
 def describe_run(cfg, state, device, world_size, steps_per_epoch):
