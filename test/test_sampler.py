@@ -7,7 +7,15 @@ import time
 import numpy as np
 import pytest
 
-from sampler import SAMPLERS, PKSampler, describe_batch, identity_chunks, sampler_statistics, simulated_pids
+from sampler import (
+    SAMPLERS,
+    PKSampler,
+    describe_batch,
+    identity_chunks,
+    random_identity_steps,
+    sampler_statistics,
+    simulated_pids,
+)
 from utils import DataError
 
 
@@ -195,6 +203,39 @@ def test_impossible_settings_say_what_is_possible():
     with pytest.raises(DataError, match="unknown sampler 'random'.*random_identity, balanced"):
         PKSampler(pids, num_ids=2, num_instances=4, sampler="random")
     assert describe_batch(16, 4) == "16 identities × 4 images = 64 images per device"
+
+
+def original_loader_epoch(pids, num_ids, num_instances, workers, rng, rnd):
+    """One epoch of the original's loader with USE_RESAMPLING False: its sampler's steps (the draw port below is
+    ours, checked against its loop in test_random_identity_draws_as_the_originals_loop), batch i fetched by worker
+    i mod W, each worker popping K of an identity's images from its own copy of the data set, made afresh every
+    epoch, and padding with mocks when its copy has fewer left. -> (fraction of mock slots, distinct images)."""
+    counts = np.bincount(pids)
+    images_of = [list(np.flatnonzero(pids == p)) for p in range(len(counts))]
+    steps = random_identity_steps(identity_chunks(counts, num_instances), num_ids, rng)
+    copies, mocks, used = {}, 0, set()
+    for number, step in enumerate(steps):
+        copy = copies.setdefault(number % workers, [list(images) for images in images_of])
+        for identity in step:
+            rnd.shuffle(copy[identity])
+            taken = [copy[identity].pop(0) for _ in range(min(num_instances, len(copy[identity])))]
+            used.update(taken)
+            mocks += num_instances - len(taken)
+    return mocks / steps.size / num_instances, len(used)
+
+
+def test_the_originals_worker_copies_rarely_pad_and_repeat_images_an_accident_we_do_not_copy():
+    pids = np.array(simulated_pids("market"))
+    rng, rnd = np.random.default_rng(0), random.Random(0)
+    one_worker = original_loader_epoch(pids, 16, 4, 1, rng, rnd)
+    eight_workers = original_loader_epoch(pids, 16, 4, 8, rng, rnd)  # its NUM_WORKERS = cpu_count // len(GPU_IDS)
+    ours = PKSampler(pids.tolist(), 16, 4, use_resampling=False)
+    batches = np.array(epoch(ours, 0))
+    ours_stats = (batches >= len(pids)).mean(), len(np.unique(batches[batches < len(pids)]))
+    # docs/training.md: about 0.2% mock slots and 9,200 distinct images with 8 workers, 4.4% and 12,600 here
+    assert eight_workers[0] < 0.005 and 8_800 < eight_workers[1] < 9_600
+    assert 0.04 < ours_stats[0] < 0.05 and 12_400 < ours_stats[1] < 12_800
+    assert abs(one_worker[0] - ours_stats[0]) < 0.005  # with one worker the original pads as we do
 
 
 # ------------------------------------------------------------------------------------------------
