@@ -167,6 +167,19 @@ def test_amp_backend_auto_is_apex_o2_on_an_npu_with_apex_and_native_torch_autoca
         utils.amp_backend("O2", "npu")
 
 
+def test_requirements_npu_pins_torch_npu_to_its_own_torch_release():
+    with open(os.path.join(ROOT, "requirements-npu.txt")) as f:
+        text = f.read()
+    pins = dict(re.findall(r"^(torch|torch-npu|torchvision)==(\S+)$", text, re.M))
+    pairs = re.findall(r"^#\s+torch==(\S+)\s+torch-npu==(\S+)\s+CANN", text, re.M)
+    assert len(pairs) >= 5 and (pins["torch"], pins["torch-npu"]) in pairs
+    for torch_version, npu_version in pairs:  # torch_npu's version is its torch's, with an optional .postN
+        assert re.fullmatch(re.escape(torch_version) + r"(\.post\d+)?", npu_version), (torch_version, npu_version)
+        assert (2, 4) <= tuple(map(int, torch_version.split(".")[:2])) <= (2, 14)  # requirements.txt's range
+    minor = int(pins["torch"].split(".")[1])
+    assert pins["torchvision"].startswith(f"0.{minor + 15}.")  # torchvision 0.N+15 goes with torch 2.N
+
+
 # ---------------------------------------------------------------------------------------------------
 # Every line of the code that names the NPU, and the run that reaches it
 
