@@ -53,8 +53,9 @@ SCHEMA = [
      "among those with images left; balanced: every identity in turn", ("random_identity", "balanced")),
     ("DATALOADER.NUM_INSTANCE", 4, "K: images per identity in a batch (>= 2)", None),
     ("DATALOADER.DROP_LAST", True, "drop the epoch's last incomplete batch", None),
-    ("DATALOADER.USE_RESAMPLING", True, "an identity with fewer than K images: True repeats its own images, "
-     "False pads with zero mock images masked out of the losses (the CTL recipe)", None),
+    ("DATALOADER.USE_RESAMPLING", True, "a short chunk (an identity's last r < K images): True fills it with "
+     "K - r draws from those r images, with replacement (the original's rule); False pads it with zero mock images "
+     "masked out of the losses (the CTL recipe)", None),
     ("DATALOADER.CHECK_IMAGES", True, "ours: decode every image once before training and list the bad ones "
      "(remembered per data set in ~/.cache/centroid-reid until a file changes)", None),
     ("DATALOADER.SKIP_BAD", False, "ours: an unreadable image is replaced by another of its identity (train) or "
@@ -65,12 +66,14 @@ SCHEMA = [
     ("SOLVER.BASE_LR", 3.5e-4, "learning rate after warm-up", None),
     ("SOLVER.MOMENTUM", 0.9, "SGD momentum", None),
     ("SOLVER.MARGIN", 0.5, "triplet and centroid-triplet margin", None),
-    ("SOLVER.DISTANCE_FUNC", "euclidean", "distance of the triplet losses", ("euclidean", "cosine")),
+    ("SOLVER.DISTANCE_FUNC", "euclidean", "distance of the triplet losses and of the evaluation's ranking",
+     ("euclidean", "cosine")),
     ("SOLVER.CLUSTER_MARGIN", 0.3, "accepted and unused, as in the original", None),
     ("SOLVER.CENTER_LR", 0.5, "SGD learning rate of the center-loss centers", None),
     ("SOLVER.CENTER_LOSS_WEIGHT", 5e-4, "weight of the center loss", None),
     ("SOLVER.WEIGHT_DECAY", 5e-4, "weight decay of the weights", None),
-    ("SOLVER.WEIGHT_DECAY_BIAS", 5e-4, "weight decay of the biases (parameters named *bias)", None),
+    ("SOLVER.WEIGHT_DECAY_BIAS", 5e-4, "accepted and unused, as in the original: biases decay at "
+     "SOLVER.WEIGHT_DECAY like every parameter", None),
     ("SOLVER.LR_SCHEDULER_NAME", "multistep_lr", "multistep_lr (x GAMMA at LR_STEPS) | cosine_annealing "
      "(down to MIN_LR at MAX_EPOCHS)", ("multistep_lr", "cosine_annealing")),
     ("SOLVER.MIN_LR", 0.0, "ours: the floor of cosine_annealing (the original reads it but never defines it)",
@@ -99,8 +102,9 @@ SCHEMA = [
      ("auto", "true", "false")),
     ("SOLVER.AMP_DTYPE", "auto", "ours: auto (bf16 where the device computes it natively, else fp16) | fp16 | bf16",
      ("auto", "fp16", "bf16")),
-    ("SOLVER.AMP_BACKEND", "native", "ours: native (torch.amp) | apex", ("native", "apex")),
-    ("SOLVER.AMP_OPT_LEVEL", "O2", "ours: apex opt level (with SOLVER.AMP_BACKEND apex)", None),
+    ("SOLVER.AMP_BACKEND", "auto", "ours: auto (apex O2 on an NPU where apex is installed, as the seed trains; "
+     "native torch.autocast elsewhere; the run says which and why) | native | apex", ("auto", "native", "apex")),
+    ("SOLVER.AMP_OPT_LEVEL", "O2", "ours: apex opt level (when the backend is apex)", None),
     ("SOLVER.SEED", 0, "ours: seed of the sampler, augmentation and initialisation", None),
     ("TEST.IMS_PER_BATCH", 128, "images per device per evaluation batch", None),
     ("TEST.WEIGHT", "", "the checkpoint TEST.ONLY_TEST evaluates (default: MODEL.PRETRAIN_PATH)", None),
@@ -136,6 +140,8 @@ IGNORED = {  # accepted keys that do nothing here, and why
                            "sets the processes",
     "SOLVER.USE_AUTOMATIC_OPTIM": "Lightning's switch; here the step is written out",
     "SOLVER.CLUSTER_MARGIN": "unused in the original too",
+    "SOLVER.WEIGHT_DECAY_BIAS": "the original defines it and never reads it: every parameter, biases included, "
+                                "decays at SOLVER.WEIGHT_DECAY in one optimizer group",
 }
 # the element type of list keys whose default cannot show it
 LIST_TYPES = {"GPU_IDS": int, "DATASETS.NAMES": str}

@@ -445,9 +445,12 @@ class ImageDataset(Dataset):
 
 
 def _pin_memory():
-    """Pin host memory only when an accelerator will read it (pinning on a CPU-only run warns)."""
+    """Pin host memory only when an accelerator will read it (pinning on a CPU-only run warns), i.e. not for one
+    whose tensors live on the CPU (utils.tensor_device: a stand-in without kernels)."""
     accelerator = getattr(torch, "accelerator", None)
-    return bool(accelerator.is_available()) if accelerator else torch.cuda.is_available()
+    if accelerator is None:
+        return torch.cuda.is_available()
+    return bool(accelerator.is_available()) and utils.tensor_device(accelerator.current_accelerator()).type != "cpu"
 
 
 def build_train_loader(items, num_ids, num_instances, size, num_workers, seed=0, rank=0, world_size=1,

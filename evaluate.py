@@ -301,9 +301,16 @@ def _squared_norms(feats):
     return torch.linalg.vector_norm(feats, dim=1).square()
 
 
-def _feature_source(q_feats, g_feats):
-    """Distances of query/gallery embeddings, as a source for rank_true_matches (on q_feats' device)."""
+DISTANCES = ("euclidean", "cosine")  # SOLVER.DISTANCE_FUNC, as the original's utils/reid_metric.py ranks by it
+
+
+def _feature_source(q_feats, g_feats, distance="euclidean"):
+    """Distances of query/gallery embeddings, as a source for rank_true_matches (on q_feats' device). euclidean:
+    squared Euclidean distances (the order of the original's get_euclidean); cosine: those of the L2-normalised
+    rows, 2 - 2 cos, which rank as the original's get_cosine, 1 - cos."""
     q_feats, g_feats = q_feats.float(), g_feats.float().to(q_feats.device)
+    if distance == "cosine":
+        q_feats, g_feats = _normalize(q_feats), _normalize(g_feats)
     q_sq, g_sq = _squared_norms(q_feats), _squared_norms(g_feats)
 
     def pairs(rows, cols):  # same formula as the blocks, one pair at a time
@@ -313,10 +320,13 @@ def _feature_source(q_feats, g_feats):
 
 
 def evaluate_feature_ranks(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, max_rank=50,
-                           camera_agnostic=False, chunk_bytes=CHUNK_BYTES, return_per_query=False):
-    """evaluate_rank on embeddings, distances computed chunk by chunk: no [Q, N] matrix is ever held."""
+                           camera_agnostic=False, chunk_bytes=CHUNK_BYTES, return_per_query=False,
+                           distance="euclidean"):
+    """evaluate_rank on embeddings, distances computed chunk by chunk: no [Q, N] matrix is ever held; distance is
+    SOLVER.DISTANCE_FUNC (euclidean or cosine)."""
     _check_lengths((len(q_feats), len(g_feats)), q_pids, g_pids, q_camids, g_camids)
-    per_query = _per_query(_feature_source(q_feats, g_feats), len(q_feats), len(g_feats),
+    _check_distance(distance)
+    per_query = _per_query(_feature_source(q_feats, g_feats, distance), len(q_feats), len(g_feats),
                            q_pids, g_pids, q_camids, g_camids, q_feats.device, camera_agnostic, chunk_bytes)
     return _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids)
 
@@ -336,6 +346,13 @@ PROTOCOL_NOTES = {
     "original": "centroids-reid a1825b7's rule, its camera-index bug included (the paper's table)",
     "original_fixed": "centroids-reid a1825b7's rule with its camera index corrected",
 }
+
+
+def _check_distance(distance):
+    """Raise EvaluationError naming the distances when `distance` is not one of them."""
+    if distance not in DISTANCES:
+        raise EvaluationError(f"distance {distance!r} is unknown (SOLVER.DISTANCE_FUNC): choose one of "
+                              f"{', '.join(DISTANCES)}")
 
 
 def _check_protocol(centroid_protocol, allowed=CENTROID_PROTOCOLS):
@@ -427,13 +444,13 @@ def _standard_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
     return (feats, c_pids, c_camids), (_normalize(own) if normalize else own, q_own)
 
 
-def _own_centroid_source(q_feats, feats, num_centroids, own_feats, q_own):
+def _own_centroid_source(q_feats, feats, num_centroids, own_feats, q_own, distance="euclidean"):
     """Distances to the standard gallery, with each query's own-identity centroid (a column below
     num_centroids) replaced by its other-cameras centroid own_feats[q_own]. rank_true_matches asks
     pair distances only for true matches and masks all same-pid columns of the blocks, so the
     replacement happens in the pair distances alone: the blocks stay one matrix product."""
-    blocks, pairs = _feature_source(q_feats, feats)
-    own_pairs = _feature_source(q_feats, own_feats)[1]
+    blocks, pairs = _feature_source(q_feats, feats, distance)
+    own_pairs = _feature_source(q_feats, own_feats, distance)[1]
 
     def replaced(rows, cols):
         dist = pairs(rows, cols)
@@ -444,15 +461,15 @@ def _own_centroid_source(q_feats, feats, num_centroids, own_feats, q_own):
 
 
 def _standard_per_query(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware, camera_agnostic,
-                        normalize, chunk_bytes):
+                        normalize, chunk_bytes, distance="euclidean"):
     """Per-query metrics of the standard rule (see evaluate_centroids)."""
     no_camera = int(torch.cat([q_camids, g_camids]).min()) - 1 if len(q_camids) + len(g_camids) else -1
     (feats, pids, camids), own = _standard_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
                                                    normalize, no_camera)
-    source = _feature_source(q_feats, feats)
+    source = _feature_source(q_feats, feats, distance)
     if own is not None:
         own_feats, q_own = own
-        source = _own_centroid_source(q_feats, feats, int((pids > 0).sum()), own_feats, q_own)
+        source = _own_centroid_source(q_feats, feats, int((pids > 0).sum()), own_feats, q_own, distance)
         # a query without an other-cameras centroid shares its identity centroid's camera: that one is removed
         q_camids = torch.where((q_own < 0) & (q_pids > 0), no_camera, q_camids)
     return _per_query(source, len(q_feats), len(feats), q_pids, pids, q_camids, camids, q_feats.device,
@@ -497,13 +514,13 @@ def _original_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
 
 
 def _original_per_query(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware, index_bug,
-                        normalize, chunk_bytes, source_of=None):
+                        normalize, chunk_bytes, source_of=None, distance="euclidean"):
     """Per-query metrics of the original's rule (see evaluate_centroids); source_of(queries, gallery entries) gives
-    the distances (default: from the features; evaluate_reranked passes re-ranked ones)."""
+    the distances (default: from the features by `distance`; evaluate_reranked passes re-ranked ones)."""
     feats, pids, sets, q_bits = _original_gallery(q_pids, q_camids, g_feats, g_pids, g_camids, camera_aware,
                                                   index_bug, normalize)
     q_feats = _normalize(q_feats) if normalize else q_feats  # its R1_mAP.compute normalises queries too
-    source = (source_of or _feature_source)(q_feats, feats)
+    source = source_of(q_feats, feats) if source_of else _feature_source(q_feats, feats, distance)
     if not camera_aware:  # its dummy camids (queries 0, centroids 1): nothing is removed
         return _per_query(source, len(q_feats), len(feats), q_pids, pids, q_camids, torch.zeros_like(pids),
                           q_feats.device, True, chunk_bytes)
@@ -513,9 +530,10 @@ def _original_per_query(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, ca
 
 def evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=True,
                        max_rank=50, camera_agnostic=False, normalize_centroids=True, chunk_bytes=CHUNK_BYTES,
-                       return_per_query=False, centroid_protocol="standard", raw_feats=False):
+                       return_per_query=False, centroid_protocol="standard", raw_feats=False, distance="euclidean"):
     """Single-image queries against per-identity gallery centroids, by one of three rules; metrics as
-    evaluate_rank's, with result["protocol"] = centroid_protocol.
+    evaluate_rank's, with result["protocol"] = centroid_protocol. Every rule ranks by `distance` (SOLVER.DISTANCE_FUNC:
+    cosine compares the L2-normalised query and centroid, so the centroids average the embeddings as given).
 
     "standard" (Market's rule on centroids): a query (pid p, camera c) is compared with p's centroid of
     p's gallery images from cameras != c, with every other identity's centroid of all its gallery images
@@ -551,6 +569,7 @@ def evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, kee
     when feat_norm is on) the "original" rules average the normalised embeddings: a close variant.
     """
     _check_protocol(centroid_protocol)
+    _check_distance(distance)
     _check_lengths((len(q_feats), len(g_feats)), q_pids, g_pids, q_camids, g_camids)
     device = q_feats.device
     q_feats, g_feats = q_feats.float(), g_feats.float().to(device)
@@ -560,10 +579,11 @@ def evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, kee
         if raw_feats and normalize_centroids:
             q_feats, g_feats = _normalize(q_feats), _normalize(g_feats)
         per_query = _standard_per_query(q_feats, labels[0], labels[1], g_feats, labels[2], labels[3], camera_aware,
-                                        camera_agnostic, normalize_centroids, chunk_bytes)
+                                        camera_agnostic, normalize_centroids, chunk_bytes, distance)
     else:
         per_query = _original_per_query(q_feats, labels[0], labels[1], g_feats, labels[2], labels[3], camera_aware,
-                                        centroid_protocol == "original", normalize_centroids, chunk_bytes)
+                                        centroid_protocol == "original", normalize_centroids, chunk_bytes,
+                                        distance=distance)
     result = _finish(per_query, max_rank, return_per_query, q_pids, g_pids, q_camids, g_camids)
     result["protocol"] = centroid_protocol
     return result
@@ -576,8 +596,9 @@ def centroid_key(protocol, protocols):
 
 def evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=True,
                       max_rank=50, camera_agnostic=False, normalize_centroids=True, chunk_bytes=CHUNK_BYTES,
-                      centroid_protocol="standard", raw_feats=False):
-    """Evaluate embeddings per image and per centroid: {'image': metrics, 'centroid': metrics}.
+                      centroid_protocol="standard", raw_feats=False, distance="euclidean"):
+    """Evaluate embeddings per image and per centroid: {'image': metrics, 'centroid': metrics}, ranked by
+    `distance` (SOLVER.DISTANCE_FUNC: euclidean or cosine, as the original's evaluation).
 
     centroid_protocol: one of CENTROID_PROTOCOLS (evaluate_centroids), or "all": then 'centroid' holds
     the standard row and 'centroid_original', 'centroid_original_fixed' the others (each row names its
@@ -587,7 +608,7 @@ def evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep
     """
     _check_protocol(centroid_protocol, CENTROID_PROTOCOLS + ("all",))
     protocols = CENTROID_PROTOCOLS if centroid_protocol == "all" else (centroid_protocol,)
-    common = dict(max_rank=max_rank, camera_agnostic=camera_agnostic, chunk_bytes=chunk_bytes)
+    common = dict(max_rank=max_rank, camera_agnostic=camera_agnostic, chunk_bytes=chunk_bytes, distance=distance)
     unit_q, unit_g = (_normalize(q_feats.float()), _normalize(g_feats.float())) if raw_feats and \
         normalize_centroids else (q_feats, g_feats)
     results = {"image": evaluate_feature_ranks(unit_q, q_pids, q_camids, unit_g, g_pids, g_camids, **common)}
@@ -746,14 +767,16 @@ def _standard_reranked(rerank, q_feats, q_pids, q_camids, g_feats, g_pids, g_cam
 
 def evaluate_reranked(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, k1=20, k2=6, lambda_value=0.3,
                       keep_camid_centroids=True, max_rank=50, camera_agnostic=False, normalize_centroids=True,
-                      chunk_bytes=None, centroid_protocol="standard", raw_feats=False):
-    """evaluate.evaluate_features (same arguments, same result keys) on k-reciprocal re-ranked distances.
+                      chunk_bytes=None, centroid_protocol="standard", raw_feats=False, distance="euclidean"):
+    """evaluate.evaluate_features (same arguments, same result keys) on k-reciprocal re-ranked distances (cosine:
+    of the L2-normalised embeddings).
 
     Per image the gallery images are re-ranked; per centroid the gallery of each centroid rule (its centroids,
     and its distractor images where the rule keeps them; for the camera-aware standard rule also every identity's
     other-cameras centroids), pooled with all queries as the paper's probes.
     """
     _check_protocol(centroid_protocol, CENTROID_PROTOCOLS + ("all",))
+    _check_distance(distance)
     protocols = CENTROID_PROTOCOLS if centroid_protocol == "all" else (centroid_protocol,)
     chunk_bytes, device = chunk_bytes or CHUNK_BYTES, q_feats.device
     q_feats, g_feats = q_feats.float(), g_feats.float().to(device)
@@ -761,7 +784,11 @@ def evaluate_reranked(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, k1=2
                                                                                             g_camids))
     unit = raw_feats and normalize_centroids  # raw embeddings: normalised for all but the original rules
     unit_q, unit_g = (_normalize(q_feats), _normalize(g_feats)) if unit else (q_feats, g_feats)
-    rerank = lambda q, g: rerank_distances(q, g, k1, k2, lambda_value)  # noqa: E731
+
+    def rerank(q, g):
+        if distance == "cosine":  # re-ranked from cosine distances: those of the normalised embeddings
+            q, g = _normalize(q), _normalize(g)
+        return rerank_distances(q, g, k1, k2, lambda_value)
     labels = (q_pids, g_pids, q_camids, g_camids)  # evaluate_rank's order
     results = {"image": evaluate_rank(rerank(unit_q, unit_g), *labels, max_rank, camera_agnostic, chunk_bytes)}
     camera_aware = keep_camid_centroids and not camera_agnostic
@@ -801,7 +828,8 @@ def evaluation_arguments(cfg, has_cameras):
     """evaluate_features keyword arguments from the configuration (train.py and evaluate.py alike)."""
     return {"keep_camid_centroids": cfg.MODEL.KEEP_CAMID_CENTROIDS and has_cameras,
             "max_rank": cfg.TEST.MAX_RANK, "camera_agnostic": cfg.TEST.CAMERA_AGNOSTIC,
-            "normalize_centroids": cfg.TEST.FEAT_NORM, "centroid_protocol": cfg.TEST.CENTROID_PROTOCOL}
+            "normalize_centroids": cfg.TEST.FEAT_NORM, "centroid_protocol": cfg.TEST.CENTROID_PROTOCOL,
+            "distance": cfg.SOLVER.DISTANCE_FUNC}
 
 
 OPTIONS = [("visualize", ("--visualize",), "", "write ranked lists and the CMC curves as PNG files to DIR "
@@ -814,7 +842,7 @@ def evaluate_checkpoint(cfg, checkpoint, given=(), visualize_dir=""):
     if not checkpoint:
         raise EvaluationError("no checkpoint to evaluate: give MODEL.PRETRAIN_PATH (or TEST.WEIGHT), "
                               "ours or an original .ckpt")
-    device = torch.device(utils.pick_device_type(cfg.MODEL.DEVICE))
+    device = utils.pick_device(cfg.MODEL.DEVICE)
     data = build_datasets(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, cfg.DATASETS.JSON_TRAIN_PATH)
     model = model_from_checkpoint(checkpoint).to(device)
     amp_dtype, _ = utils.amp_settings(device.type, cfg.USE_MIXED_PRECISION, cfg.SOLVER.AMP_DTYPE)

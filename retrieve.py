@@ -474,7 +474,7 @@ def write_query_csv(results, path):
 
 def _device(name):
     """torch.device of --device auto|cuda|npu|cpu."""
-    return torch.device(utils.pick_device_type(name))
+    return utils.pick_device(name)
 
 
 def cmd_embed(args):

@@ -81,9 +81,10 @@ class PKSampler:
     uniformly among those with chunks left (random_identity_steps), so neighbours change from step to step;
     the chunks of the last < W*P identities are left out. 'balanced': the column layout of balanced_steps,
     which leaves out fewer than W*P chunks but keeps an identity beside the same neighbours.
-    use_resampling (DATALOADER.USE_RESAMPLING): a short last chunk is filled with the identity's own other
-    images (True), or with mock images (False): index len(pids) + i stands for a mock of image i (an all-zero
-    image with its pid, see ImageDataset), to be masked out of the losses with is_real.
+    use_resampling (DATALOADER.USE_RESAMPLING): a short last chunk of r < K images is filled with K - r draws
+    from its own r images, with replacement, as the original fills it (True), or with mock images (False): index
+    len(pids) + i stands for a mock of image i (an all-zero image with its pid, see ImageDataset), to be masked
+    out of the losses with is_real.
     drop_last (DATALOADER.DROP_LAST): the original hands it to its DataLoader, whose batches of P identities
     are always whole with its sampler, so it changes nothing there; True is that. False adds one last,
     smaller step: one chunk of each identity that still has chunks (split over the ranks; left out when there
@@ -166,18 +167,23 @@ class PKSampler:
         return self._cached[1:]
 
     def _chunk_images(self, rng, ids, chunk_index):
-        """Dataset indices [T, K] of chunk chunk_index[t] of identity ids[t], in this epoch's image order."""
+        """Dataset indices [T, K] of chunk chunk_index[t] of identity ids[t], in this epoch's image order. A short
+        last chunk (r < K images) is filled as the original fills it (datasets/bases.py): use_resampling, with
+        K - r draws from its own r images, with replacement; else with mocks."""
         K, num_images = self.num_instances, len(self.pids)
         # dataset indices grouped by identity, in random order within each identity
         order = rng.permutation(num_images)
         order = order[np.argsort(self.identity[order], kind="stable")]  # [N]
         starts = np.cumsum(self.counts) - self.counts  # [I]
-        positions = chunk_index[:, None] * K + np.arange(K)  # [T, K]
+        first = chunk_index[:, None] * K  # [T, 1]: the chunk's first position in its identity's order
+        positions = first + np.arange(K)  # [T, K]
         counts = self.counts[ids][:, None]
-        images = order[starts[ids][:, None] + positions % counts]  # past the end: the identity's first images
         if self.use_resampling:
-            return images
-        return np.where(positions < counts, images, images + num_images)  # mocks of those images
+            own = np.minimum(counts - first, K)  # [T, 1]: r, the chunk's own images (>= 2: see identity_chunks)
+            drawn = first + rng.integers(0, own, size=positions.shape)  # [T, K]: one draw per slot, used past r
+            return order[starts[ids][:, None] + np.where(positions < counts, positions, drawn)]
+        images = order[starts[ids][:, None] + positions % counts]
+        return np.where(positions < counts, images, images + num_images)  # past the end: mocks of its first images
 
     def epoch_batches(self):
         """This rank's batches of the current epoch: a list of lists of dataset indices (P*K each; the last

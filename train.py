@@ -5,6 +5,7 @@
     python -m torch.distributed.launch --nproc_per_node=8 train.py ...
     torchrun --nproc_per_node=8 train.py ...
 """
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -74,12 +75,11 @@ def lr_factor(epoch, cfg):
 
 
 def build_optimizers(cfg, model, center_loss):
-    """The model's optimizer (biases at WEIGHT_DECAY_BIAS), the center loss's SGD, and the per-epoch lr schedule."""
+    """The model's optimizer, the center loss's SGD, and the per-epoch lr schedule. Every trainable parameter decays
+    at SOLVER.WEIGHT_DECAY, biases included: the original's one group (its SOLVER.WEIGHT_DECAY_BIAS is never read;
+    config.IGNORED says so when it is set)."""
     solver = cfg.SOLVER
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if "bias" not in n], "weight_decay": solver.WEIGHT_DECAY},
-              {"params": [p for n, p in named if "bias" in n], "weight_decay": solver.WEIGHT_DECAY_BIAS}]
-    groups = [g for g in groups if g["params"]]
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": solver.WEIGHT_DECAY}]
     if solver.OPTIMIZER_NAME == "Adam":
         optimizer = torch.optim.Adam(groups, lr=solver.BASE_LR)
     elif solver.OPTIMIZER_NAME == "AdamW":
@@ -245,6 +245,7 @@ def train_one_epoch(state, loader, cfg, device, epoch, start_step, world_size):
                disable=not utils.is_main_process(), dynamic_ncols=True, leave=False)
     done, data_time, stopped = 0, 0.0, False
     start = tick = time.perf_counter()
+    since = (start, start_step)  # the previous logged step: (time, steps done), for steps.jsonl
     for step, batch in enumerate(loader, start=start_step):
         data_time += time.perf_counter() - tick
         stop, bad_message = stop_before_step(loader.bad_message, world_size)
@@ -265,6 +266,7 @@ def train_one_epoch(state, loader, cfg, device, epoch, start_step, world_size):
             bad_step = first_non_finite_step(device, first_bad)
             if bad_step >= 0:
                 raise NonFiniteLoss(non_finite_message(epoch, bad_step, state.amp_dtype))
+            since = log_step(cfg.OUTPUT_DIR, epoch, step, loss_row, since, images_per_step)
             bar.set_postfix(loss=f"{sums[0].item() / done:.3f}", lr=f"{state.optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{done * images_per_step / (time.perf_counter() - start):.1f}")
         tick = time.perf_counter()
@@ -375,9 +377,9 @@ def resume(saved, state, path, cfg, rank=0):
 
 # What a resumed run takes from the configuration rather than from the checkpoint's optimizer and scheduler state
 # (which would otherwise bring back the old values unsaid); the resume note names each that changed.
-APPLIED_ON_RESUME = ("SOLVER.BASE_LR", "SOLVER.WEIGHT_DECAY", "SOLVER.WEIGHT_DECAY_BIAS", "SOLVER.MOMENTUM",
-                     "SOLVER.CENTER_LR", "SOLVER.LR_SCHEDULER_NAME", "SOLVER.LR_STEPS", "SOLVER.GAMMA",
-                     "SOLVER.USE_WARMUP_LR", "SOLVER.WARMUP_EPOCHS", "SOLVER.MIN_LR")
+APPLIED_ON_RESUME = ("SOLVER.BASE_LR", "SOLVER.WEIGHT_DECAY", "SOLVER.MOMENTUM", "SOLVER.CENTER_LR",
+                     "SOLVER.LR_SCHEDULER_NAME", "SOLVER.LR_STEPS", "SOLVER.GAMMA", "SOLVER.USE_WARMUP_LR",
+                     "SOLVER.WARMUP_EPOCHS", "SOLVER.MIN_LR")
 
 
 def apply_settings(state, settings, cfg):
@@ -483,13 +485,12 @@ def is_better(value, best, mode):
 
 
 def setup_apex(state, cfg, device):
-    """apex.amp.initialize when SOLVER.AMP_BACKEND apex and apex is installed; a clear exit when not."""
-    try:
-        from apex import amp as apex_amp
-    except ImportError:
+    """apex.amp.initialize (SOLVER.AMP_OPT_LEVEL, dynamic loss scale) when apex is installed; a clear exit when not."""
+    apex_amp = utils.import_apex_amp()
+    if apex_amp is None:
         raise utils.UserError("SOLVER.AMP_BACKEND apex: apex is not installed. On Ascend install Ascend's apex "
-                              "fork; elsewhere use --SOLVER.AMP_BACKEND native (torch.amp), which needs nothing "
-                              "extra.") from None
+                              "fork (requirements-npu.txt); elsewhere use --SOLVER.AMP_BACKEND native (torch.amp), "
+                              "which needs nothing extra, or auto.")
     state.model, (state.optimizer, state.center_optimizer) = apex_amp.initialize(
         state.model, state.optimizers, opt_level=cfg.SOLVER.AMP_OPT_LEVEL, loss_scale="dynamic")
     state.apex_amp, state.amp_dtype = apex_amp, None  # apex casts and scales itself
@@ -548,7 +549,7 @@ def build_graphed_step(state, cfg, device):
     """state.graphed: the step body as one CUDA graph when SOLVER.CUDA_GRAPH allows it; the reason once when not."""
     if cfg.SOLVER.CUDA_GRAPH == "false":
         return
-    supported, reason = graph_supported(device, state.amp_dtype, cfg.SOLVER.AMP_BACKEND,
+    supported, reason = graph_supported(device, state.amp_dtype, "apex" if state.apex_amp else "native",
                                         sync_bn=has_sync_bn(state.train_model))
     if not supported:
         if cfg.SOLVER.CUDA_GRAPH == "true":
@@ -580,7 +581,7 @@ def build_state(cfg, data, device, rank, world_size):
                        utils.make_grad_scaler(device, needs_scaler), sampler, amp_dtype=amp_dtype,
                        loss_kwargs=loss_arguments(cfg), num_instances=cfg.DATALOADER.NUM_INSTANCE,
                        masked=not cfg.DATALOADER.USE_RESAMPLING)
-    if cfg.SOLVER.AMP_BACKEND == "apex":
+    if utils.amp_backend(cfg.SOLVER.AMP_BACKEND, device, cfg.USE_MIXED_PRECISION)[0] == "apex":
         setup_apex(state, cfg, device)
     return loader, state
 
@@ -593,18 +594,40 @@ def log_epoch(epoch, max_epochs, stats, lr, device):
           f"(waiting for data {stats['data_time_s'] * 1000:.0f} ms)", flush=True)
 
 
+STEPS_LOG = "steps.jsonl"  # one row per logged step (rank 0): what the ModelZoo wrappers' loss file and speed read
+
+
+def log_step(output_dir, epoch, step, loss_row, since, images_per_step):
+    """On rank 0, append a logged step to OUTPUT_DIR/steps.jsonl: epoch and step (from 1), that step's loss, the
+    steps, seconds and images/s since the previous logged step (since: its (time, steps done)), and the device type.
+    Returns the since of this one. Called at log steps, which read the device anyway (first_non_finite_step)."""
+    now = time.perf_counter()
+    if utils.is_main_process():
+        steps, seconds = step + 1 - since[1], now - since[0]
+        row = {"epoch": epoch + 1, "step": step + 1, "loss": loss_row[0].item(), "steps": steps,
+               "seconds": seconds, "images_per_s": steps * images_per_step / seconds,
+               "device": utils.device_api(loss_row.device)}
+        with contextlib.suppress(OSError):  # a full disk stops the run at the next checkpoint, which says so
+            with open(os.path.join(output_dir, STEPS_LOG), "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return now, step + 1
+
+
 def describe_run(cfg, state, device, world_size, steps_per_epoch):
     """The run's first lines after the configuration: batch make-up, precision."""
     P, K = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE
     if P < 2:
         print("warning: SOLVER.IMS_PER_BATCH 1 gives batches of one identity: the triplet and centroid "
               "triplet losses have no negatives and stay 0", file=sys.stderr)
+    api = utils.device_api(device)
+    where = device if api == device.type else f"{api}, its tensors on the {device.type} (a stand-in)"
     print(f"{P} identities x {K} images = {P * K} images per device, {world_size} device(s) "
-          f"({device}) = {P * K * world_size} images per step; {steps_per_epoch} steps per epoch")
+          f"({where}) = {P * K * world_size} images per step; {steps_per_epoch} steps per epoch")
     if world_size > 1:
         print(schedule_note(state.sampler, steps_per_epoch, world_size, cfg.SOLVER.MAX_EPOCHS))
+    backend, why = utils.amp_backend(cfg.SOLVER.AMP_BACKEND, device, cfg.USE_MIXED_PRECISION)
     precision = f"apex {cfg.SOLVER.AMP_OPT_LEVEL}" if state.apex_amp else state.amp_dtype or "fp32"
-    print(f"precision: {precision}")
+    print(f"precision: {precision}; mixed-precision backend {backend} ({why})")
 
 
 def schedule_note(sampler, steps_per_epoch, world_size, max_epochs):

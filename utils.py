@@ -89,6 +89,41 @@ def pick_device_type(requested="auto"):
     return "cpu"
 
 
+# ---------------------------------------------------------------------------------------------------
+# The device seam. A run talks to its device through torch.<type> (torch.npu, torch.cuda): set_device,
+# synchronize, the GradScaler, the autocast device type, the process-group backend (BACKENDS). Its tensors live
+# on that device, except under a stand-in that has the API but no kernels: test/doubles/torch_npu runs every NPU
+# branch on a machine without an NPU and keeps its tensors on the CPU, which it names with
+# torch.npu.tensor_device(). These two functions are the only code that knows about it: tensor_device where a
+# device type becomes the torch.device that tensors go to (init_distributed, pick_device), device_api wherever
+# the API is called for such a torch.device. With torch_npu, CUDA or the CPU both change nothing.
+
+_STAND_IN_APIS = {}  # tensor device type -> the device type whose stand-in keeps its tensors there
+
+
+def tensor_device(device):
+    """Where the tensors of a device go: the torch.device itself, or the device that a stand-in backend without
+    kernels names with torch.<type>.tensor_device(index) (test/doubles/torch_npu: the CPU)."""
+    place = getattr(getattr(torch, device.type, None), "tensor_device", None)
+    if place is None:
+        return device
+    placed = torch.device(place(device.index))
+    _STAND_IN_APIS[placed.type] = device.type
+    return placed
+
+
+def device_api(device):
+    """The device type whose torch.<type> API serves a device (a torch.device or a type name): its own type, or
+    that of the stand-in whose tensors tensor_device put there."""
+    device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return _STAND_IN_APIS.get(device_type, device_type)
+
+
+def pick_device(requested="auto"):
+    """The torch.device that tensors go to for --MODEL.DEVICE (or a tool's --device) auto|npu|cuda|cpu."""
+    return tensor_device(torch.device(pick_device_type(requested)))
+
+
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
 
@@ -107,11 +142,12 @@ def init_distributed(device_type, gpu_ids=(), local_rank_arg=None):
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
     device = torch.device("cpu")
     if device_type != "cpu":
-        ids = list(gpu_ids) if gpu_ids else list(range(getattr(torch, device_type).device_count()))
+        api = getattr(torch, device_type)
+        ids = list(gpu_ids) if gpu_ids else list(range(api.device_count()))
         if local_rank >= len(ids):
             raise UserError(f"local rank {local_rank} has no device: --GPU_IDS lists {ids}")
-        device = torch.device(device_type, ids[local_rank])
-        getattr(torch, device_type).set_device(device)
+        api.set_device(torch.device(device_type, ids[local_rank]))
+        device = tensor_device(torch.device(device_type, ids[local_rank]))
     if world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
         store, rank, world_size = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
@@ -390,6 +426,7 @@ def amp_settings(device_type, enabled, dtype_name="auto", on_cpu=False):
     taken as given."""
     if dtype_name not in AMP_DTYPES:
         raise ValueError(f"--SOLVER.AMP_DTYPE {dtype_name!r}: expected one of {', '.join(AMP_DTYPES)}")
+    device_type = device_api(device_type)
     if not enabled or (device_type == "cpu" and not on_cpu):
         return None, False
     if dtype_name == "auto":
@@ -398,21 +435,52 @@ def amp_settings(device_type, enabled, dtype_name="auto", on_cpu=False):
     return dtype, dtype == torch.float16
 
 
+AMP_BACKENDS = ("auto", "native", "apex")
+
+
+def import_apex_amp():
+    """apex.amp when apex is installed (Ascend's fork on an NPU, NVIDIA's elsewhere); None when it is not."""
+    try:
+        from apex import amp
+    except ImportError:
+        return None
+    return amp
+
+
+def amp_backend(requested, device, enabled=True):
+    """(backend, why) for --SOLVER.AMP_BACKEND auto|native|apex on a device: auto takes apex (O2, dynamic loss
+    scale: the seed's recipe) on an NPU where apex imports and native torch.autocast everywhere else; why is the
+    reason, for the run to print once."""
+    if requested not in AMP_BACKENDS:
+        raise ValueError(f"--SOLVER.AMP_BACKEND {requested!r}: expected one of {', '.join(AMP_BACKENDS)}")
+    if requested != "auto":
+        return requested, f"SOLVER.AMP_BACKEND {requested}"
+    if not enabled:
+        return "native", "auto: USE_MIXED_PRECISION False, so no mixed precision"
+    api = device_api(device)
+    if api != "npu":
+        return "native", f"auto: apex is for an NPU, this run is on {api}"
+    if import_apex_amp() is None:
+        return "native", ("auto: an NPU without apex, so native torch.autocast; Ascend's apex gives the seed's "
+                          "apex O2 (requirements-npu.txt)")
+    return "apex", "auto: an NPU with apex installed, the seed's apex O2 with a dynamic loss scale"
+
+
 def memory_format(device):
     """Channels-last on accelerators (faster convolutions there); the tensors' own layout on the CPU."""
-    return torch.channels_last if device.type != "cpu" else torch.preserve_format
+    return torch.channels_last if device_api(device) != "cpu" else torch.preserve_format
 
 
 def autocast(device, dtype):
     """torch.autocast on any device type (npu included), or a no-op when dtype is None."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device_api(device), dtype=dtype)
 
 
 def make_grad_scaler(device, needed):
     """Native loss scaler for fp16: torch.amp.GradScaler, or torch_npu's on an NPU."""
-    if device.type == "npu":
+    if device_api(device) == "npu":
         import torch_npu  # noqa: F401
         return torch.npu.amp.GradScaler(enabled=needed)
     return torch.amp.GradScaler(device.type, enabled=needed)
@@ -420,8 +488,9 @@ def make_grad_scaler(device, needed):
 
 def synchronize(device):
     """Wait for the device's queued work (for honest timings)."""
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize(device)
+    api = device_api(device)
+    if api != "cpu":
+        getattr(torch, api).synchronize(device)
 
 
 def timed(fn, device, repeats=1, warmup=0):

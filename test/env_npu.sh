@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ascend CANN environment; sourced by the wrappers only where /usr/local/Ascend exists.
+# Ascend CANN environment; sourced by the wrappers only where $CANN_ROOT (default /usr/local/Ascend) exists.
 CANN_ROOT=${CANN_ROOT:-/usr/local/Ascend}
 for f in "$CANN_ROOT/ascend-toolkit/set_env.sh" "$CANN_ROOT/nnae/set_env.sh"; do
   if [ -f "$f" ]; then source "$f"; break; fi

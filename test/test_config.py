@@ -172,7 +172,7 @@ def test_ignored_lightning_keys_are_accepted_and_named_once():
 
 
 # ---------------------------------------------------------------------------------------------------
-# The schedule and the optimizer's groups, against the original's mechanism run with torch's own classes
+# The schedule and the optimizer's group, against the original's mechanism run with torch's own classes
 
 def original_lrs(cfg):
     """The lr of each epoch as the original sets it: warm-up overwrites the lr at every step of a warm-up
@@ -204,10 +204,18 @@ def test_lr_schedule_follows_the_originals_warmup_and_scheduler(flags):
     assert ours == pytest.approx(original_lrs(cfg), rel=1e-9, abs=1e-15)
 
 
-def test_biases_get_weight_decay_bias():
-    cfg, _, _ = config.parse(["SOLVER.WEIGHT_DECAY", "0.01", "SOLVER.WEIGHT_DECAY_BIAS", "0"])
+def test_weight_decay_bias_does_what_the_original_does_nothing_and_a_run_says_so(tmp_path, capsys):
+    cfg, _, given = config.parse(["SOLVER.WEIGHT_DECAY", "0.01", "SOLVER.WEIGHT_DECAY_BIAS", "0",
+                                  "OUTPUT_DIR", str(tmp_path)])
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model[1].bias.requires_grad_(False)  # frozen (the BNNeck's bias): left out, as the original leaves it
     optimizer, _, _ = train.build_optimizers(cfg, model, torch.nn.Linear(1, 1))
-    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
-    assert decay[id(model[0].bias)] == 0 and decay[id(model[1].bias)] == 0
-    assert decay[id(model[0].weight)] == 0.01 and decay[id(model[1].weight)] == 0.01
+    # the original's solver/build.py: one Adam group, weight_decay=SOLVER.WEIGHT_DECAY, biases included
+    assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == \
+        {id(model[0].weight), id(model[0].bias), id(model[1].weight)}
+    train.write_config(cfg, given)  # what a run prints before its first step
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: accepted and ignored")]
+    assert len(note) == 1 and "SOLVER.WEIGHT_DECAY_BIAS (the original defines it and never reads it" in note[0]
+    train.write_config(*config.parse(["SOLVER.WEIGHT_DECAY", "0.01", "OUTPUT_DIR", str(tmp_path)])[::2])
+    assert "WEIGHT_DECAY_BIAS" not in capsys.readouterr().out  # not set: nothing to say

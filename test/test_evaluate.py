@@ -229,6 +229,52 @@ def test_centroids_agree_with_a_per_query_reference(keep_camid_centroids):
     assert res["num_skipped_queries"] == skipped
 
 
+def original_cosine(x, y):
+    """The original's get_cosine (utils/reid_metric.py): |1 - cos|, clamped at 1e-12."""
+    sims = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(y, dim=1).T
+    return (1 - sims).abs().clamp(min=1e-12)
+
+
+def test_distance_func_cosine_ranks_by_cosine_without_feat_norm():
+    gen = torch.Generator().manual_seed(4)
+    g_pids = torch.randint(1, 12, (150,), generator=gen).numpy()
+    q_pids = torch.randint(1, 12, (40,), generator=gen).numpy()
+    g_camids, q_camids = np.zeros(150, dtype=np.int64), np.ones(40, dtype=np.int64)
+    centres = torch.randn(12, 8, generator=gen)
+    # raw embeddings whose lengths vary 25-fold: Euclidean and cosine distances rank them differently
+    g_feats = (centres[g_pids] + torch.randn(150, 8, generator=gen)) * torch.rand(150, 1, generator=gen) * 5 + 0.2
+    q_feats = (centres[q_pids] + torch.randn(40, 8, generator=gen)) * torch.rand(40, 1, generator=gen) * 5 + 0.2
+    problem = (q_feats, q_pids, q_camids, g_feats, g_pids, g_camids)
+    flags = {"normalize_centroids": False, "keep_camid_centroids": False, "centroid_protocol": "all"}  # FEAT_NORM false
+    cosine = ev.evaluate_features(*problem, distance="cosine", **flags)
+    euclidean = ev.evaluate_features(*problem, **flags)
+    per_image = reference_rank(original_cosine(q_feats, g_feats).numpy(), q_pids, g_pids, q_camids, g_camids)
+    assert cosine["image"]["mAP"] == pytest.approx(per_image["mAP"], abs=1e-6)
+    np.testing.assert_allclose(cosine["image"]["cmc"], per_image["cmc"], atol=1e-9)
+    assert abs(euclidean["image"]["mAP"] - cosine["image"]["mAP"]) > 0.01  # the two rankings differ here
+    # centroids (no cameras): each identity's mean raw embedding, compared by cosine, under every rule
+    c_pids = np.unique(g_pids)
+    centroids = torch.stack([g_feats[torch.from_numpy(g_pids == p)].mean(0) for p in c_pids])
+    per_centroid = reference_rank(original_cosine(q_feats, centroids).numpy(), q_pids, c_pids, q_camids,
+                                  np.zeros(len(c_pids), dtype=np.int64))
+    for key in ("centroid", "centroid_original", "centroid_original_fixed"):
+        assert cosine[key]["mAP"] == pytest.approx(per_centroid["mAP"], abs=1e-6), key
+    # re-ranking starts from the cosine distances too: those of the normalised embeddings
+    unit_problem = (ev._normalize(q_feats), q_pids, q_camids, ev._normalize(g_feats), g_pids, g_camids)
+    reranked = ev.evaluate_reranked(*problem, distance="cosine", **flags)
+    assert reranked["image"]["mAP"] == pytest.approx(ev.evaluate_reranked(*unit_problem, **flags)["image"]["mAP"])
+    with pytest.raises(ev.EvaluationError, match="distance 'manhattan' is unknown.*euclidean, cosine"):
+        ev.evaluate_features(*problem, distance="manhattan")
+
+
+def test_training_and_evaluate_py_rank_by_solver_distance_func():
+    import config
+    cfg = config.parse(["SOLVER.DISTANCE_FUNC", "cosine", "TEST.FEAT_NORM", "False"])[0]
+    arguments = ev.evaluation_arguments(cfg, has_cameras=True)
+    assert arguments["distance"] == "cosine" and arguments["normalize_centroids"] is False
+    assert ev.evaluation_arguments(config.parse([])[0], True)["distance"] == "euclidean"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Features, model evaluation, the table, the benchmark
 

@@ -1,5 +1,5 @@
-"""The PK identity sampler: the properties of both samplers, and the random_identity draw against a plain
-loop port of the original's RandomIdentitySampler."""
+"""The PK identity sampler: the properties of both samplers, the random_identity draw against a plain loop port of
+the original's RandomIdentitySampler, and the fill of a short chunk against a loop port of the original's loader."""
 import collections
 import random
 import time
@@ -7,7 +7,15 @@ import time
 import numpy as np
 import pytest
 
-from sampler import SAMPLERS, PKSampler, describe_batch, identity_chunks, sampler_statistics, simulated_pids
+from sampler import (
+    SAMPLERS,
+    PKSampler,
+    describe_batch,
+    identity_chunks,
+    random_identity_steps,
+    sampler_statistics,
+    simulated_pids,
+)
 from utils import DataError
 
 
@@ -114,7 +122,49 @@ def test_short_identities_are_topped_up_with_their_own_images(sampler):
             for group in np.array(batch).reshape(4, 4):
                 own = [i for i, p in enumerate(pids) if p == pids[group[0]]]
                 assert set(group) <= set(own)  # never another identity's image, never a mock
-                assert len(set(group)) == min(4, len(own))  # distinct images while there are enough
+                real = len(set(group))  # the chunk's own images, then draws from them
+                assert len(set(group[:real])) == real and set(group[real:]) <= set(group[:real])
+
+
+def original_chunks(images, num_instances, rnd):
+    """The chunks of one identity in one epoch as the original's loader makes them (datasets/bases.py
+    BaseDatasetLabelledPerPid.__getitem__, one worker): its images shuffled and popped K at a time; a last chunk of
+    r < K images gets K - r draws from those r, with replacement; its sampler never asks for the chunk of a single
+    leftover image (n mod K = 1)."""
+    pool = list(images)
+    rnd.shuffle(pool)
+    chunks = []
+    for _ in range(int(identity_chunks(np.array([len(pool)]), num_instances)[0])):
+        left = pool[:]  # its list_of_samples: the images not popped yet
+        chunk = [pool.pop(0) for _ in range(min(num_instances, len(left)))]
+        chunk += [left[rnd.randrange(len(left))] for _ in range(num_instances - len(chunk))]
+        chunks.append(chunk)
+    return chunks
+
+
+def chunk_pattern(chunks):
+    """An identity's chunks of one epoch with each image renamed by its first appearance (0, 1, ...): the shape of
+    the fill without the identity's random image order."""
+    names = {}
+    return tuple(tuple(names.setdefault(image, len(names)) for image in chunk) for chunk in chunks)
+
+
+def test_a_short_chunk_is_filled_from_its_own_images_with_replacement_as_the_original():
+    counts, num_epochs = [2, 5, 6], 600  # n = 2: one short chunk; 5: one full, one image dropped; 6: full, then short
+    pids = make_pids(counts)
+    pk = PKSampler(pids, num_ids=1, num_instances=4, seed=0)  # one chunk a step, every chunk drawn each epoch
+    rnd = random.Random(0)
+    ours, original = collections.Counter(), collections.Counter()
+    for number in range(num_epochs):
+        chunks = collections.defaultdict(list)  # identity -> its chunks, in the order drawn
+        for batch in epoch(pk, number):
+            chunks[pids[batch[0]]].append(batch)
+        for identity, n in enumerate(counts):
+            ours[n, chunk_pattern(chunks[identity])] += 1 / num_epochs
+            original[n, chunk_pattern(original_chunks(range(n), 4, rnd))] += 1 / num_epochs
+    assert set(ours) == set(original)  # n = 2 and 6: [0 1 | x y] with x, y in {0, 1}: four fills; n = 5: none
+    assert max(abs(ours[key] - original[key]) for key in original) < 0.1  # each fill about 1/4 in both
+    assert len(original) == 4 + 1 + 4
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -153,6 +203,39 @@ def test_impossible_settings_say_what_is_possible():
     with pytest.raises(DataError, match="unknown sampler 'random'.*random_identity, balanced"):
         PKSampler(pids, num_ids=2, num_instances=4, sampler="random")
     assert describe_batch(16, 4) == "16 identities × 4 images = 64 images per device"
+
+
+def original_loader_epoch(pids, num_ids, num_instances, workers, rng, rnd):
+    """One epoch of the original's loader with USE_RESAMPLING False: its sampler's steps (the draw port below is
+    ours, checked against its loop in test_random_identity_draws_as_the_originals_loop), batch i fetched by worker
+    i mod W, each worker popping K of an identity's images from its own copy of the data set, made afresh every
+    epoch, and padding with mocks when its copy has fewer left. -> (fraction of mock slots, distinct images)."""
+    counts = np.bincount(pids)
+    images_of = [list(np.flatnonzero(pids == p)) for p in range(len(counts))]
+    steps = random_identity_steps(identity_chunks(counts, num_instances), num_ids, rng)
+    copies, mocks, used = {}, 0, set()
+    for number, step in enumerate(steps):
+        copy = copies.setdefault(number % workers, [list(images) for images in images_of])
+        for identity in step:
+            rnd.shuffle(copy[identity])
+            taken = [copy[identity].pop(0) for _ in range(min(num_instances, len(copy[identity])))]
+            used.update(taken)
+            mocks += num_instances - len(taken)
+    return mocks / steps.size / num_instances, len(used)
+
+
+def test_the_originals_worker_copies_rarely_pad_and_repeat_images_an_accident_we_do_not_copy():
+    pids = np.array(simulated_pids("market"))
+    rng, rnd = np.random.default_rng(0), random.Random(0)
+    one_worker = original_loader_epoch(pids, 16, 4, 1, rng, rnd)
+    eight_workers = original_loader_epoch(pids, 16, 4, 8, rng, rnd)  # its NUM_WORKERS = cpu_count // len(GPU_IDS)
+    ours = PKSampler(pids.tolist(), 16, 4, use_resampling=False)
+    batches = np.array(epoch(ours, 0))
+    ours_stats = (batches >= len(pids)).mean(), len(np.unique(batches[batches < len(pids)]))
+    # docs/training.md: about 0.2% mock slots and 9,200 distinct images with 8 workers, 4.4% and 12,600 here
+    assert eight_workers[0] < 0.005 and 8_800 < eight_workers[1] < 9_600
+    assert 0.04 < ours_stats[0] < 0.05 and 12_400 < ours_stats[1] < 12_800
+    assert abs(one_worker[0] - ours_stats[0]) < 0.005  # with one worker the original pads as we do
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import platform
 import shlex
 import signal
 import subprocess
@@ -186,36 +187,38 @@ def test_apex_backend_without_apex_says_what_is_missing(synthetic_root, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------------
-# the Ascend-style wrappers
+# the Ascend-style wrappers (the train_performance_* ones run on the NPU doubles: test_npu.py)
 
-SUMMARY_KEYS = ("Network", "RankSize", "BatchSize", "DeviceType", "CaseName", "ActualFPS", "TrainingTime",
-                "TrainAccuracy", "ActualLoss", "E2ETrainingTime")
+SUMMARY_KEYS = ("Network", "RankSize", "BatchSize", "DeviceType", "Accelerator", "CaseName", "ActualFPS", "FPSSteps",
+                "WarmupSteps", "TrainingTime", "TrainAccuracy", "ActualLoss", "E2ETrainingTime")
 
 
-@pytest.mark.parametrize("script,rank_size", [("train_performance_1p.sh", 1), ("train_full_1p.sh", 1),
-                                              ("train_performance_8p.sh", 2), ("train_full_8p.sh", 2)])
+@pytest.mark.parametrize("script,rank_size", [("train_full_1p.sh", 1), ("train_full_8p.sh", 2)])
 def test_wrappers_run_on_the_cpu_and_fill_every_summary_key(synthetic_root, script, rank_size, tmp_path):
-    device_id = {"train_performance_1p.sh": 91, "train_full_1p.sh": 92,
-                 "train_performance_8p.sh": 93, "train_full_8p.sh": 94}[script]
+    device_id = {"train_full_1p.sh": 92, "train_full_8p.sh": 94}[script]
     tiny = tiny_flags(synthetic_root, "ignored")[6:]  # everything after data set and output flags
-    # the 1-device performance wrapper reads the Market recipe (configs/market1501_256_resnet50.yml)
-    recipe = script == "train_performance_1p.sh"
+    # the 1-device wrapper reads the Market recipe (configs/market1501_256_resnet50.yml)
+    recipe = script == "train_full_1p.sh"
     dataset = ["--dataset=market1501", "--MODEL.PRETRAIN_PATH", "", "--MODEL.BACKBONE_EMB_SIZE", "0"] if recipe \
         else ["--dataset=synthetic"]
     args = ["bash", f"test/{script}", f"--data_path={synthetic_root}/synthetic", f"--device_id={device_id}",
             *dataset, *tiny, "--SOLVER.MAX_EPOCHS", "1", "--SOLVER.IMS_PER_BATCH", "2"]
     if rank_size > 1:
         args.append(f"--rank_size={rank_size}")
-    result = run_script(args, env={"MASTER_PORT": str(29620 + device_id), "TEST_OUTPUT_DIR": str(tmp_path)})
+    result = run_script(args, env={"MASTER_PORT": str(29620 + device_id), "TEST_OUTPUT_DIR": str(tmp_path),
+                                   "PYTHON": sys.executable})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Final Performance images/sec" in result.stdout
     out_dir = os.path.join(tmp_path, str(device_id))
-    case = f"CTL_resnet18_bs2_{rank_size}p_acc"  # the backbone and P the flags asked for
+    case = f"CTL_resnet18_bs2_{rank_size}p_acc"  # the backbone and P the flags asked for; train_full_*: _acc
     with open(os.path.join(out_dir, f"{case}.log")) as f:
         summary = dict(line.rstrip("\n").split(" = ", 1) for line in f)
     assert set(SUMMARY_KEYS) <= set(summary) and all(summary[k] for k in SUMMARY_KEYS)
     assert float(summary["ActualFPS"]) > 0 and 0 < float(summary["TrainAccuracy"]) <= 1
-    assert summary["RankSize"] == str(rank_size) and summary["DeviceType"] == "cpu"
+    assert summary["RankSize"] == str(rank_size) and summary["Accelerator"] == "cpu"
+    assert summary["DeviceType"] == platform.machine()  # uname -m, as ModelZoo's wrappers write it
+    with open(os.path.join(out_dir, f"train_{case}_loss.txt")) as f:
+        assert float(f.read().split()[-1]) == float(summary["ActualLoss"])
     assert os.path.exists(os.path.join(out_dir, f"train_{device_id}.log"))
     written, _, _ = config.parse(["--config_file", os.path.join(out_dir, "config.yaml")])
     # the recipe's own values (the rest are overridden by the wrapper and the tiny flags)
