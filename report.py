@@ -952,11 +952,14 @@ def build_page(evaluation, settings, evaluator):
     """(the report's HTML text, the number of queries its lists hold)."""
     total = len(evaluation.query)
     held = total if settings.limit <= 0 else min(settings.limit, total)
-    problem = problem_of(evaluation, settings)
-    sources = [image_source(problem, settings, evaluator, evaluation.gallery)]
-    if settings.centroids and evaluation.results.get("centroid") is not None:
-        sources.append(centroid_source(problem, settings, evaluator, evaluation.gallery))
     with torch.inference_mode():
+        problem = problem_of(evaluation, settings)
+        sources = [image_source(problem, settings, evaluator, evaluation.gallery)]
+        if settings.centroids and evaluation.results.get("centroid") is not None:
+            source = centroid_source(problem, settings, evaluator, evaluation.gallery)
+            if evaluation.results["centroid"].get("protocol", "standard") != "standard":  # the metrics' rule differs
+                source = source._replace(title="per centroid (standard rule)")
+            sources.append(source)
         rankings = [rank_queries(source, problem.q_pids, settings, evaluator, held) for source in sources]
     data = page_data(evaluation, rankings, held, settings.thumb)
     return render_page(evaluation, settings, evaluator, rankings, data,
