@@ -915,8 +915,8 @@ def bench_report(args):
     num_query, num_gallery, num_ids = args.metrics_size
     # at 2048-d the default noise separates every identity: 3.5 gives R1 ~95%, mAP ~65% (failures to show)
     noise = 3.5 if args.centroid_dim >= 1024 else 0.95
-    q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = synthetic_problem(num_query, num_gallery, num_ids, 6,
-                                                                             dim=args.centroid_dim, noise=noise)
+    q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = synthetic_problem(
+        num_query, num_gallery, num_ids, 6, dim=args.centroid_dim, noise=noise, device=str(args.device))
     results = evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids)
     with tempfile.TemporaryDirectory(prefix="bench_report_") as tmp:
         rng = np.random.default_rng(0)
