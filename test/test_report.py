@@ -7,6 +7,7 @@ import html.parser
 import io
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import time
@@ -329,7 +330,7 @@ def test_chromium_shows_the_page_and_filters_the_failures_on_a_click(chromium, p
     for domain in ("Runtime", "Log", "Page", "Network"):
         chromium.call(f"{domain}.enable")
     chromium.call("Emulation.setDeviceMetricsOverride", width=1300, height=1000, deviceScaleFactor=1, mobile=False)
-    chromium.call("Page.navigate", url=f"file://{os.path.abspath(path)}")
+    chromium.call("Page.navigate", url=pathlib.Path(path).resolve().as_uri())
     chromium.wait_for("Page.loadEventFired")
     rows = ("Array.from(document.querySelectorAll('#query-rows tr.query-row'))"
             ".map(function (tr) { return tr.dataset.query; })")
