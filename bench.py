@@ -1,7 +1,7 @@
 """Measured speed of every stage: loader, training step (vs the bare backbone step), end to end, feature
 extraction, the evaluator (against np.argsort, and on a 1,000,000-item gallery), the centroid protocols, retrieval
-search (per image vs per centroid index, exact vs faiss), the pre-flight image check, the losses and k-reciprocal
-re-ranking. Prints one table (stage | figure |
+search (per image vs per centroid index, exact vs faiss), the pre-flight image check, the losses, k-reciprocal
+re-ranking and the HTML evaluation report. Prints one table (stage | figure |
 value | unit | device | dtype | batch | input) and, with --json, writes the same rows.
 
     python bench.py                               # CPU preset, < 5 minutes on 2 cores
@@ -14,6 +14,7 @@ value | unit | device | dtype | batch | input) and, with --json, writes the same
     python bench.py --stages rerank               # k-reciprocal re-ranking at Market-1501 size only
     python bench.py --device cpu --stages metrics large-gallery   # the evaluator vs np.argsort; 1,000,000 items
     python bench.py --device cpu --stages search  # retrieve.py's index: per image vs per centroid, exact vs faiss
+    python bench.py --device cpu --stages report  # the HTML report of a Market-sized simulated evaluation
 
 Every eager training figure runs train.py's own code: train.build_optimizers, train.train_one_epoch
 (train.train_step) on a batch already on the device (the step) or on the real loader (end to
@@ -44,9 +45,11 @@ from data import build_datasets, build_test_loader, build_train_loader, read_dat
 from device_data import DeviceAugmentLoader, device_test_batches
 from evaluate import (
     CENTROID_PROTOCOLS,
+    REPORT_EVALUATOR,
     EvaluationError,
     evaluate_centroids,
     evaluate_feature_ranks,
+    evaluate_features,
     evaluate_rank,
     extract_features,
     identity_centroids,
@@ -56,9 +59,10 @@ from evaluate import (
 from image_check import dataset_paths, find_bad_images
 from loss import CenterLoss, compute_losses
 from model import ARCHS, build_model
+from report import Evaluation, Settings, write_report
 from rerank import rerank_distances
 from retrieve import SHARED, RetrievalError, build_index, import_faiss, search_exact, search_index
-from synthetic import synthesize
+from synthetic import draw_camera, draw_identity, render_image, synthesize
 from utils import DataError
 
 # Defaults of each preset; any flag given on the command line wins.
@@ -82,7 +86,7 @@ PRESETS = {
                    large_gallery=[200, 1_000_000, 100_000, 64], large_search=[1_000_000, 256, 100]),
 }
 STAGES = ("loader", "step", "e2e", "features", "metrics", "large-gallery", "centroids", "search", "preflight", "losses",
-          "rerank")
+          "rerank", "report")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -123,7 +127,7 @@ def get_args_parser():
     p.add_argument("--images-per-id", type=int, help="mean images per identity of the synthetic data set")
     p.add_argument("--feature-images", type=int, help="images embedded in the feature stage (0: all)")
     p.add_argument("--metrics-size", type=int, nargs=3, metavar=("QUERIES", "GALLERY", "IDS"),
-                   help="evaluator problem (default Market-1501's 3368 15913 751)")
+                   help="evaluator and report problem (default Market-1501's 3368 15913 751)")
     p.add_argument("--large-gallery", type=int, nargs=4, metavar=("QUERIES", "GALLERY", "IDS", "DIM"),
                    help="large-gallery stage: the evaluator streaming distances (default 200 1000000 100000 64)")
     p.add_argument("--large-search", type=int, nargs=3, metavar=("GALLERY", "DIM", "BATCH"),
@@ -890,6 +894,52 @@ def bench_rerank(args):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Stage 9: the HTML evaluation report
+
+REPORT_POOL = 64  # generated person images the simulated items' files share
+
+
+def simulated_items(folder, pids, camids, split, pool):
+    """(path, pid, camid) items whose files are hard links to the pool's images under Market-style names: each item
+    is a file of its own, read, resized and encoded for the report as a distinct image."""
+    items = []
+    for i, (pid, camid) in enumerate(zip(pids.tolist(), camids.tolist())):
+        path = os.path.join(folder, f"{split}_{pid:04d}_c{camid + 1}s1_{i:06d}_00.jpg")
+        os.link(pool[i % len(pool)], path)
+        items.append((path, pid, camid))
+    return items
+
+
+def bench_report(args):
+    """report.write_report of a simulated evaluation the size of --metrics-size (Market-1501: 3,368 queries, 15,913
+    gallery images): seconds and the page's size. Embeddings are synthetic_problem's (--centroid-dim wide, noisy
+    enough for failures); every item's file is a hard link to one of REPORT_POOL generated 128x64 person images
+    (synthetic.py)."""
+    num_query, num_gallery, num_ids = args.metrics_size
+    # at 2048-d the default noise separates every identity: 3.5 gives R1 ~95%, mAP ~65% (failures to show)
+    noise = 3.5 if args.centroid_dim >= 1024 else 0.95
+    q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = synthetic_problem(
+        num_query, num_gallery, num_ids, 6, dim=args.centroid_dim, noise=noise, device=str(args.device))
+    results = evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids)
+    with tempfile.TemporaryDirectory(prefix="bench_report_") as tmp:
+        rng = np.random.default_rng(0)
+        pool = [os.path.join(tmp, f"pool_{i}.jpg") for i in range(REPORT_POOL)]
+        for path in pool:
+            render_image(rng, draw_identity(rng), draw_camera(rng), (128, 64)).save(path, quality=90)
+        evaluation = Evaluation(simulated_items(tmp, q_pids, q_camids, "query", pool), simulated_items(
+            tmp, g_pids, g_camids, "gallery", pool), q_feats, g_feats, results, source="simulated embeddings",
+            dataset="simulated")
+        written = write_report(os.path.join(tmp, "report.html"), evaluation, Settings(), REPORT_EVALUATOR)
+    print(f"  wrote a report of {written.held} queries, {num_gallery} gallery images: {written.bytes / 2**20:.1f} MiB "
+          f"in {written.seconds:.1f} s", flush=True)
+    size, device = (f"{num_query}+{num_gallery}", args.centroid_dim), args.device
+    figure = f"write_report: {num_query} queries x top 10 per image and per centroid, 64x32 thumbnails"
+    return [make_row("report", f"{figure}, {plural(torch.get_num_threads(), 'thread')}", written.seconds, "s",
+                     device, "fp32", "-", size),
+            make_row("report", "the page's size", written.bytes / 2**20, "MiB", device, "fp32", "-", size)]
+
+
+# ---------------------------------------------------------------------------------------------------
 # Main
 
 def step_configs(args):
@@ -1012,7 +1062,8 @@ def planned_runs(args, root, notes):
              "search": ("retrieval search", lambda: bench_search(args, notes)),
              "preflight": ("the pre-flight image check", lambda: bench_preflight(args, root)),
              "losses": ("the four losses against the model", lambda: bench_losses(args)),
-             "rerank": ("k-reciprocal re-ranking", lambda: bench_rerank(args))}
+             "rerank": ("k-reciprocal re-ranking", lambda: bench_rerank(args)),
+             "report": ("the HTML evaluation report", lambda: bench_report(args))}
     runs += [later[stage] for stage in later if stage in args.stages]
     return runs + steps[len(args.dtypes):] + graphed_compiled
 

@@ -125,6 +125,11 @@ SCHEMA = [
     ("TEST.CENTROID_PROTOCOL", "standard", "ours: standard (the Market rule on centroids) | original (the original's "
      "code, its camera-index bug included: the paper's numbers) | original_fixed | all (the three side by side)",
      ("standard", "original", "original_fixed", "all")),
+    ("TEST.REPORT", "", "ours: write the evaluation as one self-contained HTML page to this file (ranked lists per "
+     "image and per centroid, failures, CMC curves, distance histograms, per-identity AP; '' = off); train.py "
+     "rewrites it after every evaluation", None),
+    ("TEST.REPORT_LIMIT", 0, "ours: at most this many queries (the first ones) in TEST.REPORT's ranked lists; 0 = all; "
+     "the page says when it was cut", None),
     ("GPU_IDS", (), "device ids the local ranks use, e.g. [0] or 0 1 2 3 (default: all visible)", None),
     ("LOG_DIR", "", "where TensorBoard event files go (default: OUTPUT_DIR; needs the tensorboard package)", None),
     ("USE_MIXED_PRECISION", True, "mixed precision on accelerators (SOLVER.AMP_DTYPE; the CPU runs fp32)", None),

@@ -27,6 +27,7 @@ import utils
 from data import build_datasets, build_test_loader, item_labels, load_image, read_dataset
 from device_data import device_test_batches
 from model import model_from_checkpoint
+from report import Evaluator, write_config_report
 from rerank import rerank_distances
 from utils import DataError
 from visualize import visualize_evaluation
@@ -833,7 +834,14 @@ def evaluation_arguments(cfg, has_cameras):
 
 
 OPTIONS = [("visualize", ("--visualize",), "", "write ranked lists and the CMC curves as PNG files to DIR "
-              "(as TEST.VISUALIZE yes does, into OUTPUT_DIR/visualize)")]
+              "(as TEST.VISUALIZE yes does, into OUTPUT_DIR/visualize)"),
+           ("report", ("--report",), "", "write the evaluation as one self-contained HTML page to FILE "
+            "(as TEST.REPORT)"),
+           ("report_limit", ("--report-limit",), "", "at most N queries in the page's ranked lists, the first ones "
+            "(as TEST.REPORT_LIMIT; 0 = all)")]
+REPORT_FLAGS = {"report": "TEST.REPORT", "report_limit": "TEST.REPORT_LIMIT"}
+# the report ranks with the evaluator's own functions: report.py sits below this module, which writes reports
+REPORT_EVALUATOR = Evaluator(squared_distances, identity_centroids, evaluate_rank, rerank_distances, PROTOCOL_NOTES)
 
 
 def evaluate_checkpoint(cfg, checkpoint, given=(), visualize_dir=""):
@@ -855,6 +863,7 @@ def evaluate_checkpoint(cfg, checkpoint, given=(), visualize_dir=""):
     if cfg.TEST.RERANK:  # the same embeddings without re-ranking, for comparison
         plain = evaluate_features(q_feats, *item_labels(data["query"]), g_feats, *item_labels(data["gallery"]),
                                   raw_feats=True, **evaluation_arguments(cfg, data["has_cameras"]))
+    write_config_report(cfg, data, (results, (q_feats, g_feats)), REPORT_EVALUATOR, checkpoint, plain)
     if cfg.TEST.FEAT_NORM:
         q_feats, g_feats = _normalize(q_feats), _normalize(g_feats)
     visualize_dir = visualize_dir or (os.path.join(cfg.OUTPUT_DIR, "visualize") if cfg.TEST.VISUALIZE == "yes" else "")
@@ -891,6 +900,11 @@ def evaluate_command(argv):
     """The evaluation command line: parse the configuration, evaluate the checkpoint, print; returns the results.
     Bad input raises UserError."""
     cfg, opts, given = config.parse_args(argv, OPTIONS, prog="evaluate.py")
+    try:
+        cfg = cfg.replace({key: config.coerce(key, opts[dest], f"--{dest.replace('_', '-')}")
+                           for dest, key in REPORT_FLAGS.items() if opts[dest]})
+    except config.ConfigError as err:
+        raise EvaluationError(str(err)) from None
     return evaluate_checkpoint(cfg, cfg.TEST.WEIGHT or cfg.MODEL.PRETRAIN_PATH, given, opts["visualize"])
 
 

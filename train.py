@@ -28,7 +28,7 @@ import visualize
 from cuda_graph import WARMUP_STEPS, GraphedStep, StepHalves, graph_supported, has_sync_bn
 from data import build_datasets, build_train_loader
 from device_data import DeviceAugmentLoader
-from evaluate import evaluate_checkpoint, evaluate_splits, format_results
+from evaluate import REPORT_EVALUATOR, evaluate_checkpoint, evaluate_splits, format_results
 from image_check import (
     GuardedImages,
     bad_images_report,
@@ -40,6 +40,7 @@ from image_check import (
 )
 from loss import CenterLoss, build_center_optimizer, compute_losses, scale_center_grads
 from model import build_model, load_weights, stem_relu_message, synchronise_batch_norms
+from report import write_config_report
 from sampler import PKSampler
 from utils import DataError
 
@@ -799,10 +800,12 @@ def evaluate_epoch(state, data, cfg, device, rank, world_size):
     """evaluate_splits's results (rank 0), surviving a query or gallery file that cannot be read. Without
     DATALOADER.SKIP_BAD: BadImageStop on every rank (the epoch is trained: a resumed run evaluates it). With it:
     rank 0 finds the bad files, every rank leaves them out of data for good (skipped.txt), and the evaluation
-    is repeated."""
+    is repeated. With TEST.REPORT, rank 0 then writes the evaluation's HTML page (a failure to write is a warning)."""
     while True:
         try:
-            return evaluate_splits(state.model, data, cfg, device, state.amp_dtype, rank, world_size)[0]
+            evaluated = evaluate_splits(state.model, data, cfg, device, state.amp_dtype, rank, world_size)
+            write_config_report(cfg, data, evaluated, REPORT_EVALUATOR)
+            return evaluated[0]
         except DataError as err:  # every rank gets it, with the message of the rank that met the file
             if not cfg.DATALOADER.SKIP_BAD:
                 raise BadImageStop(str(err)) from None
