@@ -38,6 +38,7 @@ import torch
 import torchvision
 
 import config
+import faults
 import train
 import utils
 from cuda_graph import WARMUP_STEPS, graph_supported
@@ -57,7 +58,7 @@ from evaluate import (
     squared_distances,
 )
 from image_check import dataset_paths, find_bad_images
-from loss import CenterLoss, compute_losses
+from loss import CenterLoss, LossSpec, compute_losses
 from model import ARCHS, build_model
 from report import Evaluation, Settings, write_report
 from rerank import rerank_distances
@@ -389,7 +390,7 @@ def bench_step(args, dtype, compiled, num_ids, notes):
     mode = {"mode": args.compile_mode} if args.compile_mode != "default" else {}
     state = train.TrainState(model, center_loss, *optimizers, full_scaler, None,
                              train_model=torch.compile(model, **mode) if compiled else model, amp_dtype=amp_dtype,
-                             loss_kwargs=train.loss_arguments(cfg), num_instances=K)
+                             losses=train.loss_spec(cfg))
 
     def pooled(x):  # the backbone and global average pooling: [B, 3, H, W] -> [B, D]
         return model.backbone(x).mean(dim=(2, 3))
@@ -449,7 +450,7 @@ def bench_graph_step(args, dtype, num_ids, compiled=False):
     cfg, model, center_loss, optimizers, (images, pids, _, _) = step_setup(args, dtype, num_ids)
     mode = {"mode": args.compile_mode} if args.compile_mode != "default" else {}
     state = train.TrainState(model, center_loss, *optimizers, amp_for(dtype, device)[1], None, amp_dtype=amp_dtype,
-                             loss_kwargs=train.loss_arguments(cfg), num_instances=args.instances)
+                             losses=train.loss_spec(cfg))
     if compiled:
         state.model = torch.compile(model, **mode)  # the graph trains state.model itself
     graphed = train.graphed_step(state, tuple(images.shape))
@@ -487,7 +488,7 @@ def bench_end_to_end(args, root, device_augment=False, graph=False):
     if args.e2e_compile:
         state.train_model = torch.compile(state.train_model)
     train.build_graphed_step(state, cfg, device)
-    loader, sampler = train.guard_train_loader(loader, cfg), state.sampler
+    loader, sampler = faults.guard_train_loader(loader, cfg), state.sampler
     seconds = waiting = steps = 0.0
     for epoch in range(max(2, args.epochs)):
         sampler.set_epoch(epoch)
@@ -980,7 +981,7 @@ def benchmark_losses(model_name, num_ids, num_instances, size, device, amp_dtype
     def loss_step():
         feat.grad = logits.grad = center_loss.centers.grad = None
         with utils.autocast(device, amp_dtype):
-            total, _ = compute_losses(feat, logits, pids, center_loss, num_instances)
+            total, _ = compute_losses(feat, logits, pids, center_loss, LossSpec(num_instances))
         total.backward()
 
     backbone_ms = _median_ms(model_step, device, warmup, iters)

@@ -71,8 +71,9 @@ def write_contract(onnx_path, size, pixel_mean, pixel_std):
     onnx.save(graph, onnx_path)
 
 
-def check_images(folder=None, count=8, size=DEFAULT_SIZE, normalisation=(IMAGENET_MEAN, IMAGENET_STD)):
-    """[count, 3, H, W] test-transformed images from a folder, or from a small generated set when None."""
+def comparison_images(folder=None, count=8, size=DEFAULT_SIZE, normalisation=(IMAGENET_MEAN, IMAGENET_STD)):
+    """The images the ONNX file is checked on: [count, 3, H, W] test-transformed images from a folder, or from a
+    small generated set when None."""
     transform = build_test_transform(size, *normalisation)
     if folder:
         paths = [p for p, _, _ in collect_images([folder])][:count]
@@ -124,7 +125,7 @@ def main(argv=None):
           f"[batch, 3, {size[0]}, {size[1]}] -> embeddings [batch, {model.feat_dim}]")
     if args.no_check:
         return 0
-    images = check_images(args.check_images, size=size, normalisation=normalisation_of(model))
+    images = comparison_images(args.check_images, size=size, normalisation=normalisation_of(model))
     diff = check_onnx(model, args.out, images)
     verdict = "OK" if diff <= args.tolerance else "TOO LARGE"
     print(f"onnxruntime vs PyTorch on {len(images)} images (batches of 1 and {len(images)}): "

@@ -7,6 +7,8 @@ training_step masks them. Masks are weights, not indices, so no loss reads a val
 What they cost against the model's step: `python bench.py --stages losses`.
 """
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -146,21 +148,35 @@ def scale_center_grads(center_loss, center_weight):
             param.grad.mul_(1.0 / center_weight)
 
 
-def compute_losses(feat, logits, pids, center_loss, num_instances, margin=0.5, distance="euclidean",
-                   label_smooth=0.1, ctl_weight=1.0, triplet_weight=1.0, xent_weight=1.0,
-                   center_weight=0.0005, check_layout=True, is_real=None):
-    """Weighted total of the four losses and each (unweighted, detached) term for logging.
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """How the four losses are computed and weighted: K images per identity, the triplets' margin and distance, the
+    cross-entropy's label smoothing, each loss's weight (train.loss_spec builds it from the SOLVER keys), and
+    whether the CTL checks the batch's identity-major layout (a host sync; train.py's sampler guarantees it)."""
+    num_instances: int = 4
+    margin: float = 0.5
+    distance: str = "euclidean"
+    label_smooth: float = 0.1
+    ctl_weight: float = 1.0
+    triplet_weight: float = 1.0
+    xent_weight: float = 1.0
+    center_weight: float = 0.0005
+    check_layout: bool = True
+
+
+def compute_losses(feat, logits, pids, center_loss, spec=LossSpec(), is_real=None):
+    """Weighted total of the four losses (as spec says) and each (unweighted, detached) term for logging.
 
     is_real [B] (the train loader's 4th element): mock images are masked as in each loss's docstring; pass
     the model is_real too (model(images, is_real)), so that its BNNeck normalises with real images only."""
     terms = {
-        "centroid_triplet": centroid_triplet_loss(feat, pids, num_instances, margin, distance, check_layout,
-                                                  is_real),
-        "triplet": batch_hard_triplet_loss(feat, pids, margin, distance, is_real),
-        "xent": cross_entropy_label_smooth(logits, pids, label_smooth, is_real),
+        "centroid_triplet": centroid_triplet_loss(feat, pids, spec.num_instances, spec.margin, spec.distance,
+                                                  spec.check_layout, is_real),
+        "triplet": batch_hard_triplet_loss(feat, pids, spec.margin, spec.distance, is_real),
+        "xent": cross_entropy_label_smooth(logits, pids, spec.label_smooth, is_real),
         "center": center_loss(feat, pids, is_real) if center_loss is not None
         else torch.zeros((), device=feat.device),
     }
-    total = (ctl_weight * terms["centroid_triplet"] + triplet_weight * terms["triplet"]
-             + xent_weight * terms["xent"] + center_weight * terms["center"])
+    total = (spec.ctl_weight * terms["centroid_triplet"] + spec.triplet_weight * terms["triplet"]
+             + spec.xent_weight * terms["xent"] + spec.center_weight * terms["center"])
     return total, {name: value.detach() for name, value in terms.items()}

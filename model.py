@@ -3,11 +3,10 @@
 CTLModel = backbone -> global average pooling -> feature f [B, D] -> BatchNorm1d (bias frozen at 0)
 -> bias-free classifier. Training forward returns (f, logits); eval forward returns BN(f).
 
-Weight files are read with torch.load(weights_only=True): torchvision and IBN-a ImageNet files, our own
-checkpoints (train.py) and Lightning checkpoints of the original centroids-reid.
+Weight files (torchvision and IBN-a ImageNet files, our own checkpoints, Lightning checkpoints of the original
+centroids-reid) are read by checkpoint.read_weights, which owns their format.
 """
 import re
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
-from utils import UserError
+from checkpoint import WeightError, read_weights, recorded_architecture, stem_relu_of, trained_inputs
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
@@ -38,16 +37,6 @@ BACKBONE_EMB_SIZES = {name: arch[1] for name, arch in ARCHS.items()}
 _DEPTHS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
            ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
            ((3, 8, 36, 3), True): "resnet152"}
-
-# top-level modules whose pickled objects in a Lightning .ckpt are only configuration (yacs CfgNode,
-# Lightning's AttributeDict, callback classes used as dict keys): read as plain OrderedDicts
-_CONFIG_MODULES = ("yacs", "pytorch_lightning", "lightning", "lightning_fabric", "omegaconf",
-                   "argparse", "callbacks")
-
-
-class WeightError(UserError):
-    """A weight file is missing, unreadable or does not fit the model."""
-
 
 class IBN(nn.Module):
     """IBN-a norm: InstanceNorm on the first half of the channels, BatchNorm on the rest."""
@@ -262,73 +251,20 @@ def build_model(name="resnet50", num_classes=751, last_stride=1, pretrained=Fals
     return model
 
 
-def _read_file(path):
-    """torch.load(weights_only=True), Lightning config objects read as OrderedDicts; WeightError if not."""
+def _require_file(path):
+    """WeightError when there is no file at path, saying where to download an ImageNet file by name."""
     path = Path(path)
     if not path.is_file():
         known = {spec[2]: spec[3] + spec[2] for spec in ARCHS.values()}  # ImageNet files: say where to get them
         fetch = f" (download {known[path.name]} into {path.parent}/)" if path.name in known else ""
         raise WeightError(f"{path}: no such weight file{fetch}; or train without it: MODEL.PRETRAIN_PATH '' "
                           "MODEL.PRETRAINED False")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError ... on bad files
-        first_error = error
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:
-        unsafe = []
-    if not unsafe:
-        message = str(first_error).strip().splitlines()[0] if str(first_error).strip() else ""
-        raise WeightError(f"{path}: not a PyTorch weight file ({type(first_error).__name__}: {message})")
-    foreign = [g for g in unsafe if g.split(".")[0] not in _CONFIG_MODULES]
-    if foreign:
-        raise WeightError(
-            f"{path}: holds pickled Python objects that safe loading (weights_only=True) refuses: "
-            f"{', '.join(foreign[:4])}. Save the weights as a state_dict instead, e.g. "
-            f"torch.save(model.state_dict(), 'weights.pth') in the program that made the file")
-    # safe: an OrderedDict stands in for each config class, so no code from the file can run
-    with torch.serialization.safe_globals([(OrderedDict, name) for name in unsafe]):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise WeightError(f"{path}: cannot read its configuration objects safely ({error})") from None
 
 
-def _file_kind(obj, path):
-    """(state in CTLModel keys, centers or None, kind label, dropped keys) from a loaded weight file."""
-    if not isinstance(obj, dict):
-        raise WeightError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    if isinstance(obj.get("model"), dict):
-        state, kind = obj["model"], "our checkpoint"
-        centers = (obj.get("center_loss") or {}).get("centers")
-    else:
-        state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
-        centers, kind = None, "state dict"
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise WeightError(f"{path}: {bad[0]!r} is a {type(state[bad[0]]).__name__}, not a tensor")
-    if any(k.startswith("backbone.base.") for k in state):
-        kind, mapped, dropped = "original centroids-reid checkpoint", {}, []
-        for k, v in state.items():
-            if k.startswith("backbone.base.fc."):
-                dropped.append(k)  # the IBN-a net's unused ImageNet classifier
-                continue
-            if k == "center_loss.centers":
-                centers = v
-            elif k == "fc_query.weight":
-                mapped["classifier.weight"] = v
-            else:
-                mapped[k.replace("backbone.base.", "backbone.", 1)] = v
-        return mapped, centers, kind, dropped
-    if "conv1.weight" in state:  # torchvision / IBN-a ImageNet layout; their fc is ImageNet's classifier
-        mapped = {"backbone." + k: v for k, v in state.items() if not k.startswith("fc.")}
-        return mapped, None, "ImageNet weights", [k for k in state if k.startswith("fc.")]
-    if "backbone.conv1.weight" in state:
-        return state, centers, kind, []
-    raise WeightError(f"{path}: unknown key layout (first keys: {', '.join(list(state)[:3])}); expected "
-                      f"torchvision/IBN-a ImageNet weights, our checkpoint or a centroids-reid .ckpt")
+def _read_weights(path):
+    """checkpoint.read_weights of an existing file (its kind, tensors in our keys, metadata)."""
+    _require_file(path)
+    return read_weights(path)
 
 
 def _infer_arch(state):
@@ -345,13 +281,29 @@ def _infer_arch(state):
     return name
 
 
-def _apply_state(model, state, centers, kind, path, dropped=(), center_loss=None, stem_relu=None, notes=()):
-    """Copy a mapped state into model (and centers into center_loss); return the one-line summary."""
-    own = model.state_dict()
-    notes = list(notes) + ([f"skipped {', '.join(dropped)} (ImageNet classifier)"] if dropped else [])
+def _apply_state(model, weights, path, center_loss=None, notes=()):
+    """Copy a checkpoint.WeightFile into model (and its centers into center_loss, with the stem the file records);
+    return the one-line summary."""
+    notes = list(notes) + ([f"skipped {', '.join(weights.dropped)} (ImageNet classifier)"] if weights.dropped else [])
+    stem_relu = stem_relu_of(weights)
     if stem_relu is not None and stem_relu != model.stem_relu:
         model.backbone.relu = nn.ReLU(inplace=True) if stem_relu else nn.Identity()
         notes.append(f"stem {'with' if stem_relu else 'without'} ReLU to match the file")
+    loadable = _loadable_tensors(model, weights.state, path, notes)
+    model.load_state_dict(loadable, strict=False)
+    loaded = f"{len(loadable)} tensors" + _load_centers(center_loss, weights.centers, path, notes)
+    fresh = [name for name in ("bn", "classifier") if not any(k.startswith(name + ".") for k in loadable)]
+    if fresh:
+        notes.append("fresh " + " and ".join(fresh))
+    summary = f"loaded {path} ({weights.kind}): {loaded}" + "".join("; " + n for n in notes)
+    print(summary)
+    return summary
+
+
+def _loadable_tensors(model, state, path, notes):
+    """The tensors of state that fit model (a classifier for another identity count is skipped, with a note);
+    WeightError when the keys or a shape say it is another network."""
+    own = model.state_dict()
     unexpected = [k for k in state if k not in own]
     # old torchvision files predate num_batches_tracked; the model's own counter is kept then
     missing = [k for k in own if k.startswith("backbone.") and k not in state
@@ -372,94 +324,45 @@ def _apply_state(model, state, centers, kind, path, dropped=(), center_loss=None
         else:
             raise WeightError(f"{path}: shape mismatch for {key}: file {tuple(value.shape)}, "
                               f"model {tuple(own[key].shape)}")
-    model.load_state_dict(loadable, strict=False)
-    loaded = f"{len(loadable)} tensors"
-    if center_loss is not None and centers is not None:
-        wanted = center_loss.centers.shape
-        if centers.shape == wanted:
-            with torch.no_grad():
-                center_loss.centers.copy_(centers)
-            loaded += " + centers"
-        elif centers.shape[1:] == wanted[1:]:
-            notes.append(f"skipped centers: {centers.shape[0]} identities in the file, {wanted[0]} here")
-        else:
-            raise WeightError(f"{path}: shape mismatch for center_loss.centers: file "
-                              f"{tuple(centers.shape)}, model {tuple(wanted)}")
-    fresh = [name for name in ("bn", "classifier") if not any(k.startswith(name + ".") for k in loadable)]
-    if fresh:
-        notes.append("fresh " + " and ".join(fresh))
-    summary = f"loaded {path} ({kind}): {loaded}" + "".join("; " + n for n in notes)
-    print(summary)
-    return summary
+    return loadable
 
 
-def _stem_relu_of(obj, state, kind):
-    """Stem ReLU the file's net had: recorded in ours (older ones, without the record, always had it), absent
-    in the original's plain ResNets; None when the file cannot tell (ImageNet weights, plain state dicts)."""
-    if kind == "our checkpoint":
-        return bool(obj.get("stem_relu", True))
-    if kind == "original centroids-reid checkpoint":
-        # the original's IBN-a net keeps the ReLU; its plain ResNets dropped it
-        return "backbone.layer1.0.bn1.IN.weight" in state
-    return None
+def _load_centers(center_loss, centers, path, notes):
+    """Copy the file's center-loss centers when they fit; ' + centers' when loaded, '' otherwise."""
+    if center_loss is None or centers is None:
+        return ""
+    wanted = center_loss.centers.shape
+    if centers.shape == wanted:
+        with torch.no_grad():
+            center_loss.centers.copy_(centers)
+        return " + centers"
+    if centers.shape[1:] != wanted[1:]:
+        raise WeightError(f"{path}: shape mismatch for center_loss.centers: file {tuple(centers.shape)}, "
+                          f"model {tuple(wanted)}")
+    notes.append(f"skipped centers: {centers.shape[0]} identities in the file, {wanted[0]} here")
+    return ""
 
 
 def load_weights(model, path, center_loss=None):
     """Load any supported weight file into model (centers into center_loss); return the summary."""
-    obj = _read_file(path)
-    state, centers, kind, dropped = _file_kind(obj, path)
-    return _apply_state(model, state, centers, kind, path, dropped, center_loss, _stem_relu_of(obj, state, kind))
-
-
-def _original_last_stride(obj):
-    """MODEL.LAST_STRIDE from an original .ckpt's hyper-parameters, 1 when absent."""
-    try:
-        return int(obj["hyper_parameters"]["MODEL"]["LAST_STRIDE"])
-    except (KeyError, TypeError, ValueError):
-        return 1
+    return _apply_state(model, _read_weights(path), path, center_loss)
 
 
 def model_from_checkpoint(path, center_loss=None):
-    """Build the architecture a checkpoint (ours or an original .ckpt) was made with, load it, eval mode."""
-    obj = _read_file(path)
-    state, centers, kind, dropped = _file_kind(obj, path)
-    if kind == "our checkpoint" and "model_name" in obj:
-        name, last_stride = obj["model_name"], int(obj.get("last_stride", 1))
-    else:
-        name = _infer_arch(state)
-        if name is None:
-            raise WeightError(f"{path}: cannot tell which ResNet the backbone keys belong to")
-        last_stride = _original_last_stride(obj) if kind.startswith("original") else 1
-    num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 1
-    stem_relu = _stem_relu_of(obj, state, kind)
+    """Build the architecture a checkpoint (ours or an original .ckpt) was made with, load it, eval mode; the
+    model carries the input size and normalisation it was trained with (input_size, pixel_mean, pixel_std)."""
+    weights = _read_weights(path)
+    name, last_stride = recorded_architecture(weights)
+    name = name or _infer_arch(weights.state)
+    if name is None:
+        raise WeightError(f"{path}: cannot tell which ResNet the backbone keys belong to")
+    num_classes = weights.state["classifier.weight"].shape[0] if "classifier.weight" in weights.state else 1
+    stem_relu = stem_relu_of(weights)
     # a plain state dict does not record its stem: assume the torchvision stem, with the ReLU
     model = build_model(name, num_classes, last_stride, stem_relu=True if stem_relu is None else stem_relu)
     built = (f"built {name}, {num_classes} identities, last stride {last_stride}, "
              f"stem {'with' if model.stem_relu else 'without'} ReLU")
-    _apply_state(model, state, centers, kind, path, dropped, center_loss, notes=[built])
-    model.input_size = _trained_input_size(obj)
-    model.pixel_mean, model.pixel_std = _trained_normalisation(obj)
+    _apply_state(model, weights, path, center_loss, notes=[built])
+    size, model.pixel_mean, model.pixel_std = trained_inputs(weights)
+    model.input_size = list(size) if size else None
     return model.eval()
-
-
-def _trained_input(obj, name):
-    """A checkpoint's INPUT.<name>: ours keep it in config, the original's in hyper_parameters."""
-    if isinstance(obj.get("config"), dict):
-        return obj["config"][f"INPUT.{name}"]
-    return obj["hyper_parameters"]["INPUT"][name]
-
-
-def _trained_normalisation(obj):
-    """(INPUT.PIXEL_MEAN, INPUT.PIXEL_STD) the checkpoint's model was trained with, (None, None) when unrecorded."""
-    try:
-        return tuple(_trained_input(obj, "PIXEL_MEAN")), tuple(_trained_input(obj, "PIXEL_STD"))
-    except (KeyError, TypeError, ValueError):
-        return None, None
-
-
-def _trained_input_size(obj):
-    """[H, W] the checkpoint's model was tested at, or None."""
-    try:
-        return [int(v) for v in _trained_input(obj, "SIZE_TEST")]
-    except (KeyError, TypeError, ValueError):
-        return None

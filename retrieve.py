@@ -9,7 +9,7 @@
 
 Embeddings are the model's eval-mode BNNeck output, L2-normalised, so the (Euclidean) distance of two
 images is sqrt(2 - 2 * cosine). Embeddings and index files are torch.save'd dicts of tensors, strings
-and numbers (torch.load(weights_only=True) reads them) carrying the model's fingerprint: a query
+and numbers (checkpoint.load reads them, weights_only) carrying the model's fingerprint: a query
 embedded by another model than the index's is refused.
 """
 import argparse
@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import checkpoint
 import utils
 from data import IMAGE_EXTENSIONS, camera_of, identity_pids, load_image, read_dataset
 from evaluate import extract_features, identity_centroids
@@ -243,7 +244,7 @@ def _load(path, kind):
     if not os.path.isfile(path):
         raise RetrievalError(f"{path}: no such {kind} file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = checkpoint.load(path)
     except Exception as err:
         raise RetrievalError(f"{path}: not a retrieve.py {kind} file ({type(err).__name__})") from None
     if not isinstance(obj, dict) or obj.get("kind") != kind:

@@ -37,7 +37,7 @@ def make_state(cfg, device="cpu", amp_dtype=None, seed=0, tiny=True):
     optimizer, center_optimizer, scheduler = train.build_optimizers(cfg, model, center_loss)
     return train.TrainState(model, center_loss, optimizer, center_optimizer, scheduler,
                             utils.make_grad_scaler(device, False), None, amp_dtype=amp_dtype,
-                            loss_kwargs=train.loss_arguments(cfg), num_instances=K,
+                            losses=train.loss_spec(cfg),
                             masked=not cfg.DATALOADER.USE_RESAMPLING)
 
 

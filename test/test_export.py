@@ -41,7 +41,7 @@ def test_onnx_matches_pytorch_on_real_images(checkpoint, exported, capsys):
     status, out = exported
     assert status == 0 and os.path.isfile(out) and not os.path.exists(out + ".data")  # one self-contained file
     model = export.load_model(checkpoint["path"])
-    images = export.check_images(checkpoint["images"], count=5, size=SIZE)
+    images = export.comparison_images(checkpoint["images"], count=5, size=SIZE)
     assert export.check_onnx(model, out, images) < 1e-4
     # the graph is the eval-mode model: train-mode outputs (batch statistics) are far from it
     model.train()
@@ -70,7 +70,7 @@ def test_the_file_records_its_input_contract_from_the_checkpoint(exported):
 
 
 def test_generated_check_images_when_no_folder_is_given():
-    images = export.check_images(None, count=6, size=SIZE)
+    images = export.comparison_images(None, count=6, size=SIZE)
     assert images.shape == (6, 3, *SIZE) and images.std() > 0.1
 
 

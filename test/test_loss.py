@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from loss import (
     CenterLoss,
+    LossSpec,
     batch_hard_triplet_loss,
     build_center_optimizer,
     centroid_triplet_loss,
@@ -163,7 +164,7 @@ def test_compute_losses_total_is_weighted_sum_and_terms_are_detached():
     pids = torch.arange(3).repeat_interleave(4)
     center_loss = CenterLoss(5, 16)
     weights = dict(ctl_weight=0.7, triplet_weight=1.3, xent_weight=0.5, center_weight=0.01)
-    total, terms = compute_losses(feat, logits, pids, center_loss, 4, **weights)
+    total, terms = compute_losses(feat, logits, pids, center_loss, LossSpec(4, **weights))
     assert set(terms) == {"centroid_triplet", "triplet", "xent", "center"}
     assert all(t.dim() == 0 and not t.requires_grad for t in terms.values())
     expected = (0.7 * terms["centroid_triplet"] + 1.3 * terms["triplet"] + 0.5 * terms["xent"]
@@ -184,7 +185,7 @@ def test_scale_center_grads_makes_center_step_independent_of_weight():
         center_loss = CenterLoss(3, 4)
         start = center_loss.centers.detach().clone()
         optimizer = build_center_optimizer(center_loss, lr=0.5)
-        total, _ = compute_losses(feat, logits, pids, center_loss, 4, center_weight=weight)
+        total, _ = compute_losses(feat, logits, pids, center_loss, LossSpec(4, center_weight=weight))
         total.backward()
         scale_center_grads(center_loss, weight)
         # the scaled gradient is the gradient of the unweighted center loss
@@ -231,13 +232,13 @@ def test_half_precision_features_under_autocast_are_safe(dtype):
     logits = torch.randn(12, 3).to(dtype).requires_grad_()
     center_loss = CenterLoss(3, 64)
     with torch.autocast("cpu", dtype=dtype):
-        total, terms = compute_losses(feats, logits, pids, center_loss, 4)
+        total, terms = compute_losses(feats, logits, pids, center_loss, LossSpec(4))
     total.backward()
     assert total.dtype == torch.float32 and torch.isfinite(total)
     assert all(torch.isfinite(t) for t in terms.values())
     assert torch.isfinite(feats.grad).all() and torch.isfinite(center_loss.centers.grad).all()
     # the same half-precision values in float32 without autocast give the same losses
-    _, reference = compute_losses(feats.detach().float(), logits.detach().float(), pids, center_loss, 4)
+    _, reference = compute_losses(feats.detach().float(), logits.detach().float(), pids, center_loss, LossSpec(4))
     for name in terms:
         assert terms[name].item() == pytest.approx(reference[name].item(), rel=1e-5)
 
@@ -309,7 +310,7 @@ def test_mock_images_change_neither_ctl_nor_cross_entropy_nor_center():
     terms = []
     for mock_seed in (1, 2):
         feats, logits, pids, is_real = short_identity_batch(mock_seed)
-        _, found = compute_losses(feats, logits, pids, center_loss, 4, is_real=is_real)
+        _, found = compute_losses(feats, logits, pids, center_loss, LossSpec(4), is_real=is_real)
         ctl, xent, triplet = original_masked_losses(feats, logits, pids, is_real, 4)
         assert found["centroid_triplet"].item() == pytest.approx(ctl.item(), abs=1e-5)
         assert found["xent"].item() == pytest.approx(xent.item(), abs=1e-5)
@@ -320,17 +321,18 @@ def test_mock_images_change_neither_ctl_nor_cross_entropy_nor_center():
     for name in ("centroid_triplet", "xent", "center"):
         assert terms[0][name].item() == pytest.approx(terms[1][name].item(), abs=1e-6)
     feats.requires_grad_(), logits.requires_grad_()
-    total, _ = compute_losses(feats, logits, pids, center_loss, 4, triplet_weight=0, center_weight=1, is_real=is_real)
+    total, _ = compute_losses(feats, logits, pids, center_loss, LossSpec(4, triplet_weight=0, center_weight=1),
+                              is_real=is_real)
     total.backward()  # the triplet term left out: mocks are hardest positives / negatives there, as in the original
     assert total > 0 and (feats.grad[~is_real] == 0).all() and (logits.grad[~is_real] == 0).all()
-    unmasked = compute_losses(feats, logits, pids, center_loss, 4)[1]
+    unmasked = compute_losses(feats, logits, pids, center_loss, LossSpec(4))[1]
     assert unmasked["centroid_triplet"].item() != pytest.approx(terms[1]["centroid_triplet"].item(), abs=1e-3)
 
 
 def test_all_real_is_the_same_as_no_mask():
     feats, logits, pids, _ = short_identity_batch(1)
     center_loss = CenterLoss(6, 8)
-    _, plain = compute_losses(feats, logits, pids, center_loss, 4)
-    _, masked = compute_losses(feats, logits, pids, center_loss, 4, is_real=torch.ones(16, dtype=torch.bool))
+    _, plain = compute_losses(feats, logits, pids, center_loss, LossSpec(4))
+    _, masked = compute_losses(feats, logits, pids, center_loss, LossSpec(4), is_real=torch.ones(16, dtype=torch.bool))
     for name in plain:
         assert masked[name].item() == pytest.approx(plain[name].item(), rel=1e-6)

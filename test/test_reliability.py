@@ -15,6 +15,7 @@ import torch
 from run_outputs import TIMING, assert_same_weights, read_metrics, weights
 
 import data
+import faults
 import image_check
 import train
 import transforms
@@ -41,7 +42,7 @@ def own_cache_and_signals(tmp_path, monkeypatch):
     yield
     for s, handler in handlers.items():
         signal.signal(s, handler)
-    train.STOP.update(signal=None, signal_time=0.0)
+    faults.STOP_SIGNAL.update(signum=None, time=0.0)
 
 
 def copy_of(root, tmp_path):
@@ -157,10 +158,10 @@ def test_the_report_names_the_first_20_bad_files_and_counts_the_rest():
 
 def test_check_images_false_skips_the_check(synthetic_root, tmp_path, capsys, monkeypatch):
     calls = []
-    monkeypatch.setattr(train, "preflight_check", lambda *a, **k: calls.append(a) or [])
+    monkeypatch.setattr(faults, "preflight_check", lambda *a, **k: calls.append(a) or [])
     cfg, _, _ = train.parse_args(flags(synthetic_root, tmp_path, "--DATALOADER.CHECK_IMAGES", "false"))
     dataset = build_datasets("synthetic", synthetic_root)
-    assert train.check_images(cfg, dataset, 0) == (dataset, []) and calls == []
+    assert faults.check_images_before_training(cfg, dataset, 0) == (dataset, []) and calls == []
 
 
 @pytest.mark.slow
@@ -237,7 +238,7 @@ def test_skip_bad_leaves_out_what_the_check_found(synthetic_root, tmp_path):
         break_image(path, "empty")
     cfg, _, _ = train.parse_args(flags(root, tmp_path / "out", "--DATALOADER.SKIP_BAD", "true"))
     dataset = build_datasets("synthetic", root)
-    kept, bad = train.check_images(cfg, dataset, 0)
+    kept, bad = faults.check_images_before_training(cfg, dataset, 0)
     assert sorted(p for p, _ in bad) == sorted(broken)
     assert not set(broken) & set(image_check.dataset_paths(kept))
     assert len(kept["train"]) == len(dataset["train"]) - 1 and kept["num_train_pids"] == dataset["num_train_pids"]
@@ -354,8 +355,8 @@ def test_a_save_that_fails_mid_run_keeps_the_last_checkpoint(synthetic_root, two
                                                              monkeypatch, file_size_limit):
     out = copy_run(two_epochs, tmp_path)
     before = digest(out / "last.pth")
-    check = train.check_output_dir
-    monkeypatch.setattr(train, "check_output_dir", lambda *a: (check(*a), file_size_limit(8 << 20)))
+    check = faults.check_output_dir
+    monkeypatch.setattr(faults, "check_output_dir", lambda *a: (check(*a), file_size_limit(8 << 20)))
     assert train.main(flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "3", "--resume", "auto")) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and f"cannot write {out}/last.pth (File too large)" in lines[0]
@@ -518,11 +519,11 @@ def test_a_signal_delivered_twice_at_once_counts_once(monkeypatch, capsys):
     kills = []
     monkeypatch.setattr(os, "kill", lambda pid, signum: kills.append(signum))
     handler = signal.getsignal(signal.SIGTERM)
-    train.request_stop(signal.SIGTERM, None)
-    train.request_stop(signal.SIGTERM, None)  # Ctrl-C under torchrun: from the terminal and from the launcher
-    assert kills == [] and train.STOP["signal"] == signal.SIGTERM
-    train.STOP["signal_time"] -= 2 * train.SIGNAL_REPEAT_S
-    train.request_stop(signal.SIGTERM, None)  # a second request, later: quit at once
+    faults.request_stop(signal.SIGTERM, None)
+    faults.request_stop(signal.SIGTERM, None)  # Ctrl-C under torchrun: from the terminal and from the launcher
+    assert kills == [] and faults.STOP_SIGNAL["signum"] == signal.SIGTERM
+    faults.STOP_SIGNAL["time"] -= 2 * faults.SIGNAL_REPEAT_S
+    faults.request_stop(signal.SIGTERM, None)  # a second request, later: quit at once
     assert kills == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     signal.signal(signal.SIGTERM, handler)
     assert capsys.readouterr().err.count("finishing this step") == 1

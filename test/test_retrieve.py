@@ -17,7 +17,7 @@ import retrieve
 import utils
 import visualize
 from data import build_train_loader, read_dataset
-from loss import compute_losses
+from loss import LossSpec, compute_losses
 from model import build_model
 from synthetic import synthesize
 
@@ -45,7 +45,7 @@ def train_tiny(dataset, steps=40, seed=0):
         sampler.set_epoch(epoch)
         for imgs, pids, _ in loader:
             feat, logits = model(imgs)
-            total, _ = compute_losses(feat, logits, pids, None, 4)
+            total, _ = compute_losses(feat, logits, pids, None, LossSpec(4))
             optimizer.zero_grad()
             total.backward()
             optimizer.step()
