@@ -484,7 +484,7 @@ def build_test_loader(items, spec):
 # Check and the command line
 
 
-def check(root, name):
+def check_dataset(root, name):
     """Print each split's counts, decode every image and list the bad ones; returns their number."""
     ds = read_dataset(name, root)
     print(describe_dataset(ds))
@@ -532,7 +532,7 @@ def main(argv=None):
         print(f"{args.out}: " + ", ".join(f"{sub}/ {n} images" for sub, n in counts.items())
               + f" ({time.perf_counter() - start:.1f} s)")
     elif args.command == "check":
-        return 1 if check(args.root, args.dataset) else 0
+        return 1 if check_dataset(args.root, args.dataset) else 0
     elif args.command == "sampler-stats":
         pids = (simulated_pids(args.simulate) if args.simulate
                 else [pid for _, pid, _ in read_dataset(args.dataset, args.root)["train"]])
