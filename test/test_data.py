@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import data
 import device_data
 import sampler
 import synthetic
 import transforms
 from data import build_datasets, read_dataset
-from specs import AugmentSpec, BatchSpec, EmbedSpec, LoaderSpec
+from specs import AugmentSpec, BatchSpec, EmbedSpec, LoaderSpec, embed_spec, loader_spec
 from utils import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,6 +275,24 @@ def test_without_resampling_the_train_loaders_pad_with_mock_images(tiny_syntheti
     assert all(is_real.all() for _, _, _, is_real in resampled)
     with pytest.raises(DataError, match="use_resampling=False.*with_is_real=True"):
         data.build_train_loader(items, LoaderSpec(BatchSpec(2, 4, use_resampling=False), AugmentSpec((32, 16))))
+
+
+def test_the_loader_and_embedding_specs_read_every_key_of_theirs_from_the_config():
+    cfg, _, _ = config.parse([
+        "--SOLVER.IMS_PER_BATCH", "3", "--DATALOADER.NUM_INSTANCE", "5", "--DATALOADER.SAMPLER", "balanced",
+        "--DATALOADER.USE_RESAMPLING", "false", "--DATALOADER.DROP_LAST", "false", "--SOLVER.SEED", "7",
+        "--INPUT.SIZE_TRAIN", "96", "48", "--INPUT.PROB", "0.25", "--INPUT.PADDING", "3", "--INPUT.RE_PROB", "0.75",
+        "--INPUT.PIXEL_MEAN", "0.5", "0.4", "0.3", "--INPUT.PIXEL_STD", "0.2", "0.25", "0.3",
+        "--DATALOADER.NUM_WORKERS", "2", "--INPUT.DEVICE_AUGMENT", "true",
+        "--INPUT.SIZE_TEST", "80", "40", "--TEST.IMS_PER_BATCH", "9", "--TEST.FLIP_FEATS", "true"])
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    assert loader_spec(cfg) == LoaderSpec(BatchSpec(3, 5, "balanced", use_resampling=False, drop_last=False, seed=7),
+                                          AugmentSpec((96, 48), 0.25, 3, 0.75, mean, std), 2, device_augment=True)
+    assert embed_spec(cfg, torch.float16) == EmbedSpec((80, 40), 9, 2, True, torch.float16, mean, std)
+    assert embed_spec(cfg, size=[64, 32]).size == (64, 32)  # a checkpoint's test size
+    defaults, _, _ = config.parse([])  # the specs' own defaults are the configuration's
+    assert loader_spec(defaults) == LoaderSpec(BatchSpec(16), AugmentSpec(), defaults.DATALOADER.NUM_WORKERS)
+    assert embed_spec(defaults) == EmbedSpec(num_workers=defaults.DATALOADER.NUM_WORKERS)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
