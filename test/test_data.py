@@ -194,9 +194,10 @@ def test_erasing_fills_the_box_with_pixel_mean_on_the_cpu_and_on_the_device():
     assert erased_share(transforms.build_train_transform(never)(image), mean) == 0
 
 
-def original_erasing_box(rnd, height, width, prob=0.5, sl=0.02, sh=0.4, r1=0.3, log_aspect=False, tries=100):
+def original_erasing_box(rnd, height, width, log_aspect=False, tries=100):
     """The original RandomErasing's draw (datasets/transforms/random_erasing.py) as a loop: (top, left, h, w)
     or None. log_aspect + tries=10: torchvision's draw, which the comparison must tell apart."""
+    prob, sl, sh, r1 = 0.5, 0.02, 0.4, 0.3  # the original's defaults
     if rnd.uniform(0, 1) >= prob:
         return None
     for _ in range(tries):
