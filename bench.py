@@ -63,6 +63,7 @@ from model import ARCHS, build_model
 from report import Evaluation, Settings, write_report
 from rerank import rerank_distances
 from retrieve import SHARED, RetrievalError, build_index, import_faiss, search_exact, search_index
+from specs import AugmentSpec, BatchSpec, EmbedSpec, LoaderSpec
 from synthetic import draw_camera, draw_identity, render_image, synthesize
 from utils import DataError
 
@@ -289,7 +290,8 @@ def bench_loader(args, root):
     row = lambda figure, value, unit="images/s": make_row("loader", figure, value, unit, args.device,  # noqa: E731
                                                           "uint8->fp32", batch, size)
     for workers in sorted({0, args.workers}):
-        loader, _ = build_train_loader(items, args.ids, args.instances, tuple(size), workers)
+        spec = LoaderSpec(BatchSpec(args.ids, args.instances), AugmentSpec(tuple(size)), workers)
+        loader, _ = build_train_loader(items, spec)
         torch.set_num_threads(1)  # as in a loader worker: the main process then measures one worker
         try:
             ips = time_loader(loader, 1 + 2 * workers, loader_batches(args, len(loader), workers),
@@ -308,7 +310,9 @@ def bench_loader(args, root):
 def bench_device_loader(args, root):
     """Images/s of the --gpu-augment loader: workers read bytes, the device decodes and augments."""
     items = read_dataset("synthetic", root)["train"]
-    loader = DeviceAugmentLoader(items, args.ids, args.instances, args.loader_size, args.workers, args.device)
+    spec = LoaderSpec(BatchSpec(args.ids, args.instances), AugmentSpec(tuple(args.loader_size)), args.workers,
+                      device_augment=True)
+    loader = DeviceAugmentLoader(items, spec, args.device)
     batches = loader_batches(args, len(loader.batch_sampler), args.workers)
     ips = time_loader(loader, 1 + 2 * args.workers, batches, args.device)
     return [make_row("loader", f"read bytes ({plural(args.workers, 'worker')}) + decode+augment on "
@@ -517,12 +521,13 @@ def bench_features(args, root):
     batch_size = config.DEFAULTS["TEST.IMS_PER_BATCH"]
     amp_dtype, _ = amp_for(args.e2e_dtype, device)
     model = build_model(args.model, data["num_train_pids"]).to(device, memory_format=utils.memory_format(device))
-    extract_features(model, build_test_loader(items[:batch_size], args.size, batch_size, 0), device,
+    spec, warm_up = EmbedSpec(tuple(args.size), batch_size, args.workers), EmbedSpec(tuple(args.size), batch_size)
+    extract_features(model, build_test_loader(items[:batch_size], warm_up), device,
                      amp_dtype=amp_dtype)  # warm-up: first-call allocations and kernel choices
-    loaders = {plural(args.workers, "worker"): lambda: build_test_loader(items, args.size, batch_size, args.workers)}
+    loaders = {plural(args.workers, "worker"): lambda: build_test_loader(items, spec)}
     if args.gpu_augment:
         loaders[f"decode on {device.type} ({plural(args.workers, 'worker')} read bytes)"] = (
-            lambda: device_test_batches(items, args.size, batch_size, args.workers, device))
+            lambda: device_test_batches(items, spec, device))
     rows = []
     for where, make_loader in loaders.items():
         loader = make_loader()

@@ -32,8 +32,9 @@ from sampler import (
     simulated_pids,
     train_sampler,
 )
+from specs import BatchSpec
 from synthetic import synthesize
-from transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
+from transforms import build_test_transform, build_train_transform
 from utils import DataError, folder_listing, split_item, usable_workers
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -453,32 +454,29 @@ def _pin_memory():
     return bool(accelerator.is_available()) and utils.tensor_device(accelerator.current_accelerator()).type != "cpu"
 
 
-def build_train_loader(items, num_ids, num_instances, size, num_workers, seed=0, rank=0, world_size=1,
-                       flip_prob=0.5, padding=10, re_prob=0.5, sampler="random_identity", use_resampling=True,
-                       drop_last=True, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD, with_is_real=False):
-    """PK-sampled training loader -> (loader, sampler); call sampler.set_epoch(e) each epoch.
+def build_train_loader(items, spec, rank=0, world_size=1, with_is_real=False):
+    """PK-sampled training loader of a LoaderSpec on rank of world_size -> (loader, sampler); call
+    sampler.set_epoch(e) each epoch.
 
     Batches are (images, pids, camids); with with_is_real=True (images, pids, camids, is_real [B] bool), is_real
-    all True when use_resampling, False on the mock images otherwise. sampler, use_resampling, drop_last: see
-    PKSampler; pixel_mean / pixel_std: the normalisation (and random erasing's fill)."""
-    batch_sampler = train_sampler(items, num_ids, num_instances, seed, rank, world_size, sampler, use_resampling,
-                                   drop_last, with_is_real)
-    transform = build_train_transform(size, flip_prob, padding, re_prob, pixel_mean, pixel_std)
-    dataset = ImageDataset(items, transform, mock_size=tuple(size) if with_is_real else None)
-    num_workers = usable_workers(num_workers)
+    all True when spec.batch.use_resampling, False on the mock images otherwise (see PKSampler)."""
+    batch_sampler = train_sampler(items, spec.batch, rank, world_size, with_is_real)
+    size = spec.augment.size
+    dataset = ImageDataset(items, build_train_transform(spec.augment), mock_size=tuple(size) if with_is_real else None)
+    num_workers = usable_workers(spec.num_workers)
     # each image's augmentation seed comes with its index (SeededBatches); the generator only keeps the workers'
     # own seeds from drawing on the global stream
     loader = DataLoader(dataset, batch_sampler=SeededBatches(batch_sampler), num_workers=num_workers,
                         pin_memory=_pin_memory(), persistent_workers=num_workers > 0,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(spec.batch.seed))
     return loader, batch_sampler
 
 
-def build_test_loader(items, size, batch_size, num_workers, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
-    """Loader in the items' order (no shuffle) with the test transform."""
-    dataset = ImageDataset(items, build_test_transform(size, pixel_mean, pixel_std))
-    num_workers = usable_workers(num_workers)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+def build_test_loader(items, spec):
+    """Loader of an EmbedSpec in the items' order (no shuffle) with the test transform."""
+    dataset = ImageDataset(items, build_test_transform(spec.size, spec.pixel_mean, spec.pixel_std))
+    num_workers = usable_workers(spec.num_workers)
+    return DataLoader(dataset, batch_size=spec.batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=_pin_memory(), persistent_workers=num_workers > 0)
 
 
@@ -486,7 +484,7 @@ def build_test_loader(items, size, batch_size, num_workers, pixel_mean=IMAGENET_
 # Check and the command line
 
 
-def check(root, name):
+def check_dataset(root, name):
     """Print each split's counts, decode every image and list the bad ones; returns their number."""
     ds = read_dataset(name, root)
     print(describe_dataset(ds))
@@ -534,12 +532,13 @@ def main(argv=None):
         print(f"{args.out}: " + ", ".join(f"{sub}/ {n} images" for sub, n in counts.items())
               + f" ({time.perf_counter() - start:.1f} s)")
     elif args.command == "check":
-        return 1 if check(args.root, args.dataset) else 0
+        return 1 if check_dataset(args.root, args.dataset) else 0
     elif args.command == "sampler-stats":
         pids = (simulated_pids(args.simulate) if args.simulate
                 else [pid for _, pid, _ in read_dataset(args.dataset, args.root)["train"]])
-        print_sampler_statistics(pids, args.ids, args.instances, [args.sampler] if args.sampler else SAMPLERS,
-                                 args.epochs, args.seed, args.world_size, not args.keep_last)
+        batch = BatchSpec(args.ids, args.instances, drop_last=not args.keep_last, seed=args.seed)
+        print_sampler_statistics(pids, batch, [args.sampler] if args.sampler else SAMPLERS, args.epochs,
+                                 args.world_size)
     return 0
 
 

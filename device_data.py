@@ -6,7 +6,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset
 
 from sampler import SeededBatches, train_sampler
-from transforms import IMAGENET_MEAN, IMAGENET_STD, random_erasing_boxes
+from transforms import random_erasing_boxes
 from utils import DataError, split_item, usable_workers
 
 
@@ -51,18 +51,18 @@ def resize_batch(images, size):
     return torch.cat([resize(img[None]) for img in images]) / 255
 
 
-def augment_batch(images, size, flip_prob=0.5, padding=10, re_prob=0.5, pixel_mean=IMAGENET_MEAN,
-                  pixel_std=IMAGENET_STD, generator=None):
-    """build_train_transform on a whole batch on its device: uint8 [3, h, w] list -> float [B, 3, H, W].
+def augment_batch(images, augment, generator=None):
+    """build_train_transform on a whole batch on its device (an AugmentSpec): uint8 [3, h, w] list -> float
+    [B, 3, H, W].
 
     Resize (bilinear, antialiased), flip, zero pad + random crop, normalisation, the original's random erasing
     (filled with pixel_mean): the same draws and distributions as the per-image torchvision pipeline, drawn
     from generator (a torch.Generator on the images' device; the device's global stream when None)."""
-    height, width = size
+    (height, width), padding = augment.size, augment.padding
     device = images[0].device
-    x = resize_batch(images, size)  # [B, 3, H, W]
+    x = resize_batch(images, augment.size)  # [B, 3, H, W]
     batch = len(x)
-    flip = torch.rand(batch, device=device, generator=generator) < flip_prob
+    flip = torch.rand(batch, device=device, generator=generator) < augment.flip_prob
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     # pad + crop = shift by (padding - offset) with zeros coming in; offsets uniform in 0..2*padding
     dy, dx = torch.randint(0, 2 * padding + 1, (2, batch, 1), device=device, generator=generator)
@@ -72,10 +72,10 @@ def augment_batch(images, size, flip_prob=0.5, padding=10, re_prob=0.5, pixel_me
     b = torch.arange(batch, device=device)[:, None, None]
     x = x[b, :, rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]]  # [B, H, W, 3]
     x = (x * inside[..., None]).permute(0, 3, 1, 2)
-    mean = torch.tensor(pixel_mean, device=device)[:, None, None]
-    std = torch.tensor(pixel_std, device=device)[:, None, None]
+    mean = torch.tensor(augment.pixel_mean, device=device)[:, None, None]
+    std = torch.tensor(augment.pixel_std, device=device)[:, None, None]
     x = (x - mean) / std
-    erase, top, left, h, w = random_erasing_boxes(batch, height, width, device, re_prob, generator)
+    erase, top, left, h, w = random_erasing_boxes(batch, height, width, device, augment.erasing_prob, generator)
     r = torch.arange(height, device=device)[None, :, None]
     c = torch.arange(width, device=device)[None, None, :]
     box = ((r >= top[:, None, None]) & (r < (top + h)[:, None, None]) & (c >= left[:, None, None])
@@ -104,17 +104,16 @@ def decode_images(files, device):
     return [img if img is None else img.to(device).expand(3, -1, -1) for img in images]
 
 
-def device_test_batches(items, size, batch_size, num_workers, device, pixel_mean=IMAGENET_MEAN,
-                        pixel_std=IMAGENET_STD):
-    """build_test_loader's batches with decoding, resizing and normalisation on `device` (nvjpeg on CUDA; the
-    same code on the CPU): yields (images float32 [B, 3, H, W] on device, pids, camids) in the items' order.
-    Loader workers only read file bytes; a file nvjpeg cannot decode (PNG ...) is decoded on the host."""
+def device_test_batches(items, spec, device):
+    """build_test_loader's batches (an EmbedSpec) with decoding, resizing and normalisation on `device` (nvjpeg on
+    CUDA; the same code on the CPU): yields (images float32 [B, 3, H, W] on device, pids, camids) in the items'
+    order. Loader workers only read file bytes; a file nvjpeg cannot decode (PNG ...) is decoded on the host."""
     device = torch.device(device)
-    num_workers = usable_workers(num_workers)
-    loader = DataLoader(EncodedImages(items), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    num_workers = usable_workers(spec.num_workers)
+    loader = DataLoader(EncodedImages(items), batch_size=spec.batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_encoded)
-    mean = torch.tensor(pixel_mean, device=device)[:, None, None]
-    std = torch.tensor(pixel_std, device=device)[:, None, None]
+    mean = torch.tensor(spec.pixel_mean, device=device)[:, None, None]
+    std = torch.tensor(spec.pixel_std, device=device)[:, None, None]
     for data, lengths, pids, camids, indices, _ in loader:
         files = list(data.split(lengths.tolist()))
         images = decode_images(files, device)
@@ -124,23 +123,19 @@ def device_test_batches(items, size, batch_size, num_workers, device, pixel_mean
                     images[i] = torchvision.io.decode_image(files[i], mode=torchvision.io.ImageReadMode.RGB).to(device)
                 except RuntimeError as err:
                     raise DataError(f"{items[int(indices[i])][0]}: cannot decode the image ({err})") from None
-        yield (resize_batch(images, size) - mean) / std, pids, camids
+        yield (resize_batch(images, spec.size) - mean) / std, pids, camids
 
 
 class DeviceAugmentLoader:
-    """The PK training loader with JPEG decoding and augmentation on `device`, for when CPU workers are the
-    limit. Yields (images [B, 3, H, W] float32 on device, pids, camids), with with_is_real=True also is_real [B],
-    like build_train_loader's loader (same arguments); `batch_sampler` is the PKSampler."""
+    """The PK training loader of a LoaderSpec with JPEG decoding and augmentation on `device`, for when CPU workers
+    are the limit. Yields (images [B, 3, H, W] float32 on device, pids, camids), with with_is_real=True also
+    is_real [B], like build_train_loader's loader (its arguments, and the device); `batch_sampler` is the PKSampler."""
 
-    def __init__(self, items, num_ids, num_instances, size, num_workers, device, seed=0, rank=0, world_size=1,
-                 flip_prob=0.5, padding=10, re_prob=0.5, sampler="random_identity", use_resampling=True,
-                 drop_last=True, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD, with_is_real=False):
-        self.items, self.size, self.device, self.with_is_real = items, tuple(size), torch.device(device), with_is_real
-        self.augment = {"flip_prob": flip_prob, "padding": padding, "re_prob": re_prob,
-                        "pixel_mean": tuple(pixel_mean), "pixel_std": tuple(pixel_std)}
-        self.batch_sampler = train_sampler(items, num_ids, num_instances, seed, rank, world_size, sampler,
-                                           use_resampling, drop_last, with_is_real)
-        num_workers = usable_workers(num_workers)
+    def __init__(self, items, spec, device, rank=0, world_size=1, with_is_real=False):
+        self.items, self.augment, self.with_is_real = items, spec.augment, with_is_real
+        self.device = torch.device(device)
+        self.batch_sampler = train_sampler(items, spec.batch, rank, world_size, with_is_real)
+        num_workers = usable_workers(spec.num_workers)
         self.loader = DataLoader(EncodedImages(items), batch_sampler=SeededBatches(self.batch_sampler),
                                  num_workers=num_workers, collate_fn=collate_encoded,
                                  persistent_workers=num_workers > 0)
@@ -159,7 +154,7 @@ class DeviceAugmentLoader:
             raise DataError(f"{bad[0]}: not a readable JPEG file (--INPUT.DEVICE_AUGMENT decodes JPEG only; "
                             f"check the set with `python data.py check`)")
         generator = torch.Generator(self.device).manual_seed(int(seeds[0]))
-        augmented = augment_batch(images, self.size, **self.augment, generator=generator)
+        augmented = augment_batch(images, self.augment, generator=generator)
         if bool(is_real.all()):
             return augmented
         positions = torch.nonzero(is_real).flatten().to(self.device)  # from the host: no device sync

@@ -29,6 +29,7 @@ from device_data import device_test_batches
 from model import model_from_checkpoint
 from report import Evaluator, write_config_report
 from rerank import rerank_distances
+from specs import embed_spec
 from utils import DataError
 from visualize import visualize_evaluation
 
@@ -670,15 +671,13 @@ def extract_split(model, items, cfg, device, amp_dtype=None, rank=0, world_size=
 def _embed_shard(model, items, cfg, device, amp_dtype=None, size=None):
     """Raw embeddings [n, D] of (path, pid, camid) items, decoded on the CPU or, with INPUT.DEVICE_AUGMENT, on
     the device."""
-    args = (items, size or cfg.INPUT.SIZE_TEST, cfg.TEST.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS)
-    normalisation = {"pixel_mean": cfg.INPUT.PIXEL_MEAN, "pixel_std": cfg.INPUT.PIXEL_STD}
+    spec = embed_spec(cfg, amp_dtype, size)
     if cfg.INPUT.DEVICE_AUGMENT:  # decode, resize and normalise on the device: the CPU loader stops being the limit
-        loader = device_test_batches(*args, device, **normalisation)
+        loader = device_test_batches(items, spec, device)
     else:
-        loader = build_test_loader(*args, **normalisation)
+        loader = build_test_loader(items, spec)
     # raw embeddings: the original's centroid rule averages them before normalising (evaluate_features)
-    feats, _, _ = extract_features(model, loader, device, flip=cfg.TEST.FLIP_FEATS, feat_norm=False,
-                                   amp_dtype=amp_dtype)
+    feats, _, _ = extract_features(model, loader, device, flip=spec.flip, feat_norm=False, amp_dtype=spec.amp_dtype)
     return feats
 
 

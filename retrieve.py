@@ -32,7 +32,8 @@ from data import IMAGE_EXTENSIONS, camera_of, identity_pids, load_image, read_da
 from evaluate import extract_features, identity_centroids
 from model import BACKBONE_EMB_SIZES, WeightError, model_from_checkpoint
 from rerank import rerank_distances
-from transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
+from specs import IMAGENET_MEAN, IMAGENET_STD, EmbedSpec
+from transforms import build_test_transform
 from utils import DataError
 from visualize import draw_query_results
 
@@ -125,11 +126,11 @@ def dataset_images(name, root, split):
 
 class MarkedImages(Dataset):
     """Paths -> (image, item position, 1), or (zeros, position, 0) for an unreadable file: extract_features'
-    pid and camid columns then carry each row's position and whether it decoded."""
+    pid and camid columns then carry each row's position and whether it decoded. spec: an EmbedSpec."""
 
-    def __init__(self, paths, size, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
-        self.paths, self.size = list(paths), tuple(size)
-        self.transform = build_test_transform(self.size, pixel_mean, pixel_std)
+    def __init__(self, paths, spec):
+        self.paths, self.size = list(paths), tuple(spec.size)
+        self.transform = build_test_transform(self.size, spec.pixel_mean, spec.pixel_std)
 
     def __len__(self):
         return len(self.paths)
@@ -146,16 +147,24 @@ def amp_dtype_for(device, fp32=False):
     return utils.amp_settings(device.type, not fp32, "fp16")[0]
 
 
-def embed_chunks(model, paths, device, size, batch_size=128, num_workers=0, flip=False, amp_dtype=None,
-                 skip_bad=False, chunk_batches=10):
-    """Embed paths in chunks of chunk_batches batches; yields (feats [M, D], positions [M], bad positions)."""
-    loader = DataLoader(MarkedImages(paths, size, *normalisation_of(model)), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=device.type != "cpu")
+def model_embed_spec(model, size=None, flip=False, batch_size=128, num_workers=0, amp_dtype=None):
+    """The EmbedSpec of a model: its input size (input_size_for) and normalisation (normalisation_of), with how to
+    batch, flip and autocast."""
+    pixel_mean, pixel_std = normalisation_of(model)
+    return EmbedSpec(input_size_for(model, size), batch_size, num_workers, bool(flip), amp_dtype, pixel_mean,
+                     pixel_std)
+
+
+def embed_chunks(model, paths, device, spec, skip_bad=False, chunk_batches=10):
+    """Embed paths as an EmbedSpec says, in chunks of chunk_batches batches; yields (feats [M, D], positions [M],
+    bad positions)."""
+    loader = DataLoader(MarkedImages(paths, spec), batch_size=spec.batch_size, shuffle=False,
+                        num_workers=spec.num_workers, pin_memory=device.type != "cpu")
     batches = iter(loader)
     with tqdm(total=len(paths), desc="embed", unit="img") as bar:
         while (first := next(batches, None)) is not None:
             chunk = itertools.chain([first], itertools.islice(batches, chunk_batches - 1))
-            feats, positions, decoded = extract_features(model, chunk, device, flip, True, amp_dtype)
+            feats, positions, decoded = extract_features(model, chunk, device, spec.flip, True, spec.amp_dtype)
             bad = positions[decoded == 0]
             if len(bad) and not skip_bad:
                 raise RetrievalError(f"cannot read image {paths[bad[0]]} ({len(bad)} unreadable in this "
@@ -199,12 +208,12 @@ def _merge(parts):
     return merged
 
 
-def embed_to_file(model, items, out, device, size, batch_size=128, num_workers=0, flip=False,
-                  amp_dtype=None, skip_bad=False, save_every=10, checkpoint=""):
-    """Embed items [(path, identity, camid)] into out, resumable: each chunk of save_every batches is saved
-    to out.partial/ as it is done, and paths already saved (there or in out) are not embedded again."""
+def embed_to_file(model, items, out, device, spec, skip_bad=False, save_every=10, checkpoint=""):
+    """Embed items [(path, identity, camid)] into out as an EmbedSpec says, resumable: each chunk of save_every
+    batches is saved to out.partial/ as it is done, and paths already saved (there or in out) are not embedded
+    again."""
     meta = {"fingerprint": model_fingerprint(model), "model_name": model.name, "feat_dim": model.feat_dim,
-            "size": list(size), "flip": bool(flip), "checkpoint": str(checkpoint)}
+            "size": list(spec.size), "flip": bool(spec.flip), "checkpoint": str(checkpoint)}
     parts = _saved_parts(out, meta)
     done = {p for part in parts for p in part["paths"]}
     todo = [item for item in items if item[0] not in done]
@@ -213,9 +222,8 @@ def embed_to_file(model, items, out, device, size, batch_size=128, num_workers=0
     partial = out + ".partial"
     os.makedirs(partial, exist_ok=True)
     first_chunk = len(glob.glob(os.path.join(partial, "chunk_*.pt")))
-    for n, (feats, positions, bad) in enumerate(embed_chunks(model.to(device), [p for p, _, _ in todo], device, size,
-                                                             batch_size, num_workers, flip, amp_dtype, skip_bad,
-                                                             save_every)):
+    chunks = embed_chunks(model.to(device), [p for p, _, _ in todo], device, spec, skip_bad, save_every)
+    for n, (feats, positions, bad) in enumerate(chunks):
         parts.append(_rows(feats, [todo[i] for i in positions], [todo[i][0] for i in bad], meta))
         utils.save_atomic(parts[-1], os.path.join(partial, f"chunk_{first_chunk + n:06d}.pt"))
     merged = _merge(parts)
@@ -224,13 +232,12 @@ def embed_to_file(model, items, out, device, size, batch_size=128, num_workers=0
     return merged
 
 
-def embed_in_memory(model, items, device, size, flip=False, batch_size=128, num_workers=0, amp_dtype=None,
-                    skip_bad=False):
-    """(feats [M, D], kept items, skipped paths) for a list of (path, identity, camid) items."""
+def embed_in_memory(model, items, device, spec, skip_bad=False):
+    """(feats [M, D], kept items, skipped paths) for a list of (path, identity, camid) items, embedded as an
+    EmbedSpec says."""
     model = model.to(device)
     feats, kept, skipped = [], [], []
-    for chunk_feats, positions, bad in embed_chunks(model, [p for p, _, _ in items], device, size, batch_size,
-                                                    num_workers, flip, amp_dtype, skip_bad):
+    for chunk_feats, positions, bad in embed_chunks(model, [p for p, _, _ in items], device, spec, skip_bad):
         feats.append(chunk_feats)
         kept += [items[i] for i in positions]
         skipped += [items[i][0] for i in bad]
@@ -485,12 +492,12 @@ def cmd_embed(args):
                              "not both or neither")
     items = dataset_images(args.dataset, args.root, args.split) if args.dataset else collect_images(args.inputs)
     model = load_model(args.checkpoint, args.arch)
-    size = input_size_for(model, args.size)
     device = _device(args.device)
+    spec = model_embed_spec(model, args.size, args.flip, args.batch_size, args.workers,
+                            amp_dtype_for(device, args.fp32))
     labelled = len({name for _, name, _ in items if name})
-    print(f"{len(items)} images ({labelled} identities), {model.name} at {size[0]}x{size[1]} on {device}")
-    state = embed_to_file(model, items, args.out, device, size, args.batch_size, args.workers, args.flip,
-                          amp_dtype_for(device, args.fp32), args.skip_bad, args.save_every, args.checkpoint)
+    print(f"{len(items)} images ({labelled} identities), {model.name} at {spec.size[0]}x{spec.size[1]} on {device}")
+    state = embed_to_file(model, items, args.out, device, spec, args.skip_bad, args.save_every, args.checkpoint)
     skipped = (f"; skipped {len(state['skipped'])} unreadable: {', '.join(state['skipped'][:3])}"
                if state["skipped"] else "")
     print(f"wrote {args.out}: {len(state['paths'])} embeddings x {state['feats'].shape[1]}-d, fingerprint "
@@ -520,8 +527,9 @@ def _query_embeddings(args, index, device):
     items = collect_images(args.inputs)
     model = load_model(args.checkpoint, args.arch)
     _check_fingerprint(index, args.index, model_fingerprint(model), f"--checkpoint {args.checkpoint}")
-    return embed_in_memory(model, items, device, index["size"], index["flip"], args.batch_size, args.workers,
-                           amp_dtype_for(device, args.fp32), args.skip_bad)
+    spec = model_embed_spec(model, index["size"], index["flip"], args.batch_size, args.workers,
+                            amp_dtype_for(device, args.fp32))
+    return embed_in_memory(model, items, device, spec, args.skip_bad)
 
 
 def _check_fingerprint(index, index_path, fingerprint, what):

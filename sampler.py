@@ -1,5 +1,7 @@
 """The PK identity sampler: P identities x K images per batch, an epoch a pure function of (seed, epoch), and
 its statistics (python data.py sampler-stats)."""
+from dataclasses import replace
+
 import numpy as np
 
 from utils import DataError
@@ -71,36 +73,35 @@ def occurrence_index(ids):
 
 
 class PKSampler:
-    """Batch sampler: each batch is P distinct identities x K images, identity-major (K consecutive indices
+    """Batch sampler of a BatchSpec (P, K, the sampler, use_resampling, drop_last, the seed) on rank `rank` of
+    world_size: each batch is P distinct identities x K images, identity-major (K consecutive indices
     per identity). An epoch is a pure function of (seed, epoch): each identity's images are shuffled and cut
     into chunks of K (identity_chunks: a single leftover image is dropped), and the chunks are drawn into steps
     of W*P distinct identities; rank r of W takes columns r*P..r*P+P-1 of every step, so ranks are disjoint at
     every step and run the same number of steps.
 
-    sampler: 'random_identity' (the original's DATALOADER.SAMPLER, default): each step draws its identities
+    batch.sampler: 'random_identity' (the original's DATALOADER.SAMPLER, default): each step draws its identities
     uniformly among those with chunks left (random_identity_steps), so neighbours change from step to step;
     the chunks of the last < W*P identities are left out. 'balanced': the column layout of balanced_steps,
     which leaves out fewer than W*P chunks but keeps an identity beside the same neighbours.
-    use_resampling (DATALOADER.USE_RESAMPLING): a short last chunk of r < K images is filled with K - r draws
+    batch.use_resampling (DATALOADER.USE_RESAMPLING): a short last chunk of r < K images is filled with K - r draws
     from its own r images, with replacement, as the original fills it (True), or with mock images (False): index
     len(pids) + i stands for a mock of image i (an all-zero image with its pid, see ImageDataset), to be masked
     out of the losses with is_real.
-    drop_last (DATALOADER.DROP_LAST): the original hands it to its DataLoader, whose batches of P identities
+    batch.drop_last (DATALOADER.DROP_LAST): the original hands it to its DataLoader, whose batches of P identities
     are always whole with its sampler, so it changes nothing there; True is that. False adds one last,
     smaller step: one chunk of each identity that still has chunks (split over the ranks; left out when there
     are fewer such identities than ranks)."""
 
-    def __init__(self, pids, num_ids, num_instances=4, seed=0, rank=0, world_size=1, sampler="random_identity",
-                 use_resampling=True, drop_last=True):
-        if num_instances < 2:
-            raise DataError(f"DATALOADER.NUM_INSTANCE (K) = {num_instances}: need K >= 2 images per identity")
-        if num_ids < 1 or not 0 <= rank < world_size:
-            raise DataError(f"bad sampler settings: P = {num_ids}, rank {rank} of world size {world_size}")
-        if sampler not in SAMPLERS:
-            raise DataError(f'unknown sampler {sampler!r} (DATALOADER.SAMPLER): use one of {", ".join(SAMPLERS)}')
-        self.num_ids, self.num_instances, self.sampler = num_ids, num_instances, sampler
-        self.use_resampling, self.drop_last = use_resampling, drop_last
-        self.seed, self.rank, self.world_size, self.epoch, self.start_step = seed, rank, world_size, 0, 0
+    def __init__(self, pids, batch, rank=0, world_size=1):
+        if batch.num_instances < 2:
+            raise DataError(f"DATALOADER.NUM_INSTANCE (K) = {batch.num_instances}: need K >= 2 images per identity")
+        if batch.num_ids < 1 or not 0 <= rank < world_size:
+            raise DataError(f"bad sampler settings: P = {batch.num_ids}, rank {rank} of world size {world_size}")
+        if batch.sampler not in SAMPLERS:
+            raise DataError(f'unknown sampler {batch.sampler!r} (DATALOADER.SAMPLER): use one of '
+                            f'{", ".join(SAMPLERS)}')
+        self.batch, self.rank, self.world_size, self.epoch, self.start_step = batch, rank, world_size, 0, 0
         # planning is numpy (single-threaded): multi-threaded CPU tensor ops stall on a busy host
         self.pids = np.asarray(pids, dtype=np.int64).reshape(-1)
         _, self.identity, self.counts = np.unique(self.pids, return_inverse=True, return_counts=True)
@@ -110,17 +111,18 @@ class PKSampler:
 
     def _chunks_and_steps(self):
         """Chunks per identity; for 'balanced' also the steps, so that no identity has more chunks than steps."""
-        per_step = self.num_ids * self.world_size
-        chunks = identity_chunks(self.counts, self.num_instances)  # [I]
+        P, K = self.batch.num_ids, self.batch.num_instances
+        per_step = P * self.world_size
+        chunks = identity_chunks(self.counts, K)  # [I]
         if int((chunks > 0).sum()) < per_step:
             possible = int((chunks > 0).sum()) // self.world_size
             raise DataError(
-                f'{describe_batch(self.num_ids, self.num_instances, self.world_size)} needs {per_step} identities '
+                f'{describe_batch(P, K, self.world_size)} needs {per_step} identities '
                 f'per step, but the training set has {int((chunks > 0).sum())} identities with 2 images or more '
                 f'({len(self.pids)} images): use --SOLVER.IMS_PER_BATCH <= {possible}'
                 f'{f" with {self.world_size} devices" if self.world_size > 1 else ""}')
         steps = int(chunks.sum()) // per_step
-        while self.sampler == "balanced" and int(chunks.max()) > steps:  # cap a very large identity (few rounds)
+        while self.batch.sampler == "balanced" and int(chunks.max()) > steps:  # cap a very large identity (few rounds)
             chunks = np.minimum(chunks, steps)
             steps = int(chunks.sum()) // per_step
         return chunks, steps
@@ -132,11 +134,11 @@ class PKSampler:
 
     def state_dict(self):
         """What a resumed run needs to continue the same sequence of epochs."""
-        return {"seed": self.seed, "epoch": self.epoch}
+        return {"seed": self.batch.seed, "epoch": self.epoch}
 
     def load_state_dict(self, state):
         """Restore seed and epoch from state_dict()."""
-        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self.batch, self.epoch = replace(self.batch, seed=int(state["seed"])), int(state["epoch"])
 
     def __len__(self):
         full, last = self._plan()
@@ -144,8 +146,8 @@ class PKSampler:
 
     def _identity_steps(self, rng):
         """This epoch's identity indices [steps, W*P] and the identities that still have chunks after them."""
-        per_step = self.num_ids * self.world_size
-        if self.sampler == "balanced":
+        per_step = self.batch.num_ids * self.world_size
+        if self.batch.sampler == "balanced":
             steps = balanced_steps(self.chunks, per_step, self.steps, rng)
         else:
             steps = random_identity_steps(self.chunks, per_step, rng)
@@ -154,15 +156,15 @@ class PKSampler:
 
     def _plan(self):
         """This epoch's dataset indices for all ranks: full steps [S, W*P, K], last smaller step [n, K] or None."""
-        key = (self.seed, self.epoch)
+        key = (self.batch.seed, self.epoch)
         if self._cached is None or self._cached[0] != key:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch]))
+            rng = np.random.default_rng(np.random.SeedSequence([self.batch.seed, self.epoch]))
             steps, unfinished = self._identity_steps(rng)
             ids = np.concatenate([steps.reshape(-1), unfinished])  # [T]: one entry per chunk, in the order drawn
             chunks = self._chunk_images(rng, ids, occurrence_index(ids))  # [T, K]
-            full = chunks[: steps.size].reshape(*steps.shape, self.num_instances)
+            full = chunks[: steps.size].reshape(*steps.shape, self.batch.num_instances)
             last = chunks[steps.size:]
-            keep_last = not self.drop_last and len(last) >= self.world_size
+            keep_last = not self.batch.drop_last and len(last) >= self.world_size
             self._cached = (key, full, last if keep_last else None)
         return self._cached[1:]
 
@@ -170,7 +172,7 @@ class PKSampler:
         """Dataset indices [T, K] of chunk chunk_index[t] of identity ids[t], in this epoch's image order. A short
         last chunk (r < K images) is filled as the original fills it (datasets/bases.py): use_resampling, with
         K - r draws from its own r images, with replacement; else with mocks."""
-        K, num_images = self.num_instances, len(self.pids)
+        K, num_images = self.batch.num_instances, len(self.pids)
         # dataset indices grouped by identity, in random order within each identity
         order = rng.permutation(num_images)
         order = order[np.argsort(self.identity[order], kind="stable")]  # [N]
@@ -178,7 +180,7 @@ class PKSampler:
         first = chunk_index[:, None] * K  # [T, 1]: the chunk's first position in its identity's order
         positions = first + np.arange(K)  # [T, K]
         counts = self.counts[ids][:, None]
-        if self.use_resampling:
+        if self.batch.use_resampling:
             own = np.minimum(counts - first, K)  # [T, 1]: r, the chunk's own images (>= 2: see identity_chunks)
             drawn = first + rng.integers(0, own, size=positions.shape)  # [T, K]: one draw per slot, used past r
             return order[starts[ids][:, None] + np.where(positions < counts, positions, drawn)]
@@ -189,7 +191,7 @@ class PKSampler:
         """This rank's batches of the current epoch: a list of lists of dataset indices (P*K each; the last
         smaller step of drop_last=False may hold fewer identities)."""
         full, last = self._plan()
-        P, K = self.num_ids, self.num_instances
+        P, K = self.batch.num_ids, self.batch.num_instances
         batches = full[:, self.rank * P:(self.rank + 1) * P].reshape(len(full), P * K).tolist()
         if last is not None:
             batches.append(np.array_split(last, self.world_size)[self.rank].reshape(-1).tolist())
@@ -222,18 +224,17 @@ class SeededBatches:
     def __iter__(self):
         pk = self.sampler
         for step, batch in enumerate(pk.epoch_batches()[pk.start_step:], start=pk.start_step):
-            yield list(zip(batch, augmentation_seeds(pk.seed, pk.rank, pk.epoch, step, len(batch)).tolist()))
+            yield list(zip(batch, augmentation_seeds(pk.batch.seed, pk.rank, pk.epoch, step, len(batch)).tolist()))
 
 
-def train_sampler(items, num_ids, num_instances, seed, rank, world_size, sampler, use_resampling, drop_last,
-                  with_is_real):
-    """The PKSampler of a train loader; refuses mock images that no is_real would mask."""
-    if not use_resampling and not with_is_real:
+def train_sampler(items, batch, rank, world_size, with_is_real):
+    """The PKSampler of a train loader (a BatchSpec on rank of world_size); refuses mock images that no is_real
+    would mask."""
+    if not batch.use_resampling and not with_is_real:
         raise DataError("use_resampling=False (DATALOADER.USE_RESAMPLING False) pads short identities with mock "
                         "images that the losses must mask: build the loader with with_is_real=True and pass "
                         "is_real to the model and to compute_losses")
-    return PKSampler([pid for _, pid, _ in items], num_ids, num_instances, seed, rank, world_size, sampler,
-                     use_resampling, drop_last)
+    return PKSampler([pid for _, pid, _ in items], batch, rank, world_size)
 
 
 
@@ -260,11 +261,10 @@ def co_batched_identities(batch_identities, num_identities):
     return np.bincount(codes // num_identities, minlength=num_identities)
 
 
-def sampler_statistics(pids, num_ids, num_instances, sampler, epoch, seed=0, world_size=1, drop_last=True):
-    """One epoch of a sampler over all ranks: {'steps', 'images' (distinct images used), 'identities' (used),
-    'co_batched' (mean over used identities of co_batched_identities)}."""
-    ranks = [PKSampler(pids, num_ids, num_instances, seed, rank, world_size, sampler, drop_last=drop_last)
-             for rank in range(world_size)]
+def sampler_statistics(pids, batch, epoch, world_size=1):
+    """One epoch of a BatchSpec's sampler over all ranks: {'steps', 'images' (distinct images used), 'identities'
+    (used), 'co_batched' (mean over used identities of co_batched_identities)}."""
+    ranks = [PKSampler(pids, batch, rank, world_size) for rank in range(world_size)]
     batches = []
     for rank_sampler in ranks:
         rank_sampler.set_epoch(epoch)
@@ -272,7 +272,7 @@ def sampler_statistics(pids, num_ids, num_instances, sampler, epoch, seed=0, wor
     num_images, num_identities = len(ranks[0].pids), len(ranks[0].counts)
     width = max(len(batch) for batch in batches)
     padded = np.array([batch + [-1] * (width - len(batch)) for batch in batches])  # [batches, P*K]
-    firsts = padded[:, ::num_instances]  # [batches, P]: each chunk's first image (a mock: + N)
+    firsts = padded[:, ::batch.num_instances]  # [batches, P]: each chunk's first image (a mock: + N)
     places = np.where(firsts >= 0, ranks[0].identity[np.maximum(firsts, 0) % num_images], -1)
     images = padded[(padded >= 0) & (padded < num_images)]
     used = np.zeros(num_identities, dtype=bool)
@@ -283,14 +283,14 @@ def sampler_statistics(pids, num_ids, num_instances, sampler, epoch, seed=0, wor
 
 
 
-def print_sampler_statistics(pids, num_ids, num_instances, samplers=SAMPLERS, epochs=3, seed=0, world_size=1,
-                             drop_last=True):
-    """Print sampler_statistics per sampler and epoch."""
+def print_sampler_statistics(pids, batch, samplers=SAMPLERS, epochs=3, world_size=1):
+    """Print sampler_statistics per sampler and epoch (a BatchSpec, its sampler replaced by each of samplers)."""
     num_images, num_identities = len(pids), len(set(pids))
-    print(f"{num_identities} identities, {num_images} images; {describe_batch(num_ids, num_instances, world_size)}")
+    print(f"{num_identities} identities, {num_images} images; "
+          f"{describe_batch(batch.num_ids, batch.num_instances, world_size)}")
     for sampler in samplers:
         for epoch in range(epochs):
-            stats = sampler_statistics(pids, num_ids, num_instances, sampler, epoch, seed, world_size, drop_last)
+            stats = sampler_statistics(pids, replace(batch, sampler=sampler), epoch, world_size)
             print(f'{sampler:<16} epoch {epoch}: {stats["steps"]} steps, {stats["images"]} images used '
                   f'({100 * stats["images"] / num_images:.1f}%), {stats["identities"]} identities used '
                   f'({100 * stats["identities"] / num_identities:.1f}%), '

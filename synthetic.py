@@ -17,6 +17,9 @@ VIEWS = ("front", "back", "side")
 BACKGROUND_JITTER = 0.15
 BODY_WIDTH = 1.5
 BG_CONTRAST = (0.3, 1.0)
+JUNK_SHARE = 0.05         # junk images (pid -1) per image of train and gallery
+DISTRACTOR_SHARE = 0.1    # distractors (pid 0) per gallery image
+JPEG_QUALITY = 90
 
 
 def _colour(rng, palette=CLOTHES):
@@ -138,13 +141,12 @@ def _split_query(rng, cams):
     return queries or [0]
 
 
-def synthesize(out, ids=120, images_per_id=16, cameras=6, size=(128, 64), seed=0, junk=0.05,
-               distractors=0.1, quality=90, progress=True):
+def synthesize(out, ids=120, images_per_id=16, cameras=6, size=(128, 64), seed=0, progress=True):
     """Write a synthetic data set in the Market-1501 layout; returns the image count per folder.
 
     Half of `ids` identities (pids 1..) train, the other half are query/gallery. Junk (pid -1,
-    `junk` x images in train and gallery) are fragments of unseen people; distractors (pid 0,
-    `distractors` x gallery images) are empty scenes or fragments."""
+    JUNK_SHARE x images in train and gallery) are fragments of unseen people; distractors (pid 0,
+    DISTRACTOR_SHARE x gallery images) are empty scenes or fragments."""
     from tqdm import tqdm
     if ids < 4 or images_per_id < 2 or cameras < 2:
         raise DataError(f"synthesize needs --ids >= 4, --images-per-id >= 2, --cameras >= 2 "
@@ -165,16 +167,16 @@ def synthesize(out, ids=120, images_per_id=16, cameras=6, size=(128, 64), seed=0
     counts = {sub: sum(p[0] == sub for p in plan) for sub in MARKET_FOLDERS}
     for folder in ("bounding_box_train", "bounding_box_test"):
         plan += [(folder, -1, int(rng.integers(cameras)), draw_identity(rng), True)
-                 for _ in range(round(junk * counts[folder]))]
+                 for _ in range(round(JUNK_SHARE * counts[folder]))]
     plan += [("bounding_box_test", 0, int(rng.integers(cameras)),  # empty scenes or fragments
               draw_identity(rng) if rng.random() < 0.5 else None, True)
-             for _ in range(round(distractors * counts["bounding_box_test"]))]
+             for _ in range(round(DISTRACTOR_SHARE * counts["bounding_box_test"]))]
     for sub in MARKET_FOLDERS:
         os.makedirs(os.path.join(out, sub), exist_ok=True)
     for frame, (folder, pid, c, person, fragment) in enumerate(tqdm(plan, "synthesize", disable=not progress)):
         image = render_image(np.random.default_rng([seed, 4, frame]), person, cams[c], size, fragment)
         name = f"{pid:04d}_c{c + 1}s1_{frame:06d}_00.jpg" if pid >= 0 else f"-1_c{c + 1}s1_{frame:06d}_00.jpg"
-        image.save(os.path.join(out, folder, name), quality=quality)
+        image.save(os.path.join(out, folder, name), quality=JPEG_QUALITY)
     return {sub: sum(p[0] == sub for p in plan) for sub in MARKET_FOLDERS}
 
 

@@ -38,6 +38,7 @@ from loss import CenterLoss, LossSpec, build_center_optimizer, compute_losses, s
 from model import build_model, load_weights, stem_relu_message, synchronise_batch_norms
 from report import write_config_report
 from sampler import PKSampler
+from specs import loader_spec
 
 OPTIONS = [  # what is not a configuration key (config.parse adds --config_file)
     ("resume", ("--resume",), "", "auto (OUTPUT_DIR/last.pth if present), best (OUTPUT_DIR/best.pth) or a "
@@ -152,17 +153,11 @@ def build_network(cfg, num_classes, device):
 
 def build_loader(cfg, data, device, rank, world_size):
     """(train loader, its PK sampler) on the CPU workers, or decoding and augmenting on the device."""
-    inputs = cfg.INPUT
-    args = (data["train"], cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE, inputs.SIZE_TRAIN,
-            cfg.DATALOADER.NUM_WORKERS)
-    kwargs = {"seed": cfg.SOLVER.SEED, "rank": rank, "world_size": world_size, "flip_prob": inputs.PROB,
-              "padding": inputs.PADDING, "re_prob": inputs.RE_PROB, "sampler": cfg.DATALOADER.SAMPLER,
-              "use_resampling": cfg.DATALOADER.USE_RESAMPLING, "drop_last": cfg.DATALOADER.DROP_LAST,
-              "pixel_mean": inputs.PIXEL_MEAN, "pixel_std": inputs.PIXEL_STD, "with_is_real": True}
-    if inputs.DEVICE_AUGMENT:
-        loader = DeviceAugmentLoader(*args, device, **kwargs)
+    spec = loader_spec(cfg)
+    if spec.device_augment:
+        loader = DeviceAugmentLoader(data["train"], spec, device, rank, world_size, with_is_real=True)
         return loader, loader.batch_sampler
-    return build_train_loader(*args, **kwargs)
+    return build_train_loader(data["train"], spec, rank, world_size, with_is_real=True)
 
 
 def build_state(cfg, data, device, rank, world_size):
@@ -549,9 +544,8 @@ def schedule_note(sampler, steps_per_epoch, world_size, max_epochs):
     """Updates per epoch and in all on world_size devices, beside one device's with the same P, and how to train
     with one device's schedule: P is per device (as in the original), so each step holds world_size x the images
     and an epoch makes world_size x fewer updates."""
-    P, K = sampler.num_ids, sampler.num_instances
-    one = len(PKSampler(sampler.pids, P, K, sampler.seed, 0, 1, sampler.sampler, sampler.use_resampling,
-                        sampler.drop_last))
+    P, K = sampler.batch.num_ids, sampler.batch.num_instances
+    one = len(PKSampler(sampler.pids, sampler.batch))
     note = (f"schedule: {world_size} devices make {steps_per_epoch} updates per epoch, {steps_per_epoch * max_epochs:,}"
             f" in {max_epochs} epochs; one device with the same P makes {one} per epoch, {one * max_epochs:,} in all "
             f"(SOLVER.IMS_PER_BATCH is P per device, as in the original). For one device's schedule: ")

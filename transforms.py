@@ -2,8 +2,8 @@
 import torch
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from specs import IMAGENET_MEAN, IMAGENET_STD
+
 ERASING_SCALE, ERASING_RATIO = (0.02, 0.4), (0.3, 1 / 0.3)  # the original RandomErasing's sl, sh and r1, 1/r1
 
 
@@ -42,18 +42,18 @@ class RandomErasing:
         return image
 
 
-def build_train_transform(size=(256, 128), flip_prob=0.5, padding=10, re_prob=0.5, pixel_mean=IMAGENET_MEAN,
-                          pixel_std=IMAGENET_STD):
-    """Resize, flip, pad + random crop, normalisation by pixel_mean / pixel_std, the original's random erasing."""
+def build_train_transform(augment):
+    """The augmentation of one image (an AugmentSpec): resize, flip, pad + random crop, normalisation, the original's
+    random erasing."""
     return v2.Compose([
         v2.ToImage(),  # uint8 tensor: the geometric ops below are cheaper on it than on PIL
-        v2.Resize(list(size), antialias=True),
-        v2.RandomHorizontalFlip(flip_prob),
-        v2.Pad(padding),
-        v2.RandomCrop(list(size)),
+        v2.Resize(list(augment.size), antialias=True),
+        v2.RandomHorizontalFlip(augment.flip_prob),
+        v2.Pad(augment.padding),
+        v2.RandomCrop(list(augment.size)),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(pixel_mean), list(pixel_std)),
-        RandomErasing(re_prob, pixel_mean),
+        v2.Normalize(list(augment.pixel_mean), list(augment.pixel_std)),
+        RandomErasing(augment.erasing_prob, augment.pixel_mean),
     ])
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 import bench
 from device_data import augment_batch
+from specs import AugmentSpec
 from transforms import build_test_transform, build_train_transform
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +72,7 @@ def person_image(synthetic_root_128):
 
 def test_device_augmentation_without_randomness_is_the_test_transform(person_image):
     image = torch.from_numpy(np.array(person_image)).permute(2, 0, 1)
-    ours = augment_batch([image, image], (64, 32), flip_prob=0, padding=0, re_prob=0)
+    ours = augment_batch([image, image], AugmentSpec((64, 32), flip_prob=0, padding=0, erasing_prob=0))
     reference = build_test_transform((64, 32))(person_image)
     # torchvision resizes uint8 in fixed point and rounds to uint8: at most a grey level apart
     assert ours.shape == (2, 3, 64, 32)
@@ -91,8 +92,8 @@ def test_device_augmentation_pads_crops_and_erases_like_the_torchvision_transfor
     torch.manual_seed(0)
     num = 400
     image = torch.from_numpy(np.array(person_image)).permute(2, 0, 1)
-    ours = augmentation_statistics(augment_batch([image] * num, (64, 32)))
-    transform = build_train_transform((64, 32))
+    ours = augmentation_statistics(augment_batch([image] * num, AugmentSpec((64, 32))))
+    transform = build_train_transform(AugmentSpec((64, 32)))
     theirs = augmentation_statistics(torch.stack([transform(person_image) for _ in range(num)]))
     assert ours[0] > 0.05 and ours[1] > 0.02 and ours[2] > 0.3  # each augmentation happens...
     for a, b in zip(ours, theirs):  # ... as often and as much as with torchvision (400 draws: a few % apart)
@@ -103,10 +104,10 @@ def test_device_augmentation_flips_half_of_the_images():
     torch.manual_seed(0)
     image = torch.zeros(3, 64, 32, dtype=torch.uint8)
     image[:, :, :16] = 255  # bright left half: a flipped image is bright on the right
-    out = augment_batch([image] * 400, (64, 32), padding=0, re_prob=0)
+    out = augment_batch([image] * 400, AugmentSpec((64, 32), padding=0, erasing_prob=0))
     flipped = out[:, :, :, 16:].mean(dim=(1, 2, 3)) > out[:, :, :, :16].mean(dim=(1, 2, 3))
     assert 0.4 < flipped.float().mean().item() < 0.6
-    never = augment_batch([image] * 50, (64, 32), flip_prob=0, padding=0, re_prob=0)
+    never = augment_batch([image] * 50, AugmentSpec((64, 32), flip_prob=0, padding=0, erasing_prob=0))
     assert (never[:, :, :, :16].mean(dim=(1, 2, 3)) > never[:, :, :, 16:].mean(dim=(1, 2, 3))).all()
 
 

@@ -13,12 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import data
 import device_data
 import sampler
 import synthetic
 import transforms
 from data import build_datasets, read_dataset
+from specs import AugmentSpec, BatchSpec, EmbedSpec, LoaderSpec, embed_spec, loader_spec
 from utils import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,11 +156,11 @@ def test_several_names_train_on_the_union_and_evaluate_the_first(tmp_path):
 
 def test_transform_shapes_and_flip():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 30, 3), dtype=np.uint8))
-    train = transforms.build_train_transform((64, 32))(image)
+    train = transforms.build_train_transform(AugmentSpec((64, 32)))(image)
     test = transforms.build_test_transform((64, 32))(image)
     assert train.shape == test.shape == (3, 64, 32) and train.dtype == torch.float32
     assert abs(float(test.mean())) < 2  # ImageNet-normalised, not 0..255
-    flipped = transforms.build_train_transform((64, 32), flip_prob=1.0, padding=0, re_prob=0.0)(image)
+    flipped = transforms.build_train_transform(AugmentSpec((64, 32), flip_prob=1.0, padding=0, erasing_prob=0.0))(image)
     assert torch.allclose(flipped, test.flip(-1))
 
 
@@ -182,18 +184,20 @@ def test_erasing_fills_the_box_with_pixel_mean_on_the_cpu_and_on_the_device():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 32, 3), dtype=np.uint8))
     mean = (0.5, 0.4, 0.3)
     torch.manual_seed(0)
-    cpu = transforms.build_train_transform((64, 32), padding=0, re_prob=1.0, pixel_mean=mean)
-    device = device_data.augment_batch([torch.from_numpy(np.array(image)).permute(2, 0, 1)] * 200, (64, 32), padding=0,
-                                re_prob=1.0, pixel_mean=mean)
+    augment = AugmentSpec((64, 32), padding=0, erasing_prob=1.0, pixel_mean=mean)
+    cpu = transforms.build_train_transform(augment)
+    device = device_data.augment_batch([torch.from_numpy(np.array(image)).permute(2, 0, 1)] * 200, augment)
     shares = erased_share(torch.stack([cpu(image) for _ in range(200)]), mean), erased_share(device, mean)
     # mean erased share: E[area] = 0.21 x P(a box fits); both ways draw the same distribution
     assert 0.1 < shares[0] < 0.3 and abs(shares[0] - shares[1]) < 0.03, shares
-    assert erased_share(transforms.build_train_transform((64, 32), re_prob=0.0, pixel_mean=mean)(image), mean) == 0
+    never = AugmentSpec((64, 32), erasing_prob=0.0, pixel_mean=mean)
+    assert erased_share(transforms.build_train_transform(never)(image), mean) == 0
 
 
-def original_erasing_box(rnd, height, width, prob=0.5, sl=0.02, sh=0.4, r1=0.3, log_aspect=False, tries=100):
+def original_erasing_box(rnd, height, width, log_aspect=False, tries=100):
     """The original RandomErasing's draw (datasets/transforms/random_erasing.py) as a loop: (top, left, h, w)
     or None. log_aspect + tries=10: torchvision's draw, which the comparison must tell apart."""
+    prob, sl, sh, r1 = 0.5, 0.02, 0.4, 0.3  # the original's defaults
     if rnd.uniform(0, 1) >= prob:
         return None
     for _ in range(tries):
@@ -259,30 +263,49 @@ def check_mock_batches(batches, num_instances):
 
 def test_without_resampling_the_train_loaders_pad_with_mock_images(tiny_synthetic):
     items = short_identity_items(tiny_synthetic)
-    settings = {"seed": 1, "sampler": "balanced", "use_resampling": False, "with_is_real": True}
-    loader, sampler = data.build_train_loader(items, 2, 4, (32, 16), 0, **settings)
-    device_loader = device_data.DeviceAugmentLoader(items, 2, 4, (32, 16), 0, "cpu", **settings)
+    spec = LoaderSpec(BatchSpec(2, 4, "balanced", use_resampling=False, seed=1), AugmentSpec((32, 16)))
+    loader, sampler = data.build_train_loader(items, spec, with_is_real=True)
+    device_loader = device_data.DeviceAugmentLoader(items, spec, "cpu", with_is_real=True)
     for epoch in range(3):
         sampler.set_epoch(epoch)
         device_loader.batch_sampler.set_epoch(epoch)
         expected = sum(i >= len(items) for batch in sampler for i in batch)
         assert check_mock_batches(loader, 4) == check_mock_batches(device_loader, 4) == expected
     assert expected > 0
-    resampled, _ = data.build_train_loader(items, 2, 4, (32, 16), 0, with_is_real=True)
+    resampled, _ = data.build_train_loader(items, LoaderSpec(BatchSpec(2, 4), AugmentSpec((32, 16))), with_is_real=True)
     assert all(is_real.all() for _, _, _, is_real in resampled)
     with pytest.raises(DataError, match="use_resampling=False.*with_is_real=True"):
-        data.build_train_loader(items, 2, 4, (32, 16), 0, use_resampling=False)
+        data.build_train_loader(items, LoaderSpec(BatchSpec(2, 4, use_resampling=False), AugmentSpec((32, 16))))
+
+
+def test_the_loader_and_embedding_specs_read_every_key_of_theirs_from_the_config():
+    cfg, _, _ = config.parse([
+        "--SOLVER.IMS_PER_BATCH", "3", "--DATALOADER.NUM_INSTANCE", "5", "--DATALOADER.SAMPLER", "balanced",
+        "--DATALOADER.USE_RESAMPLING", "false", "--DATALOADER.DROP_LAST", "false", "--SOLVER.SEED", "7",
+        "--INPUT.SIZE_TRAIN", "96", "48", "--INPUT.PROB", "0.25", "--INPUT.PADDING", "3", "--INPUT.RE_PROB", "0.75",
+        "--INPUT.PIXEL_MEAN", "0.5", "0.4", "0.3", "--INPUT.PIXEL_STD", "0.2", "0.25", "0.3",
+        "--DATALOADER.NUM_WORKERS", "2", "--INPUT.DEVICE_AUGMENT", "true",
+        "--INPUT.SIZE_TEST", "80", "40", "--TEST.IMS_PER_BATCH", "9", "--TEST.FLIP_FEATS", "true"])
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    assert loader_spec(cfg) == LoaderSpec(BatchSpec(3, 5, "balanced", use_resampling=False, drop_last=False, seed=7),
+                                          AugmentSpec((96, 48), 0.25, 3, 0.75, mean, std), 2, device_augment=True)
+    assert embed_spec(cfg, torch.float16) == EmbedSpec((80, 40), 9, 2, True, torch.float16, mean, std)
+    assert embed_spec(cfg, size=[64, 32]).size == (64, 32)  # a checkpoint's test size
+    defaults, _, _ = config.parse([])  # the specs' own defaults are the configuration's
+    assert loader_spec(defaults) == LoaderSpec(BatchSpec(16), AugmentSpec(), defaults.DATALOADER.NUM_WORKERS)
+    assert embed_spec(defaults) == EmbedSpec(num_workers=defaults.DATALOADER.NUM_WORKERS)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_train_and_test_loaders(tiny_synthetic, workers):
     ds = read_dataset("synthetic", os.path.dirname(tiny_synthetic))  # ROOT holding synthetic/
-    loader, sampler = data.build_train_loader(ds["train"], 4, 3, (64, 32), workers, seed=1)
+    loader, sampler = data.build_train_loader(ds["train"], LoaderSpec(BatchSpec(4, 3, seed=1), AugmentSpec((64, 32)),
+                                                                      workers))
     sampler.set_epoch(0)
     images, pids, camids = next(iter(loader))
     assert images.shape == (12, 3, 64, 32) and len(set(pids.tolist())) == 4
     assert (pids.view(4, 3) == pids.view(4, 3)[:, :1]).all()
-    test_loader = data.build_test_loader(ds["query"], (64, 32), 5, workers)
+    test_loader = data.build_test_loader(ds["query"], EmbedSpec((64, 32), 5, workers))
     assert torch.cat([p for _, p, _ in test_loader]).tolist() == [pid for _, pid, _ in ds["query"]]
 
 
@@ -373,7 +396,7 @@ def test_a_corrupt_image_names_its_path_at_load_time_and_check_lists_it(tmp_path
     ds = read_dataset("market1501", str(tmp_path))
     with pytest.raises(DataError, match=f"cannot read image {bad}"):
         data.ImageDataset(ds["query"], transforms.build_test_transform((16, 8)))[0]
-    loader = data.build_test_loader(ds["query"], (16, 8), 1, num_workers=1)  # raised in a worker
+    loader = data.build_test_loader(ds["query"], EmbedSpec((16, 8), 1, num_workers=1))  # raised in a worker
     with pytest.raises(DataError, match=f"^cannot read image {bad}") as error:
         next(iter(loader))
     assert "Traceback" not in str(error.value)
@@ -385,14 +408,15 @@ def test_a_corrupt_image_names_its_path_at_load_time_and_check_lists_it(tmp_path
 
 def test_device_augment_loader_yields_pk_batches_and_names_a_corrupt_file(tiny_synthetic, tmp_path):
     items = read_dataset("synthetic", tiny_synthetic)["train"]
-    loader = device_data.DeviceAugmentLoader(items, 2, 2, (32, 16), 0, "cpu")
+    spec = LoaderSpec(BatchSpec(2, 2), AugmentSpec((32, 16)))
+    loader = device_data.DeviceAugmentLoader(items, spec, "cpu")
     images, pids, _ = next(iter(loader))
     assert images.shape == (4, 3, 32, 16) and images.dtype == torch.float32
     assert pids[0] == pids[1] and pids[2] == pids[3] and pids[0] != pids[2]
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     bad_items = [(str(bad), pid, camid) for _, pid, camid in items]
-    loader = device_data.DeviceAugmentLoader(bad_items, 2, 2, (32, 16), 0, "cpu")
+    loader = device_data.DeviceAugmentLoader(bad_items, spec, "cpu")
     with pytest.raises(DataError, match=f"{bad}: not a readable JPEG"):
         for _ in loader:
             pass

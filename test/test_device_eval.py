@@ -13,6 +13,7 @@ import device_data
 import utils
 from evaluate import extract_features
 from model import build_model
+from specs import EmbedSpec
 
 SIZE = (64, 32)
 
@@ -31,8 +32,9 @@ def items(synthetic_root_128, tmp_path_factory):
 
 
 def test_device_batches_hold_the_cpu_loaders_images_in_the_same_order(items):
-    cpu = list(data.build_test_loader(items, SIZE, batch_size=7, num_workers=0))
-    dev = list(device_data.device_test_batches(items, SIZE, batch_size=7, num_workers=0, device="cpu"))
+    spec = EmbedSpec(SIZE, batch_size=7, num_workers=0)
+    cpu = list(data.build_test_loader(items, spec))
+    dev = list(device_data.device_test_batches(items, spec, device="cpu"))
     assert len(cpu) == len(dev) == -(-len(items) // 7)
     for (a, a_pids, a_camids), (b, b_pids, b_camids) in zip(cpu, dev):
         assert b.shape == a.shape and b.dtype == torch.float32
@@ -45,8 +47,9 @@ def test_device_batches_hold_the_cpu_loaders_images_in_the_same_order(items):
 def test_extract_features_gives_the_same_embeddings_with_either_loader(items):
     torch.manual_seed(0)
     model = build_model("resnet18", 6)
-    cpu = extract_features(model, data.build_test_loader(items, SIZE, 8, 0), torch.device("cpu"))
-    dev = extract_features(model, device_data.device_test_batches(items, SIZE, 8, 0, "cpu"), torch.device("cpu"))
+    spec = EmbedSpec(SIZE, 8, 0)
+    cpu = extract_features(model, data.build_test_loader(items, spec), torch.device("cpu"))
+    dev = extract_features(model, device_data.device_test_batches(items, spec, "cpu"), torch.device("cpu"))
     np.testing.assert_array_equal(cpu[1], dev[1])
     np.testing.assert_array_equal(cpu[2], dev[2])
     assert dev[0].shape == cpu[0].shape and dev[0].device.type == "cpu"
@@ -58,13 +61,14 @@ def test_a_file_no_decoder_reads_is_named(items, tmp_path):
     bad = tmp_path / "0001_c1s1_000001_00.jpg"
     bad.write_bytes(b"not an image at all")
     with pytest.raises(utils.DataError, match="0001_c1s1_000001_00.jpg"):
-        list(device_data.device_test_batches(items[:3] + [(str(bad), 1, 0)], SIZE, 4, 0, "cpu"))
+        list(device_data.device_test_batches(items[:3] + [(str(bad), 1, 0)], EmbedSpec(SIZE, 4, 0), "cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg decoding needs a CUDA device")
 def test_nvjpeg_batches_match_the_cpu_loader(items):
-    cpu = list(data.build_test_loader(items, SIZE, batch_size=8, num_workers=0))
-    dev = list(device_data.device_test_batches(items, SIZE, batch_size=8, num_workers=0, device="cuda"))
+    spec = EmbedSpec(SIZE, batch_size=8, num_workers=0)
+    cpu = list(data.build_test_loader(items, spec))
+    dev = list(device_data.device_test_batches(items, spec, device="cuda"))
     for (a, a_pids, _), (b, b_pids, _) in zip(cpu, dev):
         assert b.device.type == "cuda" and b.shape == a.shape and torch.equal(a_pids, b_pids)
         # nvjpeg's IDCT and chroma upsampling differ from libjpeg-turbo's by a few grey levels

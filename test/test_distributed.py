@@ -19,6 +19,7 @@ import data
 import device_data
 from model import masked_batch_norm
 from sampler import PKSampler
+from specs import AugmentSpec, BatchSpec, LoaderSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,11 +144,11 @@ def test_ranks_draw_their_own_augmentation_whatever_the_global_seed_and_the_work
 
     def first_batch(rank, workers):
         torch.manual_seed(0)  # each rank's process starts from the same global state
-        args = (items, 2, 2, (64, 32), workers)
+        spec = LoaderSpec(BatchSpec(2, 2), AugmentSpec((64, 32)), workers)
         if device_augment:
-            loader = device_data.DeviceAugmentLoader(*args, "cpu", rank=rank, world_size=2)
+            loader = device_data.DeviceAugmentLoader(items, spec, "cpu", rank=rank, world_size=2)
         else:
-            loader = data.build_train_loader(*args, rank=rank, world_size=2)[0]
+            loader = data.build_train_loader(items, spec, rank=rank, world_size=2)[0]
         return next(iter(loader))[0]
 
     rank0, rank1 = first_batch(0, 0), first_batch(1, 0)
@@ -186,7 +187,7 @@ def uninterrupted(synthetic_root, tmp_path_factory):
 def train_path_at(root, rank, step):
     """A train image that rank `rank` first needs at step `step` of epoch 1 (as run_flags trains with 2 ranks)."""
     items = data.build_datasets("synthetic", root)["train"]
-    sampler = PKSampler([pid for _, pid, _ in items], 2, 2, 0, rank, 2)
+    sampler = PKSampler([pid for _, pid, _ in items], BatchSpec(2, 2), rank, 2)
     sampler.set_epoch(0)
     batches_of_rank = sampler.epoch_batches()
     earlier = {i for batch in batches_of_rank[:step] for i in batch}
@@ -231,9 +232,9 @@ def test_drop_last_false_trains_its_smaller_last_step_on_two_ranks_and_evaluates
     out = assert_all_succeeded(run_ranks([sys.executable, *run_flags(
         synthetic_root, tmp_path, "--DATALOADER.DROP_LAST", "false", "--SOLVER.IMS_PER_BATCH", "3")], 2))
     pids = [pid for _, pid, _ in data.build_datasets("synthetic", synthetic_root)["train"]]
-    steps = [len(PKSampler(pids, 3, 2, 0, 0, 2, drop_last=drop)) for drop in (True, False)]
+    steps = [len(PKSampler(pids, BatchSpec(3, 2, drop_last=drop), 0, 2)) for drop in (True, False)]
     assert steps[1] == steps[0] + 1 and f"{steps[1]} steps per epoch" in out  # the smaller last step is trained
-    one_device = len(PKSampler(pids, 3, 2, 0, 0, 1, drop_last=False))
+    one_device = len(PKSampler(pids, BatchSpec(3, 2, drop_last=False)))
     assert f"schedule: 2 devices make {steps[1]} updates per epoch, {2 * steps[1]} in 2 epochs; one device with the " \
            f"same P makes {one_device} per epoch" in out
     metrics = last_metrics(tmp_path)

@@ -72,7 +72,8 @@ def test_evaluation_and_retrieval_give_a_folder_the_same_pids_and_camids(tmp_pat
     model = build_model("resnet18", dataset["num_train_pids"]).eval()
     for split in ("query", "gallery"):  # embedded separately, as `retrieve.py embed` is run per folder
         items = retrieve.collect_images([os.path.join(root, split)])
-        emb = retrieve.embed_to_file(model, items, str(tmp_path / f"{split}.pt"), torch.device("cpu"), SIZE)
+        emb = retrieve.embed_to_file(model, items, str(tmp_path / f"{split}.pt"), torch.device("cpu"),
+                                     retrieve.model_embed_spec(model, SIZE))
         embedded = labels_by_path(zip(emb["paths"], emb["pids"].tolist(), emb["camids"].tolist()))
         assert embedded == labels_by_path(dataset[split])
     query, gallery = labels_by_path(dataset["query"]), labels_by_path(dataset["gallery"])

@@ -21,6 +21,7 @@ import train
 import transforms
 import utils
 from data import build_datasets, build_train_loader
+from specs import AugmentSpec, BatchSpec, LoaderSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,7 +89,7 @@ def split_paths(root, split):
 def epoch_batches(root):
     """Epoch 1's batches of dataset indices, as flags() trains them: (train items, batches)."""
     items = build_datasets("synthetic", root)["train"]
-    _, sampler = build_train_loader(items, 4, 2, (64, 32), 0)
+    _, sampler = build_train_loader(items, LoaderSpec(BatchSpec(4, 2), AugmentSpec((64, 32))))
     sampler.set_epoch(0)
     return items, list(sampler)
 
@@ -250,7 +251,7 @@ def test_guarded_images_replace_with_the_same_identity_and_its_augmentation_seed
     same = [i for i, item in enumerate(items) if item[1] == items[0][1]]
     break_image(items[same[0]][0], "truncate")
     log = tmp_path / "skipped.txt"
-    images = data.ImageDataset(items, transforms.build_train_transform((64, 32)))
+    images = data.ImageDataset(items, transforms.build_train_transform(AugmentSpec((64, 32))))
     guarded = image_check.GuardedImages(images, log_path=str(log))
     image, pid, _ = guarded[(same[0], 1234)]  # as a training loader asks: (index, augmentation seed)
     assert pid == items[0][1] and torch.equal(image, images[(same[1], 1234)][0])  # the next image, the same draws

@@ -19,6 +19,7 @@ import visualize
 from data import build_train_loader, read_dataset
 from loss import LossSpec, compute_losses
 from model import build_model
+from specs import AugmentSpec, BatchSpec, EmbedSpec, LoaderSpec
 from synthetic import synthesize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +38,8 @@ def train_tiny(dataset, steps=40, seed=0):
     """resnet18 at 64x32 trained from scratch with the project's losses: P=8 identities x K=4 images."""
     torch.manual_seed(seed)
     model = build_model("resnet18", dataset["num_train_pids"])
-    loader, sampler = build_train_loader(dataset["train"], 8, 4, SIZE, 0, seed=seed, re_prob=0.0)
+    spec = LoaderSpec(BatchSpec(8, 4, seed=seed), AugmentSpec(SIZE, erasing_prob=0.0))
+    loader, sampler = build_train_loader(dataset["train"], spec)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
     step = 0
@@ -143,9 +145,9 @@ def test_query_results_equal_a_brute_force_ranking(setup, gallery):
     from evaluate import extract_features
     model = retrieve.load_model(setup["trained"])
     items = [(p, 0, 0) for p in gallery["emb"]["paths"]]
-    g_feats = extract_features(model, build_test_loader(items, SIZE, 64, 0), torch.device("cpu"))[0]
+    g_feats = extract_features(model, build_test_loader(items, EmbedSpec(SIZE, 64)), torch.device("cpu"))[0]
     q_paths = [p for p, _, _ in retrieve.collect_images([setup["query_dir"]])]
-    q_feats = extract_features(model, build_test_loader([(p, 0, 0) for p in q_paths], SIZE, 64, 0),
+    q_feats = extract_features(model, build_test_loader([(p, 0, 0) for p in q_paths], EmbedSpec(SIZE, 64)),
                                torch.device("cpu"))[0]
     expected = torch.cdist(q_feats, g_feats).argsort(dim=1)[:, :5]
     results = run("query", gallery["images"], setup["query_dir"], "--checkpoint", setup["trained"])
@@ -334,7 +336,7 @@ def test_rerank_ranks_the_index_entries_by_reranked_distances(setup, gallery, tm
     index = retrieve.load_index(gallery["images"])
     model = retrieve.load_model(setup["trained"])
     q_feats, items, _ = retrieve.embed_in_memory(model, retrieve.collect_images([setup["query_dir"]]),
-                                                 torch.device("cpu"), SIZE)
+                                                 torch.device("cpu"), retrieve.model_embed_spec(model, SIZE))
     expected_dist, expected = rerank_distances(q_feats, index["feats"], 10, 3, 0.2).topk(5, dim=1, largest=False)
     assert [[h["path"] for h in r["results"]] for r in results] == \
            [[index["paths"][j] for j in row] for row in expected.tolist()]

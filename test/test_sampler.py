@@ -16,6 +16,7 @@ from sampler import (
     sampler_statistics,
     simulated_pids,
 )
+from specs import BatchSpec
 from utils import DataError
 
 
@@ -40,7 +41,7 @@ def step_identities(batches, pids, num_instances):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_batches_are_p_distinct_identities_times_k_identity_major(sampler):
     pids = make_pids([1, 2, 3, 4, 5, 9, 17, 6, 6, 6, 4, 8])
-    pk = PKSampler(pids, num_ids=3, num_instances=3, seed=5, sampler=sampler)
+    pk = PKSampler(pids, BatchSpec(3, 3, sampler, seed=5))
     batches = epoch(pk, 0)
     assert len(batches) == len(pk) > 0
     for batch in batches:
@@ -52,11 +53,11 @@ def test_batches_are_p_distinct_identities_times_k_identity_major(sampler):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_epochs_are_a_pure_function_of_seed_and_epoch(sampler):
     pids = make_pids([5] * 20)
-    a, b = PKSampler(pids, 4, 4, seed=1, sampler=sampler), PKSampler(pids, 4, 4, seed=1, sampler=sampler)
+    a, b = PKSampler(pids, BatchSpec(4, 4, sampler, seed=1)), PKSampler(pids, BatchSpec(4, 4, sampler, seed=1))
     assert epoch(a, 3) == epoch(b, 3) == list(a)  # iterating twice gives the same epoch
     assert epoch(b, 4) != epoch(a, 3)
-    assert epoch(PKSampler(pids, 4, 4, seed=2, sampler=sampler), 3) != epoch(a, 3)
-    restored = PKSampler(pids, 4, 4, sampler=sampler)
+    assert epoch(PKSampler(pids, BatchSpec(4, 4, sampler, seed=2)), 3) != epoch(a, 3)
+    restored = PKSampler(pids, BatchSpec(4, 4, sampler))
     restored.load_state_dict(a.state_dict())
     assert list(restored) == list(a)
 
@@ -64,8 +65,8 @@ def test_epochs_are_a_pure_function_of_seed_and_epoch(sampler):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_a_resumed_epoch_is_the_rest_of_the_uninterrupted_epoch(sampler):
     pids = simulated_pids("market")
-    full = epoch(PKSampler(pids, 16, 4, seed=1, sampler=sampler), 2)
-    resumed = PKSampler(pids, 16, 4, seed=1, sampler=sampler)  # a new process: nothing cached
+    full = epoch(PKSampler(pids, BatchSpec(16, 4, sampler, seed=1)), 2)
+    resumed = PKSampler(pids, BatchSpec(16, 4, sampler, seed=1))  # a new process: nothing cached
     resumed.load_state_dict({"seed": 1, "epoch": 2})
     resumed.set_epoch(2, start_step=37)
     assert list(resumed) == full[37:] and len(resumed) == len(full)
@@ -75,7 +76,7 @@ def test_a_resumed_epoch_is_the_rest_of_the_uninterrupted_epoch(sampler):
 @pytest.mark.parametrize("world_size", [2, 8])
 def test_ranks_are_disjoint_at_every_step_with_equal_steps(sampler, world_size):
     pids = simulated_pids("market")
-    ranks = [PKSampler(pids, 16, 4, seed=3, rank=r, world_size=world_size, sampler=sampler, use_resampling=False)
+    ranks = [PKSampler(pids, BatchSpec(16, 4, sampler, use_resampling=False, seed=3), r, world_size)
              for r in range(world_size)]
     steps = [epoch(s, 1) for s in ranks]
     assert len({len(s) for s in ranks} | {len(s) for s in steps}) == 1 and len(steps[0]) > 0
@@ -90,7 +91,7 @@ def test_ranks_are_disjoint_at_every_step_with_equal_steps(sampler, world_size):
 def test_a_single_leftover_image_is_dropped_and_short_chunks_get_mocks(sampler):
     counts = [1, 5, 9, 6, 2, 3, 4, 8, 13, 7, 10, 11] * 2
     pids, num_images = make_pids(counts), sum(counts)
-    pk = PKSampler(pids, num_ids=3, num_instances=4, sampler=sampler, use_resampling=False)
+    pk = PKSampler(pids, BatchSpec(3, 4, sampler, use_resampling=False))
     chunks = identity_chunks(np.array(counts), 4)
     assert chunks.tolist()[:12] == [0, 1, 2, 2, 1, 1, 1, 2, 3, 2, 3, 3]
     left_out = collections.defaultdict(set)
@@ -116,7 +117,7 @@ def test_a_single_leftover_image_is_dropped_and_short_chunks_get_mocks(sampler):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_short_identities_are_topped_up_with_their_own_images(sampler):
     pids = make_pids([1, 2, 3, 6, 7] + [4] * 8)
-    pk = PKSampler(pids, num_ids=4, num_instances=4, seed=0, sampler=sampler)
+    pk = PKSampler(pids, BatchSpec(4, 4, sampler, seed=0))
     for number in range(5):
         for batch in epoch(pk, number):
             for group in np.array(batch).reshape(4, 4):
@@ -152,7 +153,7 @@ def chunk_pattern(chunks):
 def test_a_short_chunk_is_filled_from_its_own_images_with_replacement_as_the_original():
     counts, num_epochs = [2, 5, 6], 600  # n = 2: one short chunk; 5: one full, one image dropped; 6: full, then short
     pids = make_pids(counts)
-    pk = PKSampler(pids, num_ids=1, num_instances=4, seed=0)  # one chunk a step, every chunk drawn each epoch
+    pk = PKSampler(pids, BatchSpec(1, 4, seed=0))  # one chunk a step, every chunk drawn each epoch
     rnd = random.Random(0)
     ours, original = collections.Counter(), collections.Counter()
     for number in range(num_epochs):
@@ -171,8 +172,8 @@ def test_a_short_chunk_is_filled_from_its_own_images_with_replacement_as_the_ori
 def test_drop_last_false_adds_one_smaller_step_of_the_identities_left(sampler):
     counts = [4, 8, 5, 3, 12, 4, 7, 9, 4, 4, 6, 2, 10, 4, 9, 13, 6, 8]  # 31 chunks
     pids, chunks = make_pids(counts), identity_chunks(np.array(counts), 4)
-    kept = [PKSampler(pids, 2, 4, seed=3, rank=r, world_size=2, sampler=sampler, drop_last=False) for r in (0, 1)]
-    dropped = PKSampler(pids, 2, 4, seed=3, rank=0, world_size=2, sampler=sampler)
+    kept = [PKSampler(pids, BatchSpec(2, 4, sampler, drop_last=False, seed=3), r, 2) for r in (0, 1)]
+    dropped = PKSampler(pids, BatchSpec(2, 4, sampler, seed=3), 0, 2)
     extra_steps = 0
     for number in range(10):
         batches = [epoch(s, number) for s in kept]
@@ -195,13 +196,13 @@ def test_drop_last_false_adds_one_smaller_step_of_the_identities_left(sampler):
 def test_impossible_settings_say_what_is_possible():
     pids = make_pids([4] * 6 + [1])
     with pytest.raises(DataError, match=r"6 identities with 2 images or more.*IMS_PER_BATCH <= 6"):
-        PKSampler(pids, num_ids=8, num_instances=4)
+        PKSampler(pids, BatchSpec(8, 4))
     with pytest.raises(DataError, match=r"IMS_PER_BATCH <= 3 with 2 devices"):
-        PKSampler(pids, num_ids=4, num_instances=4, world_size=2)
+        PKSampler(pids, BatchSpec(4, 4), world_size=2)
     with pytest.raises(DataError, match="K >= 2"):
-        PKSampler(pids, num_ids=2, num_instances=1)
+        PKSampler(pids, BatchSpec(2, 1))
     with pytest.raises(DataError, match="unknown sampler 'random'.*random_identity, balanced"):
-        PKSampler(pids, num_ids=2, num_instances=4, sampler="random")
+        PKSampler(pids, BatchSpec(2, 4, "random"))
     assert describe_batch(16, 4) == "16 identities × 4 images = 64 images per device"
 
 
@@ -229,7 +230,7 @@ def test_the_originals_worker_copies_rarely_pad_and_repeat_images_an_accident_we
     rng, rnd = np.random.default_rng(0), random.Random(0)
     one_worker = original_loader_epoch(pids, 16, 4, 1, rng, rnd)
     eight_workers = original_loader_epoch(pids, 16, 4, 8, rng, rnd)  # its NUM_WORKERS = cpu_count // len(GPU_IDS)
-    ours = PKSampler(pids.tolist(), 16, 4, use_resampling=False)
+    ours = PKSampler(pids.tolist(), BatchSpec(16, 4, use_resampling=False))
     batches = np.array(epoch(ours, 0))
     ours_stats = (batches >= len(pids)).mean(), len(np.unique(batches[batches < len(pids)]))
     # docs/training.md: about 0.2% mock slots and 9,200 distinct images with 8 workers, 4.4% and 12,600 here
@@ -281,26 +282,26 @@ def test_random_identity_draws_as_the_originals_loop():
     pids, num_epochs = make_pids(counts), 1500
     rnd = random.Random(0)
     original = epoch_statistics([original_epoch(counts, 4, 4, rnd) for _ in range(num_epochs)], len(counts))
-    pk = PKSampler(pids, num_ids=4, num_instances=4)
+    pk = PKSampler(pids, BatchSpec(4, 4))
     ours = epoch_statistics([step_identities(epoch(pk, e), pids, 4) for e in range(num_epochs)], len(counts))
     # every statistic's mean agrees within 4.5 standard errors (22 statistics, 1,500 epochs each)
     error = np.sqrt(original.var(0) / num_epochs + ours.var(0) / num_epochs) + 1e-9
     z = np.abs(original.mean(0) - ours.mean(0)) / error
     assert z.max() < 4.5, z.round(1)
-    balanced = PKSampler(pids, num_ids=4, num_instances=4, sampler="balanced")
+    balanced = PKSampler(pids, BatchSpec(4, 4, "balanced"))
     other = epoch_statistics([step_identities(epoch(balanced, e), pids, 4) for e in range(300)], len(counts))
     assert (np.abs(original.mean(0) - other.mean(0)) / error).max() > 10  # the test tells samplers apart
 
 
 def test_random_identity_meets_far_more_identities_than_balanced():
     pids = simulated_pids("market")
-    co_batched = {s: sampler_statistics(pids, 16, 4, s, epoch=0)["co_batched"] for s in SAMPLERS}
+    co_batched = {s: sampler_statistics(pids, BatchSpec(16, 4, s), epoch=0)["co_batched"] for s in SAMPLERS}
     assert co_batched["random_identity"] >= 1.8 * co_batched["balanced"], co_batched
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_an_msmt17_sized_epoch_plans_well_under_a_second(sampler):
-    pk = PKSampler(simulated_pids("msmt17"), 16, 4, sampler=sampler)
+    pk = PKSampler(simulated_pids("msmt17"), BatchSpec(16, 4, sampler))
     start = time.perf_counter()
     batches = epoch(pk, 0)
     assert time.perf_counter() - start < 1.0 and len(batches) > 1900
