@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 import utils
-from model import SyncedBatchNorm
 
 WARMUP_STEPS = 3  # eager steps before the capture, as in torch's whole-network example
 TENSOR_LR_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)  # take a device lr tensor (capturable=True on CUDA)
@@ -50,11 +49,6 @@ def graph_supported(device, amp_dtype, amp_backend="native", compiled=False, syn
         return False, ("SOLVER.SYNC_BN all-reduces BatchNorm statistics inside the forward, which the graph does not "
                        "capture: the step runs eagerly")
     return True, ""
-
-
-def has_sync_bn(module):
-    """Whether any submodule synchronises BatchNorm statistics over ranks."""
-    return any(isinstance(m, (SyncedBatchNorm, torch.nn.SyncBatchNorm)) for m in module.modules())
 
 
 class StepHalves(typing.NamedTuple):

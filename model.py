@@ -208,6 +208,11 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
         return masked_batch_norm(self, x)
 
 
+def has_sync_bn(module):
+    """Whether any submodule synchronises BatchNorm statistics over ranks (SOLVER.SYNC_BN)."""
+    return any(isinstance(m, (SyncedBatchNorm, nn.SyncBatchNorm)) for m in module.modules())
+
+
 def synchronise_batch_norms(module, process_group=None):
     """module with each BatchNorm1d/2d replaced by a SyncedBatchNorm holding the same parameters and statistics
     (the state dict keeps its keys); returns module."""

@@ -30,12 +30,12 @@ import config
 import faults
 import utils
 import visualize
-from cuda_graph import WARMUP_STEPS, GraphedStep, StepHalves, graph_supported, has_sync_bn
+from cuda_graph import WARMUP_STEPS, GraphedStep, StepHalves, graph_supported
 from data import build_datasets, build_train_loader
 from device_data import DeviceAugmentLoader
 from evaluate import REPORT_EVALUATOR, evaluate_checkpoint, evaluate_splits, format_results
 from loss import CenterLoss, LossSpec, build_center_optimizer, compute_losses, scale_center_grads
-from model import build_model, load_weights, stem_relu_message, synchronise_batch_norms
+from model import build_model, has_sync_bn, load_weights, stem_relu_message, synchronise_batch_norms
 from report import write_config_report
 from sampler import PKSampler
 from specs import loader_spec
