@@ -2,7 +2,7 @@
 center loss, and their weighted total. All distances are computed in float32, outside autocast.
 
 Every loss takes is_real [B] (bool, None = all real): the all-zero "mock" images that pad a short identity
-when the sampler does not resample (sampler.PKSampler(use_resampling=False)) are masked as the original's
+when the sampler does not resample (specs.BatchSpec(use_resampling=False)) are masked as the original's
 training_step masks them. Masks are weights, not indices, so no loss reads a value back to the host.
 What they cost against the model's step: `python bench.py --stages losses`.
 """
