@@ -27,8 +27,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import utils
+from centroids import identity_centroids
 from data import IMAGE_EXTENSIONS, camera_of, identity_pids, load_image, read_dataset
-from evaluate import extract_features, identity_centroids
+from evaluate import extract_features
+from metrics import Split
 from model import BACKBONE_EMB_SIZES, WeightError, model_from_checkpoint
 from rerank import rerank_distances
 from transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
@@ -271,7 +273,7 @@ def load_index(path):
 
 def _centroid_entries(feats, pids, camids, exclude_camid):
     """Centroid entries of the identities with images outside exclude_camid (None: all images)."""
-    centroids, c_pids = identity_centroids(feats, pids, camids, exclude_camid)     # [P, D], [P] sorted
+    centroids, c_pids = identity_centroids(Split(feats, pids, camids), exclude_camid)  # [P, D], [P] sorted
     member = pids > 0
     if exclude_camid is not None:
         member &= camids != exclude_camid

@@ -28,7 +28,7 @@ import visualize
 from cuda_graph import WARMUP_STEPS, GraphedStep, StepHalves, graph_supported, has_sync_bn
 from data import build_datasets, build_train_loader
 from device_data import DeviceAugmentLoader
-from evaluate import REPORT_EVALUATOR, evaluate_checkpoint, evaluate_splits, format_results
+from evaluate import evaluate_checkpoint, evaluate_splits, format_results
 from image_check import (
     GuardedImages,
     bad_images_report,
@@ -804,7 +804,7 @@ def evaluate_epoch(state, data, cfg, device, rank, world_size):
     while True:
         try:
             evaluated = evaluate_splits(state.model, data, cfg, device, state.amp_dtype, rank, world_size)
-            write_config_report(cfg, data, evaluated, REPORT_EVALUATOR)
+            write_config_report(cfg, data, evaluated)
             return evaluated[0]
         except DataError as err:  # every rank gets it, with the message of the rank that met the file
             if not cfg.DATALOADER.SKIP_BAD:

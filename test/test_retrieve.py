@@ -355,7 +355,8 @@ def test_rerank_ranks_the_index_entries_by_reranked_distances(setup, gallery, tm
 
 
 def test_cmc_curve_and_evaluation_pictures_are_valid_pngs(setup, gallery, tmp_path):
-    from evaluate import evaluate_features
+    from centroids import EvaluationOptions, evaluate_features
+    from metrics import Split
     ds, emb = setup["dataset"], gallery["emb"]
     q_emb = run("embed", setup["trained"], "--dataset", "synthetic", "--root", setup["root"], "--split", "query",
                 "-o", str(tmp_path / "q.pt"))
@@ -365,12 +366,10 @@ def test_cmc_curve_and_evaluation_pictures_are_valid_pngs(setup, gallery, tmp_pa
     # a query embeddings file with the data set's labels and cameras, against the camera-aware index
     answered = run("query", gallery["aware"], str(tmp_path / "q.pt"), "--top-k", "3")
     assert retrieve.top1_accuracy(answered)[1] == len(ds["query"]) and all(len(r["results"]) == 3 for r in answered)
-    q_items = list(zip(q_emb["paths"], q_emb["pids"].tolist(), q_emb["camids"].tolist()))
-    g_items = list(zip(g_emb["paths"], g_emb["pids"].tolist(), g_emb["camids"].tolist()))
-    results = evaluate_features(q_emb["feats"], q_emb["pids"], q_emb["camids"], g_emb["feats"], g_emb["pids"],
-                                g_emb["camids"], max_rank=20)
-    paths = visualize.visualize_evaluation(q_emb["feats"], q_items, g_emb["feats"], g_items, str(tmp_path / "eval"),
-                                          results, top_k=5, limit=4)
+    query, gallery = (Split(e["feats"], e["pids"], e["camids"]) for e in (q_emb, g_emb))
+    results = evaluate_features(query, gallery, EvaluationOptions(max_rank=20))
+    paths = visualize.visualize_evaluation(query, gallery, (q_emb["paths"], g_emb["paths"]), str(tmp_path / "eval"),
+                                           results, top_k=5, limit=4)
     assert len(paths) == 5 and paths[-1].endswith("cmc.png") and len(ds["query"]) >= 4
     for path in paths:
         with Image.open(path) as image:

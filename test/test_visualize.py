@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import visualize
+from metrics import Split
 
 matplotlib = pytest.importorskip("matplotlib")
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
@@ -144,10 +145,9 @@ def test_without_matplotlib_drawing_says_how_to_install_once_and_goes_on(monkeyp
     monkeypatch.setattr(visualize, "_SAID", set())
     assert visualize.draw_ranked_list(images[0], images[1:], str(tmp_path / "r.png"), "7", ["7"]) is None
     assert visualize.draw_cmc_curve({"per image": [0.5, 1.0]}, str(tmp_path / "cmc.png")) is None
-    feats = torch.eye(4)
-    items = [(images[i], i % 2 + 1, i) for i in range(4)]
+    split = Split(torch.eye(4), [i % 2 + 1 for i in range(4)], list(range(4)))
     results = {"image": {"cmc": np.array([0.5, 1.0])}}
-    assert visualize.visualize_evaluation(feats, items, feats, items, str(tmp_path / "eval"), results) == []
+    assert visualize.visualize_evaluation(split, split, (images[:4], images[:4]), str(tmp_path / "eval"), results) == []
     (tmp_path / "metrics.jsonl").write_text(json.dumps(fake_run(1)[0]) + "\n")
     assert visualize.main(["curves", str(tmp_path)]) == 2
     assert not list(tmp_path.glob("**/*.png"))[len(images):]  # nothing but the input images
