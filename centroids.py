@@ -1,5 +1,5 @@
 """Centroid evaluation: single-image queries against per-identity gallery centroids, by one of three rules, plain or
-k-reciprocal re-ranked; the per-image and per-centroid evaluation of embeddings.
+k-reciprocal re-ranked; the per-image and per-centroid evaluation of embeddings; the centroid index of retrieve.py.
 
     results = evaluate_features(Split(q_feats, q_pids, q_camids), Split(g_feats, g_pids, g_camids),
                                 EvaluationOptions(centroid_protocol="all"))
@@ -162,6 +162,27 @@ def _camera_grid(gallery, ids, num_cams, g_cams):
     means, others = _other_camera_means(gallery.feats, ids, g_cams, num_cams, keys)
     kept = others > 0
     return keys[kept], means[kept], others[kept]
+
+
+def centroid_entries(gallery, camera_aware=False):
+    """The centroids of a retrieval index (retrieve.py index --centroids): one L2-normalised mean per identity
+    (pid > 0) of a gallery Split from all its images, then with camera_aware one per identity and gallery camera
+    c >= 0 from the identity's images of the other cameras (where it has some), by camera, then pid.
+    Returns (Split(feats [E, D], pids [E], camids [E]: the camera each leaves out, -1 none), counts [E])."""
+    g = gallery.on(gallery.feats.device)
+    ids = identities(g)
+    named = ids.pids > 0
+    parts = [(ids.sums[named] / ids.counts[named, None], ids.pids[named], torch.full_like(ids.pids[named], -1),
+              ids.counts[named])]
+    if camera_aware:
+        cameras, g_cams = torch.unique(g.camids, return_inverse=True)
+        keys, means, counts = _camera_grid(g, ids, len(cameras), g_cams)
+        left_out, slots = cameras[keys % len(cameras)], keys // len(cameras)
+        order = torch.argsort(left_out * len(ids.pids) + slots)
+        order = order[left_out[order] >= 0]  # an unknown camera (-1) is no camera to leave out
+        parts.append((means[order], ids.pids[slots[order]], left_out[order], counts[order]))
+    feats, pids, left_out, counts = (torch.cat(column) for column in zip(*parts))
+    return Split(l2_normalize(feats), pids, left_out), counts
 
 
 # ---------------------------------------------------------------------------------------------------
