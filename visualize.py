@@ -225,12 +225,34 @@ def _panel(ax, rows, keys, scale=1.0, log=False):
     return drawn
 
 
+def exact_label(value):
+    """value in scientific notation with the fewest digits that still write it (to 1e-6): '5e-05', '5.5e-05'."""
+    label = f"{value:e}"
+    for digits in range(7):
+        label = f"{value:.{digits}e}"
+        if abs(float(label) - value) <= 1e-6 * abs(value):
+            break
+    return label
+
+
+def _lr_locator(ax):
+    """Log ticks at 1, 2 and 5 per decade; where fewer than two of them fall in the view (the lr spans less than
+    a factor ~2.5), up to five linear ticks at round values, which exact_label tells apart."""
+    from matplotlib.ticker import LogLocator, MaxNLocator
+    low, high = ax.get_ylim()
+    if low > 0:
+        decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+        if sum(low <= m * 10.0**k <= high for k in decades for m in (1, 2, 5)) < 2:
+            return MaxNLocator(nbins=4, steps=[1, 2, 5, 10])
+    return LogLocator(subs=(1.0, 2.0, 5.0))
+
+
 def curves_figure(rows):
     """Figure of metrics.jsonl rows: loss terms, learning rate and mAP / R1 (per image and per centroid) per epoch."""
     Figure = figure_class()
     if Figure is None:
         return None
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, PercentFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
     fig = Figure(figsize=(9, 9), dpi=100, layout="constrained")
     loss_ax, lr_ax, acc_ax = fig.subplots(3, 1, sharex=True)
     names = {"loss": "total", "loss_centroid_triplet": "centroid triplet", "loss_triplet": "triplet",
@@ -239,8 +261,8 @@ def curves_figure(rows):
     loss_ax.set(title="training losses (epoch means, log scale)", ylabel="loss")
     _panel(lr_ax, rows, [("lr", "learning rate")], log=True)
     lr_ax.set(title="learning rate (log scale)", ylabel="lr")
-    lr_ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+    lr_ax.yaxis.set_major_locator(_lr_locator(lr_ax))
+    lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: exact_label(v)))
     lr_ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     evaluated = _panel(acc_ax, rows, [("mAP", "mAP per image"), ("rank1", "R1 per image"),
                                       ("centroid_mAP", "mAP per centroid"), ("centroid_rank1", "R1 per centroid")],

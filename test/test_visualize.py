@@ -139,6 +139,27 @@ def test_curves_png_from_metrics_jsonl_with_the_command(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("lrs", [
+    [5e-5, 5.5e-5, 6e-5, 6.5e-5, 7e-5],    # within a fraction of a decade: matplotlib's linear ticks
+    [6.2e-5, 5.1e-5, 5.9e-5],
+    [3.5e-4, 3.6e-4, 3.6e-4],
+    [5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3],  # the demo's warm-up, then its base lr
+    [3.5e-5 * epoch for epoch in range(1, 11)] + [3.5e-5] * 4,  # a decade and more: 1, 2, 5 per decade
+])
+def test_curves_png_lr_ticks_are_distinct_and_name_their_values(lrs):
+    rows = [{"epoch": epoch, "lr": lr, "loss": 1.0} for epoch, lr in enumerate(lrs, 1)]
+    fig = visualize.curves_figure(rows)
+    FigureCanvasAgg(fig).draw()
+    lr_ax = fig.axes[1]
+    low, high = lr_ax.get_ylim()
+    shown = [(label.get_position()[1], label.get_text()) for label in lr_ax.get_yticklabels()
+             if low <= label.get_position()[1] <= high and label.get_text()]
+    texts = [text for _, text in shown]
+    assert len(texts) >= 2 and len(set(texts)) == len(texts), texts  # e.g. not "6e-05" twice
+    for value, text in shown:
+        assert float(text) == pytest.approx(value, rel=1e-6), (value, text)
+
+
 def test_without_matplotlib_drawing_says_how_to_install_once_and_goes_on(monkeypatch, tmp_path, images, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` now raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
