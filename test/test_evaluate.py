@@ -179,6 +179,22 @@ def test_bad_inputs_raise_clear_errors():
         evaluate_rank(distmat, np.array([1, 2]), np.array([1, 2, 3]), np.array([0, 0]), np.array([1, 1, 1]))
 
 
+def test_one_removal_rule_for_pairs_grids_and_camera_sets():
+    q_pids, q_cams = torch.tensor([1, 1, 2]), torch.tensor([0, 1, 0])
+    g_pids, g_cams = torch.tensor([1, 1, 2, 3]), torch.tensor([0, 1, 1, 0])
+    grid = metrics.removed_items(q_pids[:, None], q_cams[:, None], g_pids[None], g_cams[None])  # as visualize, report
+    assert grid.tolist() == [[True, False, False, False], [False, True, False, False], [False] * 4]
+    rows, cols = torch.nonzero(torch.ones(3, 4), as_tuple=True)                   # as the rank kernel's pair lists
+    assert torch.equal(metrics.removed_items(q_pids[rows], q_cams[rows], g_pids[cols], g_cams[cols]).view(3, 4), grid)
+    agnostic = metrics.CameraRule(agnostic=True)
+    assert not metrics.removed_items(q_pids[:, None], q_cams[:, None], g_pids[None], g_cams[None], agnostic).any()
+    # the original's centroids: query cameras as bits, entries as the bit masks of the cameras they are made from
+    sets = torch.tensor([0b11, 0b10, 0b10, 0b01])
+    removed = metrics.removed_items(q_pids[:, None], (1 << q_cams)[:, None], g_pids[None], sets[None],
+                                    metrics.CameraRule(sets=True))
+    assert removed.tolist() == [[True, False, False, False], [True, True, False, False], [False] * 4]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_same_results_on_cuda():
     problem = random_problem(np.random.default_rng(3))

@@ -86,6 +86,21 @@ def test_ranked_lists_are_framed_by_label_with_whole_text(images, tmp_path):
     assert frame_colours(missing) == ["dark"]  # an unreadable image is a grey tile, not an error
 
 
+@pytest.mark.parametrize("camera_agnostic", [False, True])
+def test_evaluation_lists_leave_out_what_the_protocol_removes(monkeypatch, tmp_path, camera_agnostic):
+    gen = torch.Generator().manual_seed(0)
+    pids, cams = torch.randint(1, 4, (12,), generator=gen), torch.randint(0, 2, (12,), generator=gen)
+    split, paths = Split(torch.randn(12, 8, generator=gen), pids, cams), [f"img_{i}.jpg" for i in range(12)]
+    drawn = []
+    monkeypatch.setattr(visualize, "draw_ranked_list", lambda query, found, out, *_: drawn.append(found) or out)
+    visualize.visualize_evaluation(split, split, (paths, paths), str(tmp_path), top_k=12, limit=12,
+                                   camera_agnostic=camera_agnostic)
+    removed = (pids[:, None] == pids[None, :]) & (cams[:, None] == cams[None, :]) & (not camera_agnostic)
+    assert bool(removed.any()) != camera_agnostic  # each query removes at least itself unless camera-agnostic
+    for i, found in enumerate(drawn):  # top 12 of 12: every kept gallery image, nothing removed
+        assert sorted(found) == sorted(paths[j] for j in range(12) if not removed[i, j])
+
+
 def test_cmc_picture_has_percent_axes_and_whole_legend(tmp_path):
     curves = {"per image": np.linspace(0.775, 0.97, 50), "centroid": np.linspace(0.93, 1.0, 50)}
     fig = visualize.cmc_figure(curves, "CMC: share of queries with a true match in the top r")
