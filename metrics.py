@@ -64,9 +64,19 @@ def l2_normalize(x):
 # ---------------------------------------------------------------------------------------------------
 # The squared distance, written once: the losses, the ranking, the re-ranking and the report use it
 
+NORM_BYTES = 16 * 2**20  # squared_norms squares this much of a large 2-D input at a time
+
+
 def squared_norms(x):
-    """[..., D] -> [...] squared L2 norms of the rows."""
-    return x.pow(2).sum(-1)
+    """[..., D] -> [...] squared L2 norms of the rows. A large gallery [N, D] is squared a block of rows at a time:
+    no temporary the size of the embeddings (each row's sum is the same either way)."""
+    rows = max(NORM_BYTES // (4 * x.shape[-1]), 1)
+    if x.dim() != 2 or len(x) <= rows:
+        return x.pow(2).sum(-1)
+    norms = x.new_empty(len(x))  # written in place: the blocks' temporaries reuse one hole of the heap
+    for a in range(0, len(x), rows):
+        torch.sum(x[a:a + rows].pow(2), -1, out=norms[a:a + rows])
+    return norms
 
 
 def squared_distances(x, y, x_sq=None, y_sq=None):
@@ -76,7 +86,10 @@ def squared_distances(x, y, x_sq=None, y_sq=None):
     x_sq = squared_norms(x) if x_sq is None else x_sq                            # [..., M]
     y_sq = squared_norms(y) if y_sq is None else y_sq                            # [..., N]
     dist = x_sq[..., :, None] + y_sq[..., None, :]
-    dist.sub_(2 * x @ y.transpose(-1, -2))  # in place: 8 B per item live at most
+    if x.requires_grad or y.requires_grad:  # the losses: the product apart, as autograd needs it
+        dist = dist - 2 * x @ y.transpose(-1, -2)
+    else:  # ranking: the product accumulated into dist in place, one [..., M, N] buffer (BLAS may round an ulp apart)
+        (dist.addmm_ if dist.dim() == 2 else dist.baddbmm_)(x, y.transpose(-1, -2), alpha=-2)
     return dist.clamp_(min=0)
 
 
@@ -396,6 +409,7 @@ def evaluate_feature_ranks(query, gallery, max_rank=50, camera_agnostic=False, c
     matrix is ever held; distance is SOLVER.DISTANCE_FUNC (euclidean or cosine)."""
     check_lengths((len(query.feats), len(gallery.feats)), query, gallery)
     check_distance(distance)
+    source = feature_source(query.feats, gallery.feats, distance)  # before the labels' sort buffers: a lower peak
     labels = rank_labels(query, gallery, query.feats.device, CameraRule(agnostic=camera_agnostic))
-    per_query = per_query_metrics(feature_source(query.feats, gallery.feats, distance), labels, chunk_bytes)
-    return summarise_queries(per_query, query, gallery, max_rank, return_per_query)
+    return summarise_queries(per_query_metrics(source, labels, chunk_bytes), query, gallery, max_rank,
+                             return_per_query)
