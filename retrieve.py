@@ -479,6 +479,8 @@ def write_query_csv(results, path):
 def cmd_evaluate(args):
     """retrieve.py evaluate: query and gallery embeddings files -> evaluate.py's per-image and standard centroid
     metrics (the same functions, on the embeddings the production path made)."""
+    if args.max_rank < 1:
+        raise RetrievalError(f"--max-rank {args.max_rank}: the CMC curve needs at least rank 1")
     query, gallery = load_embeddings(args.query), load_embeddings(args.gallery)
     for key in ("fingerprint", "size", "flip"):
         if query[key] != gallery[key]:
