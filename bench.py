@@ -41,24 +41,14 @@ import config
 import faults
 import train
 import utils
+from centroids import CENTROID_PROTOCOLS, EvaluationOptions, evaluate_centroids, evaluate_features, identity_centroids
 from cuda_graph import WARMUP_STEPS, graph_supported
 from data import build_datasets, build_test_loader, build_train_loader, read_dataset
 from device_data import DeviceAugmentLoader, device_test_batches
-from evaluate import (
-    CENTROID_PROTOCOLS,
-    REPORT_EVALUATOR,
-    EvaluationError,
-    evaluate_centroids,
-    evaluate_feature_ranks,
-    evaluate_features,
-    evaluate_rank,
-    extract_features,
-    identity_centroids,
-    memory_plan,
-    squared_distances,
-)
+from evaluate import extract_features
 from image_check import dataset_paths, find_bad_images
 from loss import CenterLoss, LossSpec, compute_losses
+from metrics import EvaluationError, Split, evaluate_feature_ranks, evaluate_rank, memory_plan, squared_distances
 from model import ARCHS, build_model
 from report import Evaluation, Settings, write_report
 from rerank import rerank_distances
@@ -616,8 +606,8 @@ def benchmark_metrics(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6
         num_query, num_gallery, num_ids, num_cams, device=device, seed=seed)
     distmat = squared_distances(q_feats, g_feats)                                     # [Q, N] float32
     distmat_np = distmat.cpu().numpy()
-    labels = (q_pids, g_pids, q_camids, g_camids)
-    evaluate_rank(distmat[:16], q_pids[:16], g_pids, q_camids[:16], g_camids)     # warm-up
+    labels = (Split(None, q_pids, q_camids), Split(None, g_pids, g_camids))
+    evaluate_rank(distmat[:16], Split(None, q_pids[:16], q_camids[:16]), labels[1])  # warm-up
     _, (argsort_s,) = utils.timed(lambda: np.argsort(distmat_np, axis=1), "cpu")
     result, (evaluate_s,) = utils.timed(lambda: evaluate_rank(distmat, *labels), device)
     out = {"device": str(device), "num_query": num_query, "num_gallery": num_gallery,
@@ -667,7 +657,7 @@ def benchmark_large_gallery(num_query=200, num_gallery=1_000_000, num_ids=100_00
     device = torch.device(device)
     measured = device.type != "cpu" or reset_peak_rss()  # else the peak would be the whole run's
     base = memory_mark(device)
-    result, (seconds,) = utils.timed(lambda: evaluate_feature_ranks(*problem), device)
+    result, (seconds,) = utils.timed(lambda: evaluate_feature_ranks(Split(*problem[:3]), Split(*problem[3:])), device)
     peak = memory_peak(device)
     rows, block, workers, bound = memory_plan(num_query, num_gallery, device)
     return {"device": str(device), "num_query": num_query, "num_gallery": num_gallery, "seconds": seconds,
@@ -699,27 +689,29 @@ def bench_large_gallery(args, notes):
 # ---------------------------------------------------------------------------------------------------
 # Stage 6: the centroid protocols against the rule used before them
 
-def old_per_camera_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, max_rank=50):
+def old_per_camera_centroids(query, gallery, max_rank=50):
     """The camera-aware centroid evaluation before issue #12, kept ONLY as benchmark_centroids' baseline.
 
     Its rule is wrong (neither Market's nor the original's): a query of camera c saw EVERY identity's centroid
     made without camera c. One gallery per query camera, each ranked by evaluate_feature_ranks.
     Returns mAP, cmc, num_valid_queries and num_skipped_queries."""
-    q_pids, q_camids = torch.as_tensor(q_pids).long(), torch.as_tensor(q_camids).long()
-    g_pids = torch.as_tensor(g_pids).long().to(g_feats.device)
-    g_camids = torch.as_tensor(g_camids).long().to(g_feats.device)
+    q_feats, g_feats = query.feats, gallery.feats
+    q_pids, q_camids = torch.as_tensor(query.pids).long(), torch.as_tensor(query.camids).long()
+    g_pids = torch.as_tensor(gallery.pids).long().to(g_feats.device)
+    g_camids = torch.as_tensor(gallery.camids).long().to(g_feats.device)
     distractors = g_pids == 0
     ap, first = torch.zeros(len(q_pids), dtype=torch.float64), torch.zeros(len(q_pids), dtype=torch.int64)
     valid = torch.zeros(len(q_pids), dtype=torch.bool)
     for camid in torch.unique(q_camids).tolist():
         rows = torch.nonzero(q_camids == camid)[:, 0]
-        centroids, pids = identity_centroids(g_feats, g_pids, g_camids, camid)
+        centroids, pids = identity_centroids(Split(g_feats, g_pids, g_camids), camid)
         c_feats = torch.cat([centroids, g_feats.float()[distractors]])
         c_pids = torch.cat([pids, g_pids[distractors]])
         c_camids = torch.cat([torch.full_like(pids, -1), g_camids[distractors]])
         try:
-            part = evaluate_feature_ranks(q_feats[rows.to(q_feats.device)], q_pids[rows], q_camids[rows], c_feats,
-                                          c_pids, c_camids, max_rank, return_per_query=True)["per_query"]
+            part = evaluate_feature_ranks(Split(q_feats[rows.to(q_feats.device)], q_pids[rows], q_camids[rows]),
+                                          Split(c_feats, c_pids, c_camids), max_rank,
+                                          return_per_query=True)["per_query"]
         except EvaluationError:  # no query of this camera has a true match: all of them are skipped
             continue
         ap[rows], first[rows], valid[rows] = part["ap"].double(), part["first"].long(), part["num_matches"] > 0
@@ -740,12 +732,12 @@ def benchmark_centroids(num_query=3368, num_gallery=15913, num_ids=751, num_cams
     # mAP stays near the 64-d default's (measured at 2048-d: ~80%), not a trivial 100%
     problem = synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=dim, noise=0.95 * (dim / 64) ** 0.34,
                                 device=device, seed=seed)
-    runs = {"per_image": lambda: evaluate_feature_ranks(*problem),
-            "old_per_camera_centroids": lambda: old_per_camera_centroids(*problem)}
-    runs.update({name: (lambda name=name: evaluate_centroids(*problem, centroid_protocol=name))
+    query, gallery = Split(*problem[:3]), Split(*problem[3:])
+    runs = {"per_image": lambda: evaluate_feature_ranks(query, gallery),
+            "old_per_camera_centroids": lambda: old_per_camera_centroids(query, gallery)}
+    runs.update({name: (lambda name=name: evaluate_centroids(query, gallery, EvaluationOptions(centroid_protocol=name)))
                  for name in CENTROID_PROTOCOLS})
-    few = (problem[0][:16], problem[1][:16], problem[2][:16], *problem[3:])
-    evaluate_centroids(*few)  # warm-up: first-call allocations
+    evaluate_centroids(Split(*(x[:16] for x in query)), gallery)  # warm-up: first-call allocations
     seconds, results = {name: [] for name in runs}, {}
     for _ in range(rounds):  # in turn, so that a drifting load hits every variant alike
         for name, run in runs.items():
@@ -926,7 +918,7 @@ def bench_report(args):
     noise = 3.5 if args.centroid_dim >= 1024 else 0.95
     q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = synthetic_problem(
         num_query, num_gallery, num_ids, 6, dim=args.centroid_dim, noise=noise, device=str(args.device))
-    results = evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids)
+    results = evaluate_features(Split(q_feats, q_pids, q_camids), Split(g_feats, g_pids, g_camids))
     with tempfile.TemporaryDirectory(prefix="bench_report_") as tmp:
         rng = np.random.default_rng(0)
         pool = [os.path.join(tmp, f"pool_{i}.jpg") for i in range(REPORT_POOL)]
@@ -935,7 +927,7 @@ def bench_report(args):
         evaluation = Evaluation(simulated_items(tmp, q_pids, q_camids, "query", pool), simulated_items(
             tmp, g_pids, g_camids, "gallery", pool), q_feats, g_feats, results, source="simulated embeddings",
             dataset="simulated")
-        written = write_report(os.path.join(tmp, "report.html"), evaluation, Settings(), REPORT_EVALUATOR)
+        written = write_report(os.path.join(tmp, "report.html"), evaluation, Settings())
     print(f"  wrote a report of {written.held} queries, {num_gallery} gallery images: {written.bytes / 2**20:.1f} MiB "
           f"in {written.seconds:.1f} s", flush=True)
     size, device = (f"{num_query}+{num_gallery}", args.centroid_dim), args.device

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DISTANCES = ("euclidean", "cosine")
+from metrics import DISTANCES, squared_distances
 
 
 def _no_autocast(tensor):
@@ -25,9 +25,8 @@ def pairwise_distance(x, y, distance="euclidean"):
     """[..., M, D] x [..., N, D] -> [..., M, N] float32 distances: Euclidean (not squared) or 1 - cos."""
     x, y = x.float(), y.float()
     if distance == "euclidean":
-        squared = x.pow(2).sum(-1, keepdim=True) + y.pow(2).sum(-1).unsqueeze(-2) - 2 * x @ y.transpose(-1, -2)
         # the clamp keeps sqrt and its gradient finite at zero distance (gradient 0 there)
-        return squared.clamp_min(1e-12).sqrt()
+        return squared_distances(x, y).clamp_min(1e-12).sqrt()
     if distance == "cosine":
         cos = F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).transpose(-1, -2)
         return (1 - cos).clamp_min(0)

@@ -9,9 +9,9 @@ per image and per centroid side by side (filters: failures only, camera, identit
 per-identity table, worst first. Images are small JPEG thumbnails embedded as data URIs; the styles and the
 script are inline and the text is ASCII: no network, no server, no framework.
 
-The rankings are the evaluator's own: evaluate.py writes reports, so this module sits below it and cannot import
-it; evaluate.REPORT_EVALUATOR hands over its distance, centroid and ranking functions (Evaluator). A query's AP
-and first true match here are the ones the metrics count. The centroid lists follow the standard rule.
+The rankings are the evaluator's own: the page ranks with metrics.py's squared distance, removal rule and
+evaluate_rank, centroids.py's identity centroids and rerank.py's re-ranking, so a query's AP and first true match
+here are the ones the metrics count. The centroid lists follow the standard rule.
 """
 import base64
 import datetime
@@ -30,6 +30,9 @@ import torch
 from PIL import Image
 
 import utils
+from centroids import PROTOCOL_NOTES, identity_centroids
+from metrics import CameraRule, Split, evaluate_rank, pair_squared_distances, removed_items, squared_distances
+from rerank import rerank_distances
 
 THUMB = (64, 32)      # thumbnail height, width: a Market-1501 page of every query stays well under 60 MB
 JPEG_QUALITY = 75
@@ -46,15 +49,6 @@ PROTOCOL_TEXT = {
 
 class ReportError(utils.UserError):
     """The report cannot be written (a bad path, a full disk)."""
-
-
-class Evaluator(NamedTuple):
-    """The evaluator's own functions the report ranks with (evaluate.REPORT_EVALUATOR)."""
-    squared_distances: Callable   # (q_feats, g_feats, q_sq=None, g_sq=None) -> [Q, N] float32
-    identity_centroids: Callable  # (g_feats, g_pids, g_camids=None, exclude_camid=None, normalize=True)
-    evaluate_rank: Callable       # (distmat, q_pids, g_pids, q_camids, g_camids, ..., return_per_query=True)
-    rerank_distances: Callable    # (q_feats, g_feats, k1, k2, lambda_value) -> [Q, N]
-    protocol_notes: dict          # centroid protocol -> what it does, one line
 
 
 class Evaluation(NamedTuple):
@@ -99,7 +93,7 @@ def settings_from_config(cfg, has_cameras):
                     limit=cfg.TEST.REPORT_LIMIT)
 
 
-def write_config_report(cfg, data, evaluated, evaluator, checkpoint="", plain=None):
+def write_config_report(cfg, data, evaluated, checkpoint="", plain=None):
     """TEST.REPORT after an evaluation: evaluate.py's (checkpoint given: a page that cannot be written is an error)
     or train.py's per-epoch one (checkpoint '': a warning, and training goes on). evaluated = evaluate_splits'
     (results, (q_feats, g_feats)); nothing happens when TEST.REPORT is '' or on ranks other than 0. Returns
@@ -113,8 +107,7 @@ def write_config_report(cfg, data, evaluated, evaluator, checkpoint="", plain=No
     evaluation = Evaluation(data["query"], data["gallery"], feats[0], feats[1], results, plain, source,
                             data.get("name", ""))
     try:
-        written = write_report(cfg.TEST.REPORT, evaluation, settings_from_config(cfg, data["has_cameras"]),
-                               evaluator)
+        written = write_report(cfg.TEST.REPORT, evaluation, settings_from_config(cfg, data["has_cameras"]))
     except ReportError as err:
         if checkpoint:
             raise
@@ -126,11 +119,11 @@ def write_config_report(cfg, data, evaluated, evaluator, checkpoint="", plain=No
     return written.path
 
 
-def write_report(path, evaluation, settings, evaluator):
+def write_report(path, evaluation, settings):
     """Build the page of an evaluation and write it to path in one rename; returns Written. ReportError when
     the file cannot be written."""
     start = time.perf_counter()
-    page, held = build_page(evaluation, settings, evaluator)
+    page, held = build_page(evaluation, settings)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         utils.write_text_atomic(path, page)
@@ -198,10 +191,10 @@ class Block(NamedTuple):
 def _block(source, q_pids, a, b, camera_agnostic):
     """Block of queries a..b: distances, same-identity and removed entries (same identity and camera)."""
     dist = source.blocks(a, b)                                                     # [b-a, M]
-    same = q_pids[a:b, None] == source.entry_pids[None, :]
-    if camera_agnostic:
-        return Block(a, b, dist, same, torch.zeros_like(same))
-    return Block(a, b, dist, same, same & (source.q_cams[a:b, None] == source.entry_cams[None, :]))
+    q_pids, q_cams = q_pids[a:b, None], source.q_cams[a:b, None]
+    removed = removed_items(q_pids, q_cams, source.entry_pids[None, :], source.entry_cams[None, :],
+                            CameraRule(agnostic=camera_agnostic))
+    return Block(a, b, dist, q_pids == source.entry_pids[None, :], removed)
 
 
 def _histogram(values, upper):
@@ -209,15 +202,15 @@ def _histogram(values, upper):
     return torch.histc(values.float().clamp(0, upper), FINE_BINS, 0, upper).double().cpu()
 
 
-def _block_metrics(source, block, q_pids, settings, evaluator):
+def _block_metrics(source, block, q_pids, settings):
     """(query indices, AP, first true match) of the block's queries that have a true match, by the evaluator."""
     valid = (block.same & ~block.removed).any(1)
     if not bool(valid.any()):
         return None
     a, b = block.a, block.b
-    per_query = evaluator.evaluate_rank(block.dist[valid], q_pids[a:b][valid], source.entry_pids,
-                                        source.q_cams[a:b][valid], source.entry_cams,
-                                        camera_agnostic=settings.camera_agnostic, return_per_query=True)["per_query"]
+    query = Split(None, q_pids[a:b][valid], source.q_cams[a:b][valid])
+    per_query = evaluate_rank(block.dist[valid], query, Split(None, source.entry_pids, source.entry_cams),
+                              camera_agnostic=settings.camera_agnostic, return_per_query=True)["per_query"]
     return torch.nonzero(valid)[:, 0].cpu() + a, per_query["ap"].double().cpu(), per_query["first"].cpu()
 
 
@@ -253,7 +246,7 @@ def _held_top(source, block, held, k):
     return rows.masked_fill(~kept, -1).cpu(), source.shown(values).cpu(), match.cpu()
 
 
-def rank_queries(source, q_pids, settings, evaluator, held):
+def rank_queries(source, q_pids, settings, held):
     """One ranking: every query's AP and first true match (the evaluator's), the histograms of its positive and
     negative distances, and the top k of the first `held` queries; CHUNK_ROWS queries at a time."""
     num_query = len(q_pids)
@@ -267,7 +260,7 @@ def rank_queries(source, q_pids, settings, evaluator, held):
         positives += _histogram(shown[block.same & ~block.removed], source.upper)
         negatives += _histogram(shown, source.upper) - _histogram(shown[block.same], source.upper)
         del shown
-        metrics = _block_metrics(source, block, q_pids, settings, evaluator)
+        metrics = _block_metrics(source, block, q_pids, settings)
         if metrics is not None:
             index, ap, first = metrics
             aps[index], firsts[index] = ap, first
@@ -301,16 +294,16 @@ def _two_part(identity, camera):
     return f"{identity}{' ' if len(identity) <= 5 else chr(10)}{camera}".strip()
 
 
-def _distances(q_feats, g_feats, settings, evaluator):
+def _distances(q_feats, g_feats, settings):
     """(blocks(a, b) -> [b-a, N] distances the evaluator ranks by, shown(d), a bound of the shown distances):
     squared Euclidean by the evaluator's formula (shown as Euclidean), or k-reciprocal re-ranked with all queries
     as the probes (shown as they are)."""
     if settings.rerank:
-        full = evaluator.rerank_distances(q_feats, g_feats, *settings.rerank)           # [Q, N]
+        full = rerank_distances(q_feats, g_feats, *settings.rerank)                     # [Q, N]
         return (lambda a, b: full[a:b].clone()), (lambda d: d), max(float(full.max()), 1e-6)
 
     def blocks(a, b):
-        return evaluator.squared_distances(q_feats[a:b], g_feats)
+        return squared_distances(q_feats[a:b], g_feats)
     upper = float(_norms(q_feats).max() + _norms(g_feats).max()) if len(q_feats) and len(g_feats) else 1.0
     return blocks, (lambda d: d.clamp(min=0).sqrt()), max(upper, 1e-6)
 
@@ -320,10 +313,10 @@ def _norms(feats):
     return torch.linalg.vector_norm(feats, dim=1)
 
 
-def image_source(problem, settings, evaluator, gallery):
+def image_source(problem, settings, gallery):
     """The per-image ranking: the gallery images."""
     p = problem
-    blocks, shown, upper = _distances(p.q_feats, p.g_feats, settings, evaluator)
+    blocks, shown, upper = _distances(p.q_feats, p.g_feats, settings)
     labels = [_two_part(identity_label(path, pid), camera_label(camid)) for path, pid, camid in gallery]
 
     def describe(rows):
@@ -361,7 +354,7 @@ class Grid(NamedTuple):
     counts: torch.Tensor   # [K] images averaged
 
 
-def other_camera_centroids(problem, normalize, evaluator, members):
+def other_camera_centroids(problem, normalize, members):
     """(Grid, the cameras of query and gallery sorted, the gallery pids sorted); members = (each gallery image's
     identity slot among the centroids' pids, its squared distance to that centroid, the centroids' pids)."""
     p = problem
@@ -369,8 +362,7 @@ def other_camera_centroids(problem, normalize, evaluator, members):
     cams, gallery_pids = torch.unique(torch.cat([p.q_cams, p.g_cams])), torch.unique(p.g_pids)
     parts = []
     for code, cam in enumerate(cams.tolist()):
-        feats, pids = evaluator.identity_centroids(p.g_feats, p.g_pids, p.g_cams, exclude_camid=cam,
-                                                   normalize=normalize)
+        feats, pids = identity_centroids(Split(p.g_feats, p.g_pids, p.g_cams), exclude_camid=cam, normalize=normalize)
         outside = slots.masked_fill(p.g_cams == cam, len(c_pids))
         at = _slots(c_pids, pids)                                                  # every pid has a centroid
         counts = torch.bincount(outside, minlength=len(c_pids) + 1)[at]
@@ -390,22 +382,21 @@ def _own_entries(problem, c_pids, grid, cams, gallery_pids):
     return torch.where(own_col < len(c_pids), own_col, -1), torch.where(own_row < len(grid.keys), own_row, -1)
 
 
-def _own_distances(q_feats, entries, grid, own, settings, evaluator):
+def _own_distances(q_feats, entries, grid, own, settings):
     """(blocks(a, b) over the centroid gallery's entries, shown, upper), each query's own-identity column holding
     its distance to its other-cameras centroid, as evaluate's standard rule: re-ranked, every other-cameras centroid
     joins the pool; else the own distance is one pair's (the evaluator's pair formula)."""
     if settings.rerank:
-        pool_blocks, shown, upper = _distances(q_feats, torch.cat([entries, grid.feats]), settings, evaluator)
+        pool_blocks, shown, upper = _distances(q_feats, torch.cat([entries, grid.feats]), settings)
 
         def own_values(a, b, rows, dist):
             return dist[rows, len(entries) + own[1][a:b][rows]]
     else:
-        pool_blocks, shown, upper = _distances(q_feats, entries, settings, evaluator)
+        pool_blocks, shown, upper = _distances(q_feats, entries, settings)
         upper = max(upper, float(_norms(q_feats).max() + _norms(grid.feats).max()) if len(grid.feats) else 0)
 
         def own_values(a, b, rows, dist):
-            q, g = q_feats[a:b][rows], grid.feats[own[1][a:b][rows]]
-            return (_norms(q).square() + _norms(g).square() - 2 * (q * g).sum(1)).clamp_(min=0)
+            return pair_squared_distances(q_feats[a:b][rows], grid.feats[own[1][a:b][rows]])
 
     def blocks(a, b):
         dist = pool_blocks(a, b)
@@ -416,12 +407,12 @@ def _own_distances(q_feats, entries, grid, own, settings, evaluator):
     return blocks, shown, upper
 
 
-def centroid_source(problem, settings, evaluator, gallery):
+def centroid_source(problem, settings, gallery):
     """The per-centroid ranking by the standard rule (evaluate.evaluate_centroids): one centroid per identity from
     all its gallery images, the distractors as single images; camera-aware, a query's own identity is its
     centroid of the images outside the query's camera (none: that identity is removed for the query)."""
     p = problem
-    centroids, c_pids = evaluator.identity_centroids(p.g_feats, p.g_pids, normalize=settings.normalize)
+    centroids, c_pids = identity_centroids(Split(p.g_feats, p.g_pids, None), normalize=settings.normalize)
     c_slots = _slots(c_pids, p.g_pids)
     inside = c_slots < len(c_pids)
     dist = torch.full((len(c_slots),), math.inf, device=c_slots.device)
@@ -433,12 +424,12 @@ def centroid_source(problem, settings, evaluator, gallery):
     entry_cams = torch.cat([torch.full_like(c_pids, no_camera), p.g_cams[distractors]])
     entries, own, q_cams, grid = torch.cat([centroids, p.g_feats[distractors]]), None, p.q_cams, None
     if settings.camera_aware:
-        grid, cams, gallery_pids = other_camera_centroids(p, settings.normalize, evaluator, (c_slots, dist, c_pids))
+        grid, cams, gallery_pids = other_camera_centroids(p, settings.normalize, (c_slots, dist, c_pids))
         own = _own_entries(p, c_pids, grid, cams, gallery_pids)
         q_cams = torch.where((own[1] < 0) & (p.q_pids > 0), no_camera, p.q_cams)  # no such centroid: no true match
-        blocks, shown, upper = _own_distances(p.q_feats, entries, grid, own, settings, evaluator)
+        blocks, shown, upper = _own_distances(p.q_feats, entries, grid, own, settings)
     else:
-        blocks, shown, upper = _distances(p.q_feats, entries, settings, evaluator)
+        blocks, shown, upper = _distances(p.q_feats, entries, settings)
     counts = torch.bincount(c_slots, minlength=len(c_pids) + 1)[:-1]
     describe = _centroid_describer(gallery, (c_pids, reps, counts), distractors, grid)
     return Source("centroid", "per centroid", blocks, shown, upper, entry_pids, entry_cams, q_cams, own, describe)
@@ -687,20 +678,20 @@ def histogram_chart(ranking, distance_name):
     return chart, overlap
 
 
-def _facts(evaluation, settings, evaluator, held):
+def _facts(evaluation, settings, held):
     """The header's facts: what was evaluated, how, what the page holds."""
     total, rerank = len(evaluation.query), settings.rerank
     embeddings = "L2-normalised embeddings" if settings.normalize else "embeddings as they are (TEST.FEAT_NORM false)"
     distances = (f"k-reciprocal re-ranked distances (k1 {rerank[0]}, k2 {rerank[1]}, lambda {rerank[2]}) of the "
                  f"{embeddings}, shown as they are" if rerank else
                  f"squared Euclidean distances of the {embeddings} order the lists; shown: Euclidean distances")
-    rule = "standard: " + evaluator.protocol_notes.get("standard", "")
+    rule = "standard: " + PROTOCOL_NOTES.get("standard", "")
     if not settings.camera_aware:
         rule = "standard, one centroid per identity from all its images (no camera exclusion), distractors as images"
     protocols = sorted({res["protocol"] for _, _, res in metric_rows(evaluation.results) if "protocol" in res})
     if protocols and protocols != ["standard"]:
         rule += "; the metrics' centroid rows: " + "; ".join(
-            f"{name} = {evaluator.protocol_notes.get(name, '')}" for name in protocols)
+            f"{name} = {PROTOCOL_NOTES.get(name, '')}" for name in protocols)
     holds = f"all {total:,} queries" if held == total else (
         f"the first {held:,} of {total:,} queries (--report-limit / TEST.REPORT_LIMIT); the metrics, curves, "
         f"histograms and the identity table cover all {total:,}")
@@ -726,7 +717,7 @@ def _failure_lines(rankings):
     return f'<ul class="failures">{"".join(items)}</ul>'
 
 
-def header_html(evaluation, settings, evaluator, rankings, held):
+def header_html(evaluation, settings, rankings, held):
     """The header: facts, the metrics table(s), the failure counts."""
     if evaluation.plain is not None:
         k1, k2, lam = settings.rerank or ("?", "?", "?")
@@ -735,7 +726,7 @@ def header_html(evaluation, settings, evaluator, rankings, held):
                                 " the lists' order", "results"))
     else:
         tables = metrics_table(evaluation.results, "metrics (%; queries: those with a true match)", "results")
-    return (f"<header><h1>Evaluation report</h1>{_facts(evaluation, settings, evaluator, held)}"
+    return (f"<header><h1>Evaluation report</h1>{_facts(evaluation, settings, held)}"
             f'<div class="tables">{tables}</div>{_failure_lines(rankings)}</header>')
 
 
@@ -924,11 +915,11 @@ def script_json(data):
     return json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
 
 
-def render_page(evaluation, settings, evaluator, rankings, data, identities):
+def render_page(evaluation, settings, rankings, data, identities):
     """The whole page as ASCII text (other characters as references or JSON escapes): no encoding can garble it."""
     held = len(data["queries"]["name"])
     title = f"Evaluation report: {evaluation.dataset or 'evaluation'}, {os.path.basename(evaluation.source or '')}"
-    body = (header_html(evaluation, settings, evaluator, rankings, held) + charts_html(evaluation, settings, rankings)
+    body = (header_html(evaluation, settings, rankings, held) + charts_html(evaluation, settings, rankings)
             + queries_html(data, settings) + identities_html(identities, rankings))
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>\n'
@@ -948,19 +939,19 @@ def problem_of(evaluation, settings):
     return Problem(q_feats, labels[0][:, 0], labels[0][:, 1], g_feats, labels[1][:, 0], labels[1][:, 1])
 
 
-def build_page(evaluation, settings, evaluator):
+def build_page(evaluation, settings):
     """(the report's HTML text, the number of queries its lists hold)."""
     total = len(evaluation.query)
     held = total if settings.limit <= 0 else min(settings.limit, total)
     with torch.inference_mode():
         problem = problem_of(evaluation, settings)
-        sources = [image_source(problem, settings, evaluator, evaluation.gallery)]
+        sources = [image_source(problem, settings, evaluation.gallery)]
         if settings.centroids and evaluation.results.get("centroid") is not None:
-            source = centroid_source(problem, settings, evaluator, evaluation.gallery)
+            source = centroid_source(problem, settings, evaluation.gallery)
             if evaluation.results["centroid"].get("protocol", "standard") != "standard":  # the metrics' rule differs
                 source = source._replace(title="per centroid (standard rule)")
             sources.append(source)
-        rankings = [rank_queries(source, problem.q_pids, settings, evaluator, held) for source in sources]
+        rankings = [rank_queries(source, problem.q_pids, settings, held) for source in sources]
     data = page_data(evaluation, rankings, held, settings.thumb)
-    return render_page(evaluation, settings, evaluator, rankings, data,
+    return render_page(evaluation, settings, rankings, data,
                        identity_rows(evaluation, problem, rankings)), held

@@ -4,8 +4,9 @@ CVPR 2017), vectorised torch on any device, within a few GB at Market-1501 size.
     dist = rerank_distances(q_feats, g_feats, k1=20, k2=6, lambda_value=0.3)      # [Q, G], smaller = closer
 
 The probe and gallery items are pooled (N = Q + G) and every item gets a ranking over all N:
-- d(i, j): squared Euclidean distance divided by the largest d(i, .) of row i, as the authors' code does
-  (their lambda_value=0.3, k1=20, k2=6 were tuned on this scale: d in [0, 1] like the Jaccard distance).
+- d(i, j): squared Euclidean distance (metrics.squared_distances) divided by the largest d(i, .) of row i, as
+  the authors' code does (their lambda_value=0.3, k1=20, k2=6 were tuned on this scale: d in [0, 1] like the
+  Jaccard distance).
 - N(i, k): the k + 1 nearest items of i, i itself first. R(i, k) = {j in N(i, k) : i in N(j, k)}.
 - R*(i) = R(i, k1) plus every R(j, round(k1 / 2)) of a j in R(i, k1) that shares more than 2/3 of its
   items with R(i, k1) (the 1/2-expansion).
@@ -19,6 +20,7 @@ Jaccard numerator a sum over the pairs of entries that share a column (a segment
 """
 import torch
 
+from metrics import pair_squared_distances, squared_distances, squared_norms
 from utils import UserError
 
 BLOCK_ROWS = 4096         # rows of a distance block: a 4096 x 4096 float32 block is 64 MiB
@@ -62,7 +64,7 @@ def neighbours_and_distances(feats, num_query, width):
     """One pass over the pairs of feats [N, D]: each row's `width` nearest items, nearest first (squared distances
     [N, width], indices [N, width]), its largest squared distance [N], and the query-gallery block [Q, N - Q]."""
     num, device = len(feats), feats.device
-    sq = torch.linalg.vector_norm(feats, dim=1).square()
+    sq = squared_norms(feats)
     best_d = torch.full((num, width), float("inf"), device=device)
     best_i = torch.zeros(num, width, dtype=torch.int64, device=device)
     row_max = torch.zeros(num, device=device)
@@ -70,7 +72,7 @@ def neighbours_and_distances(feats, num_query, width):
     blocks = _blocks(num_query, num)
     for n, (a, b) in enumerate(blocks):
         for c, e in blocks[n:]:  # d is symmetric: each block pair once, used for its rows and its columns
-            dist = (sq[a:b, None] + sq[None, c:e]).addmm_(feats[a:b], feats[c:e].T, alpha=-2).clamp_(min=0)
+            dist = squared_distances(feats[a:b], feats[c:e], sq[a:b], sq[c:e])
             if a == c:
                 dist.fill_diagonal_(0)  # an item is its own nearest neighbour (rounding leaves ~1e-7)
             best_d[a:b], best_i[a:b] = _merge_nearest(best_d[a:b], best_i[a:b], dist, c)
@@ -118,8 +120,7 @@ def pair_distances(feats, rows, cols, near_d, near_i, chunk=1 << 14):
     missing = torch.nonzero(~found.any(1))[:, 0]
     for s in range(0, len(missing), chunk):
         pairs = missing[s:s + chunk]
-        x, y = feats[rows[pairs]], feats[cols[pairs]]
-        out[pairs] = (x.square().sum(1) + y.square().sum(1) - 2 * (x * y).sum(1)).clamp_(min=0)  # as the blocks
+        out[pairs] = pair_squared_distances(feats[rows[pairs]], feats[cols[pairs]])  # as the blocks
     return out
 
 

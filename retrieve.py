@@ -5,6 +5,7 @@
     python retrieve.py index gallery.pt -o index.pt --centroids [--camera-aware]
     python retrieve.py query index.pt new_photos/ --checkpoint CKPT --top-k 5 --json out.json --visualize vis/
     python retrieve.py query index.pt query.pt --rerank                # k-reciprocal re-ranking of the entries
+    python retrieve.py evaluate query.pt gallery.pt                    # evaluate.py's metrics from embeddings
     python bench.py --device cpu --stages search                       # gallery sizes and search times
 
 Embeddings are the model's eval-mode BNNeck output, L2-normalised, so the (Euclidean) distance of two
@@ -28,8 +29,10 @@ from tqdm import tqdm
 
 import checkpoint
 import utils
+from centroids import EvaluationOptions, centroid_entries, evaluate_features
 from data import IMAGE_EXTENSIONS, camera_of, identity_pids, load_image, read_dataset
-from evaluate import extract_features, identity_centroids
+from evaluate import extract_features, format_results
+from metrics import Split
 from model import BACKBONE_EMB_SIZES, WeightError, model_from_checkpoint
 from rerank import rerank_distances
 from specs import IMAGENET_MEAN, IMAGENET_STD, EmbedSpec
@@ -277,19 +280,20 @@ def load_index(path):
 # ---------------------------------------------------------------------------------------------------
 # The index: one entry per image, or per identity centroid (optionally per identity and excluded camera)
 
-def _centroid_entries(feats, pids, camids, exclude_camid):
-    """Centroid entries of the identities with images outside exclude_camid (None: all images)."""
-    centroids, c_pids = identity_centroids(feats, pids, camids, exclude_camid)     # [P, D], [P] sorted
-    member = pids > 0
-    if exclude_camid is not None:
-        member &= camids != exclude_camid
-    rows = torch.nonzero(member)[:, 0]                                             # [M] member images
-    slot = torch.searchsorted(c_pids, pids[rows])                                  # [M] -> entry
-    counts = torch.bincount(slot, minlength=len(c_pids))
-    first = torch.full((len(c_pids),), len(pids)).scatter_reduce_(0, slot, rows, "amin")  # a shown image
-    code = ALL_CAMS if exclude_camid is None else exclude_camid
-    return {"feats": centroids, "pids": c_pids, "camids": torch.full_like(c_pids, -1), "image": first,
-            "counts": counts, "exclude_camids": torch.full_like(c_pids, code)}
+def _centroid_index_entries(feats, pids, camids, camera_aware):
+    """Centroid entries by centroids.centroid_entries, each with the first of its member images (the one shown)."""
+    entries, counts = centroid_entries(Split(feats, pids, camids), camera_aware)
+    first = torch.empty_like(entries.pids)
+    for code in torch.unique(entries.camids).tolist():  # the all-camera entries (ALL_CAMS), then each camera's
+        at = torch.nonzero(entries.camids == code)[:, 0]                           # sorted by pid
+        member = pids > 0
+        if code != ALL_CAMS:
+            member &= camids != code
+        rows = torch.nonzero(member)[:, 0]                                         # [M] member images
+        slot = torch.searchsorted(entries.pids[at], pids[rows])                    # [M] -> entry
+        first[at] = torch.full((len(at),), len(pids)).scatter_reduce_(0, slot, rows, "amin")
+    return {"feats": entries.feats, "pids": entries.pids, "camids": torch.full_like(entries.pids, -1),
+            "image": first, "counts": counts, "exclude_camids": entries.camids}
 
 
 def _image_entries(feats, pids, camids, rows):
@@ -304,7 +308,10 @@ def build_index(feats, pids, camids, centroids=False, camera_aware=False):
     Per image: one entry per image. With centroids: one L2-normalised mean per identity (pid > 0),
     and unlabelled images (pid 0) stay single entries, as the evaluator does with distractors. With
     camera_aware too: in addition one centroid per (identity, camera c) made of the identity's images
-    from cameras other than c; a query from camera c searches those, so it never meets its own camera.
+    from cameras other than c; a query from camera c searches those alone: a cross-camera search, in
+    which no identity's centroid holds an image of the query's camera (not the evaluation's standard
+    rule, which leaves that camera out of the query's own identity only: `retrieve.py evaluate`).
+    The centroids are centroids.centroid_entries'.
     """
     pids, camids = torch.as_tensor(pids, dtype=torch.int64), torch.as_tensor(camids, dtype=torch.int64)
     if camera_aware and not centroids:
@@ -314,14 +321,11 @@ def build_index(feats, pids, camids, centroids=False, camera_aware=False):
     if not bool((pids > 0).any()):
         raise RetrievalError("no image has an identity, so there is nothing to average: put the images in "
                              "<identity>/ sub-folders, or embed a data set with --dataset")
-    groups = [None]
-    if camera_aware:
-        groups += torch.unique(camids[camids >= 0]).tolist()
-        if len(groups) == 1:
-            raise RetrievalError("--camera-aware needs camera ids (`_c<N>` in the file names, or a data set "
-                                 "with cameras); these images have none")
-    parts = [_centroid_entries(feats, pids, camids, g) for g in groups]  # a loop over cameras, not identities
-    parts.append(_image_entries(feats, pids, camids, torch.nonzero(pids == 0)[:, 0]))
+    if camera_aware and not bool((camids >= 0).any()):
+        raise RetrievalError("--camera-aware needs camera ids (`_c<N>` in the file names, or a data set "
+                             "with cameras); these images have none")
+    parts = [_centroid_index_entries(feats, pids, camids, camera_aware),
+             _image_entries(feats, pids, camids, torch.nonzero(pids == 0)[:, 0])]
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -480,6 +484,34 @@ def write_query_csv(results, path):
 # ---------------------------------------------------------------------------------------------------
 # Command line
 
+def cmd_evaluate(args):
+    """retrieve.py evaluate: query and gallery embeddings files -> evaluate.py's per-image and standard centroid
+    metrics (the same functions, on the embeddings the production path made)."""
+    if args.max_rank < 1:
+        raise RetrievalError(f"--max-rank {args.max_rank}: the CMC curve needs at least rank 1")
+    query, gallery = load_embeddings(args.query), load_embeddings(args.gallery)
+    for key in ("fingerprint", "size", "flip"):
+        if query[key] != gallery[key]:
+            raise RetrievalError(f"{args.query} and {args.gallery} were embedded with different {key} ({query[key]} "
+                                 f"and {gallery[key]}): embed both with the same checkpoint, --size and --flip")
+    unknown = int((query["camids"] < 0).sum() + (gallery["camids"] < 0).sum())
+    if unknown and not args.camera_agnostic:
+        print(f"{unknown} images have no camera (no _c<N> in their names): evaluated camera-agnostically")
+    options = EvaluationOptions(camera_agnostic=args.camera_agnostic or unknown > 0, max_rank=args.max_rank)
+    results = evaluate_features(*(Split(emb["feats"], emb["pids"], emb["camids"]) for emb in (query, gallery)),
+                                options)
+    print(f"{len(query['paths'])} queries ({args.query}), {len(gallery['paths'])} gallery images ({args.gallery}), "
+          f"model {query['fingerprint']}")
+    print(format_results(results))
+    if args.json:
+        rows = {key: {k: (v.tolist() if k == "cmc" else v) for k, v in res.items()} for key, res in results.items()}
+        with open(args.json, "w") as f:
+            json.dump({"query": args.query, "gallery": args.gallery, "fingerprint": query["fingerprint"],
+                       "camera_agnostic": options.camera_agnostic, "results": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return results
+
+
 def _device(name):
     """torch.device of --device auto|cuda|npu|cpu."""
     return utils.pick_device(name)
@@ -612,7 +644,9 @@ def get_parser():
                         "(unlabelled images stay single entries)")
     p.add_argument("--camera-aware", action="store_true",
                    help="with --centroids, also one entry per (identity, camera c) averaging its images from cameras "
-                        "other than c: a query from camera c searches those (the evaluator's rule)")
+                        "other than c: a query from camera c searches those alone, a cross-camera search in which "
+                        "no centroid holds an image of the query's camera (not evaluate.py's standard rule, which "
+                        "leaves that camera out of the query's own identity only: see `retrieve.py evaluate`)")
     p = sub.add_parser("query", help="images (or a query embeddings .pt) against an index -> top-k")
     p.add_argument("index")
     p.add_argument("inputs", nargs="+", help="image files or folders, or one embeddings file from `embed`")
@@ -632,13 +666,22 @@ def get_parser():
     p.add_argument("--rerank-k2", type=int, default=6, help="neighbours of the local query expansion (default: 6)")
     p.add_argument("--rerank-lambda", type=float, default=0.3, help="weight of the original distance (default: 0.3)")
     _common(p)
+    p = sub.add_parser("evaluate", help="query + gallery embeddings files -> evaluate.py's per-image and standard "
+                                        "centroid mAP, CMC, mINP")
+    p.add_argument("query", help="embeddings file of the query images (retrieve.py embed --split query)")
+    p.add_argument("gallery", help="embeddings file of the gallery images (retrieve.py embed --split gallery)")
+    p.add_argument("--camera-agnostic", action="store_true",
+                   help="remove nothing (TEST.CAMERA_AGNOSTIC); default: a query's gallery images of its own identity "
+                        "and camera are removed, and its identity's centroid leaves out its camera")
+    p.add_argument("--max-rank", type=int, default=50, help="length of the CMC curve (TEST.MAX_RANK, default: 50)")
+    p.add_argument("--json", help="write the metrics as JSON")
     return parser
 
 
 def run_command(argv):
     """Run a sub-command; returns what it made (embeddings, index or query results). Bad input raises UserError."""
     args = get_parser().parse_args(argv)
-    return {"embed": cmd_embed, "index": cmd_index, "query": cmd_query}[args.command](args)
+    return {"embed": cmd_embed, "index": cmd_index, "query": cmd_query, "evaluate": cmd_evaluate}[args.command](args)
 
 
 @utils.command

@@ -33,7 +33,7 @@ import visualize
 from cuda_graph import WARMUP_STEPS, GraphedStep, StepHalves, graph_supported
 from data import build_datasets, build_train_loader
 from device_data import DeviceAugmentLoader
-from evaluate import REPORT_EVALUATOR, evaluate_checkpoint, evaluate_splits, format_results
+from evaluate import evaluate_checkpoint, evaluate_splits, format_results
 from loss import CenterLoss, LossSpec, build_center_optimizer, compute_losses, scale_center_grads
 from model import build_model, has_sync_bn, load_weights, stem_relu_message, synchronise_batch_norms
 from report import write_config_report
@@ -341,7 +341,7 @@ def evaluate_epoch(state, data, cfg, device, rank, world_size):
     """
     def evaluate(data):
         evaluated = evaluate_splits(state.model, data, cfg, device, state.amp_dtype, rank, world_size)
-        write_config_report(cfg, data, evaluated, REPORT_EVALUATOR)
+        write_config_report(cfg, data, evaluated)
         return evaluated[0]
     return faults.evaluate_despite_bad_files(evaluate, data, cfg, rank)
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 import utils
+from metrics import CameraRule, removed_items
 
 GREEN, RED, GREY, DARK = (0, 170, 0), (215, 25, 25), (150, 150, 150), (40, 40, 40)
 METRICS = ("mAP", "rank1", "rank5", "rank10", "mINP")  # metrics.jsonl keys, optionally with a 'centroid_' prefix
@@ -143,35 +144,36 @@ def draw_cmc_curve(curves, out_path, title="CMC"):
     return None if fig is None else _save(fig, out_path)
 
 
-def visualize_evaluation(q_feats, q_items, g_feats, g_items, out_dir, results=None, top_k=5, limit=50,
-                         camera_agnostic=False):
-    """evaluate.py --visualize: ranked lists of the first `limit` queries (items (path, pid, camid)) over the
-    gallery, same identity + camera removed as the protocol does, and cmc.png given evaluate_features' results."""
-    q_items = q_items[:limit]
-    q_pids, q_cams = (torch.tensor([item[k] for item in q_items]) for k in (1, 2))
-    g_pids, g_cams = (torch.tensor([item[k] for item in g_items]) for k in (1, 2))
+def visualize_evaluation(query, gallery, paths, out_dir, results=None, top_k=5, limit=50, camera_agnostic=False):
+    """evaluate.py --visualize: ranked lists of the first `limit` queries of the query Split over the gallery Split
+    (paths: their image files, (query paths, gallery paths)), the protocol's same identity + camera removed
+    (metrics.removed_items), and cmc.png given evaluate_features' results."""
+    q_paths, g_paths = paths[0][:limit], paths[1]
+    q_pids, q_cams = (torch.as_tensor(x)[:limit] for x in (query.pids, query.camids))
+    g_pids, g_cams = (torch.as_tensor(x) for x in (gallery.pids, gallery.camids))
     normalize = torch.nn.functional.normalize  # ranks by cosine: the evaluator's order with TEST.FEAT_NORM on
-    sims = normalize(q_feats[:limit].float(), dim=1) @ normalize(g_feats.float(), dim=1).T  # [q, N], q <= limit
-    if not camera_agnostic:
-        sims.masked_fill_((q_pids[:, None] == g_pids[None, :]) & (q_cams[:, None] == g_cams[None, :]), float("-inf"))
+    sims = normalize(query.feats[:limit].float(), dim=1) @ normalize(gallery.feats.float(), dim=1).T  # [q, N]
+    removed = removed_items(q_pids[:, None], q_cams[:, None], g_pids[None, :], g_cams[None, :],
+                            CameraRule(agnostic=camera_agnostic))
+    sims.masked_fill_(removed, float("-inf"))
     top_sims, top_idx = sims.topk(min(top_k, sims.shape[1]), dim=1)
     label = lambda pid: str(pid) if pid > 0 else ""  # noqa: E731  (pid 0: distractor, no identity)
-    paths = []
-    for i, (path, pid, _) in enumerate(q_items):
+    written = []
+    for i, (path, pid) in enumerate(zip(q_paths, q_pids.tolist())):
         kept = top_idx[i][top_sims[i] > float("-inf")].tolist()
         dists = (2 - 2 * top_sims[i][:len(kept)]).clamp(min=0).sqrt().tolist()
         name = f"query_{i:04d}_{os.path.splitext(os.path.basename(path))[0]}.png"
-        paths.append(draw_ranked_list(path, [g_items[j][0] for j in kept], os.path.join(out_dir, name), label(pid),
-                                      [label(g_items[j][1]) for j in kept], dists))
+        written.append(draw_ranked_list(path, [g_paths[j] for j in kept], os.path.join(out_dir, name), label(pid),
+                                        [label(int(g_pids[j])) for j in kept], dists))
     if results is not None:
         rows = [(key, res) for key, res in results.items() if key.startswith("centroid") and res is not None]
         curves = {"per image": results["image"]["cmc"]} if results.get("image") is not None else {}
         curves.update({f"centroid {res.get('protocol', key)}" if len(rows) > 1 else "centroid": res["cmc"]
                        for key, res in rows})  # one curve per centroid protocol evaluated
         if curves:
-            paths.append(draw_cmc_curve(curves, os.path.join(out_dir, "cmc.png"),
-                                        "CMC: share of queries with a true match in the top r"))
-    return [p for p in paths if p is not None]
+            written.append(draw_cmc_curve(curves, os.path.join(out_dir, "cmc.png"),
+                                          "CMC: share of queries with a true match in the top r"))
+    return [p for p in written if p is not None]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,12 +225,34 @@ def _panel(ax, rows, keys, scale=1.0, log=False):
     return drawn
 
 
+def exact_label(value):
+    """value in scientific notation with the fewest digits that still write it (to 1e-6): '5e-05', '5.5e-05'."""
+    label = f"{value:e}"
+    for digits in range(7):
+        label = f"{value:.{digits}e}"
+        if abs(float(label) - value) <= 1e-6 * abs(value):
+            break
+    return label
+
+
+def _lr_locator(ax):
+    """Log ticks at 1, 2 and 5 per decade; where fewer than two of them fall in the view (the lr spans less than
+    a factor ~2.5), up to five linear ticks at round values, which exact_label tells apart."""
+    from matplotlib.ticker import LogLocator, MaxNLocator
+    low, high = ax.get_ylim()
+    if low > 0:
+        decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+        if sum(low <= m * 10.0**k <= high for k in decades for m in (1, 2, 5)) < 2:
+            return MaxNLocator(nbins=4, steps=[1, 2, 5, 10])
+    return LogLocator(subs=(1.0, 2.0, 5.0))
+
+
 def curves_figure(rows):
     """Figure of metrics.jsonl rows: loss terms, learning rate and mAP / R1 (per image and per centroid) per epoch."""
     Figure = figure_class()
     if Figure is None:
         return None
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, PercentFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
     fig = Figure(figsize=(9, 9), dpi=100, layout="constrained")
     loss_ax, lr_ax, acc_ax = fig.subplots(3, 1, sharex=True)
     names = {"loss": "total", "loss_centroid_triplet": "centroid triplet", "loss_triplet": "triplet",
@@ -237,8 +261,8 @@ def curves_figure(rows):
     loss_ax.set(title="training losses (epoch means, log scale)", ylabel="loss")
     _panel(lr_ax, rows, [("lr", "learning rate")], log=True)
     lr_ax.set(title="learning rate (log scale)", ylabel="lr")
-    lr_ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+    lr_ax.yaxis.set_major_locator(_lr_locator(lr_ax))
+    lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: exact_label(v)))
     lr_ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     evaluated = _panel(acc_ax, rows, [("mAP", "mAP per image"), ("rank1", "R1 per image"),
                                       ("centroid_mAP", "mAP per centroid"), ("centroid_rank1", "R1 per centroid")],

@@ -1,4 +1,5 @@
-"""evaluate.py: exact metrics (hand-made and against a slow reference), edge cases, centroids, features."""
+"""The evaluation: metrics.py's exact metrics (hand-made and against a slow reference) and edge cases, centroids.py's
+centroids, evaluate.py's features, table and CLI."""
 
 import json
 import os
@@ -9,8 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+import centroids
 import evaluate as ev
+import metrics
 from bench import benchmark_metrics, synthetic_problem
+from centroids import EvaluationOptions
+from metrics import Split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,6 +60,29 @@ def random_problem(rng, num_query=40, num_gallery=300, num_ids=12, num_cams=3, l
     return distmat, q_pids, g_pids, q_camids, g_camids
 
 
+def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, **kwargs):
+    """metrics.evaluate_rank with the labels in torchreid's order, as the reference takes them."""
+    return metrics.evaluate_rank(distmat, Split(None, q_pids, q_camids), Split(None, g_pids, g_camids), **kwargs)
+
+
+def evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, **options):
+    """centroids.evaluate_centroids of the six arrays, options as EvaluationOptions' fields."""
+    return centroids.evaluate_centroids(Split(q_feats, q_pids, q_camids), Split(g_feats, g_pids, g_camids),
+                                        EvaluationOptions(**options))
+
+
+def evaluate_features(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, raw_feats=False, **options):
+    """centroids.evaluate_features of the six arrays, options as EvaluationOptions' fields."""
+    return centroids.evaluate_features(Split(q_feats, q_pids, q_camids), Split(g_feats, g_pids, g_camids),
+                                       EvaluationOptions(**options), raw_feats)
+
+
+def evaluate_reranked(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, raw_feats=False, **options):
+    """centroids.evaluate_reranked of the six arrays, options as EvaluationOptions' fields."""
+    return centroids.evaluate_reranked(Split(q_feats, q_pids, q_camids), Split(g_feats, g_pids, g_camids),
+                                       EvaluationOptions(**options), raw_feats)
+
+
 def assert_same(res, ref):
     """Agreement to 1e-6 on every metric the reference computes."""
     for key in ("mAP", "mAP_trapezoid", "mINP"):
@@ -74,7 +102,7 @@ def test_hand_made_ranking():
                         [0.9, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], dtype=np.float32)
     g_pids = np.array([1, 2, 1, 3, 1, 4, 5])
     g_camids = np.array([0, 1, 1, 1, 1, 1, 1])
-    res = ev.evaluate_rank(distmat, np.array([1, 2]), g_pids, np.array([0, 0]), g_camids, max_rank=5)
+    res = evaluate_rank(distmat, np.array([1, 2]), g_pids, np.array([0, 0]), g_camids, max_rank=5)
     ap0 = (1 / 2 + 2 / 4) / 2                               # precisions at the hits
     trap0 = ((0 / 1 + 1 / 2) / 2 + (1 / 3 + 2 / 4) / 2) / 2  # Market-1501 official trapezoid
     assert res["mAP"] == pytest.approx((ap0 + 1) / 2)
@@ -91,13 +119,13 @@ def test_agrees_with_slow_reference(seed, monkeypatch):
     problem = random_problem(rng)
     ref = reference_rank(*problem, max_rank=20)
     assert 0 < ref["num_skipped_queries"] < len(problem[1])  # the problem exercises skipping
-    assert_same(ev.evaluate_rank(*problem, max_rank=20), ref)  # one chunk
-    assert ev._chunk_shape(300, ev.BYTES_PER_ITEM * ev.MIN_ROWS * 7) == (ev.MIN_ROWS, 7)
-    assert_same(ev.evaluate_rank(*problem, max_rank=20, chunk_bytes=ev.BYTES_PER_ITEM * ev.MIN_ROWS * 7), ref)
-    monkeypatch.setattr(ev, "MIN_ROWS", 1)                    # whole rows, 3 queries per chunk
-    assert ev._chunk_shape(300, ev.BYTES_PER_ITEM * 900) == (3, 300)
-    assert_same(ev.evaluate_rank(*problem, max_rank=20, chunk_bytes=ev.BYTES_PER_ITEM * 900), ref)
-    assert_same(ev.evaluate_rank(*problem, max_rank=20, camera_agnostic=True),
+    assert_same(evaluate_rank(*problem, max_rank=20), ref)  # one chunk
+    assert metrics._chunk_shape(300, metrics.BYTES_PER_ITEM * metrics.MIN_ROWS * 7) == (metrics.MIN_ROWS, 7)
+    assert_same(evaluate_rank(*problem, max_rank=20, chunk_bytes=metrics.BYTES_PER_ITEM * metrics.MIN_ROWS * 7), ref)
+    monkeypatch.setattr(metrics, "MIN_ROWS", 1)                    # whole rows, 3 queries per chunk
+    assert metrics._chunk_shape(300, metrics.BYTES_PER_ITEM * 900) == (3, 300)
+    assert_same(evaluate_rank(*problem, max_rank=20, chunk_bytes=metrics.BYTES_PER_ITEM * 900), ref)
+    assert_same(evaluate_rank(*problem, max_rank=20, camera_agnostic=True),
                 reference_rank(*problem, max_rank=20, camera_agnostic=True))
 
 
@@ -105,14 +133,14 @@ def test_torch_inputs_and_float64_compare_as_float32():
     distmat, q_pids, g_pids, q_camids, g_camids = random_problem(np.random.default_rng(7))
     ref = reference_rank(distmat, q_pids, g_pids, q_camids, g_camids)
     tensors = [torch.from_numpy(x) for x in (distmat, q_pids, g_pids, q_camids, g_camids)]
-    assert_same(ev.evaluate_rank(*tensors), ref)
-    assert_same(ev.evaluate_rank(distmat.astype(np.float64), q_pids, g_pids, q_camids, g_camids), ref)
+    assert_same(evaluate_rank(*tensors), ref)
+    assert_same(evaluate_rank(distmat.astype(np.float64), q_pids, g_pids, q_camids, g_camids), ref)
 
 
 def test_skipped_queries_are_counted_not_scored():
     # query 1's only match is in its own camera: skipped; query 0 is perfect
     distmat = np.array([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]], dtype=np.float32)
-    res = ev.evaluate_rank(distmat, np.array([1, 2]), np.array([1, 2, 3]), np.array([0, 1]), np.array([1, 1, 1]))
+    res = evaluate_rank(distmat, np.array([1, 2]), np.array([1, 2, 3]), np.array([0, 1]), np.array([1, 1, 1]))
     assert res["num_valid_queries"] == 1 and res["num_skipped_queries"] == 1
     assert res["mAP"] == 1.0 and res["cmc"][0] == 1.0
 
@@ -120,22 +148,22 @@ def test_skipped_queries_are_counted_not_scored():
 def test_no_valid_query_says_why_and_what_to_do():
     distmat = np.random.default_rng(0).random((4, 10)).astype(np.float32)
     pids = np.arange(10) % 4
-    with pytest.raises(ev.EvaluationError) as info:
-        ev.evaluate_rank(distmat, np.arange(4), pids, np.zeros(4, int), np.zeros(10, int))
+    with pytest.raises(metrics.EvaluationError) as info:
+        evaluate_rank(distmat, np.arange(4), pids, np.zeros(4, int), np.zeros(10, int))
     message = str(info.value)
     assert "single-camera" in message and "camera_agnostic=True" in message
     assert "--TEST.CAMERA_AGNOSTIC true" in message
-    res = ev.evaluate_rank(distmat, np.arange(4), pids, np.zeros(4, int), np.zeros(10, int), camera_agnostic=True)
+    res = evaluate_rank(distmat, np.arange(4), pids, np.zeros(4, int), np.zeros(10, int), camera_agnostic=True)
     assert res["num_valid_queries"] == 4
-    with pytest.raises(ev.EvaluationError, match="no query identity appears in the gallery"):
-        ev.evaluate_rank(distmat, np.arange(4) + 100, pids, np.zeros(4, int), np.ones(10, int))
+    with pytest.raises(metrics.EvaluationError, match="no query identity appears in the gallery"):
+        evaluate_rank(distmat, np.arange(4) + 100, pids, np.zeros(4, int), np.ones(10, int))
 
 
 def test_short_gallery_gives_a_monotone_cmc():
     # 3 gallery items, max_rank 50 (torchreid/fast-reid crash or return a non-monotone CMC here)
     distmat = np.array([[0.3, 0.1, 0.2], [0.1, 0.2, 0.3]], dtype=np.float32)
     args = (np.array([1, 2]), np.array([1, 2, 3]), np.array([0, 0]), np.array([1, 1, 1]))
-    res = ev.evaluate_rank(distmat, *args, max_rank=50)
+    res = evaluate_rank(distmat, *args, max_rank=50)
     assert len(res["cmc"]) == 50 and np.all(np.diff(res["cmc"]) >= 0)
     np.testing.assert_allclose(res["cmc"][:3], [0.0, 0.5, 1.0])  # query 0's hit at rank 3, query 1's at 2
     assert res["cmc"][-1] == 1.0
@@ -144,18 +172,34 @@ def test_short_gallery_gives_a_monotone_cmc():
 
 def test_bad_inputs_raise_clear_errors():
     distmat = np.zeros((2, 3), dtype=np.float32)
-    with pytest.raises(ev.EvaluationError, match="g_pids has 2 entries"):
-        ev.evaluate_rank(distmat, np.array([1, 2]), np.array([1, 2]), np.array([0, 0]), np.array([1, 1, 1]))
+    with pytest.raises(metrics.EvaluationError, match="g_pids has 2 entries"):
+        evaluate_rank(distmat, np.array([1, 2]), np.array([1, 2]), np.array([0, 0]), np.array([1, 1, 1]))
     distmat[0, 1] = np.nan
-    with pytest.raises(ev.EvaluationError, match="NaN"):
-        ev.evaluate_rank(distmat, np.array([1, 2]), np.array([1, 2, 3]), np.array([0, 0]), np.array([1, 1, 1]))
+    with pytest.raises(metrics.EvaluationError, match="NaN"):
+        evaluate_rank(distmat, np.array([1, 2]), np.array([1, 2, 3]), np.array([0, 0]), np.array([1, 1, 1]))
+
+
+def test_one_removal_rule_for_pairs_grids_and_camera_sets():
+    q_pids, q_cams = torch.tensor([1, 1, 2]), torch.tensor([0, 1, 0])
+    g_pids, g_cams = torch.tensor([1, 1, 2, 3]), torch.tensor([0, 1, 1, 0])
+    grid = metrics.removed_items(q_pids[:, None], q_cams[:, None], g_pids[None], g_cams[None])  # as visualize, report
+    assert grid.tolist() == [[True, False, False, False], [False, True, False, False], [False] * 4]
+    rows, cols = torch.nonzero(torch.ones(3, 4), as_tuple=True)                   # as the rank kernel's pair lists
+    assert torch.equal(metrics.removed_items(q_pids[rows], q_cams[rows], g_pids[cols], g_cams[cols]).view(3, 4), grid)
+    agnostic = metrics.CameraRule(agnostic=True)
+    assert not metrics.removed_items(q_pids[:, None], q_cams[:, None], g_pids[None], g_cams[None], agnostic).any()
+    # the original's centroids: query cameras as bits, entries as the bit masks of the cameras they are made from
+    sets = torch.tensor([0b11, 0b10, 0b10, 0b01])
+    removed = metrics.removed_items(q_pids[:, None], (1 << q_cams)[:, None], g_pids[None], sets[None],
+                                    metrics.CameraRule(sets=True))
+    assert removed.tolist() == [[True, False, False, False], [True, True, False, False], [False] * 4]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_same_results_on_cuda():
     problem = random_problem(np.random.default_rng(3))
     cuda = [torch.as_tensor(x).cuda() for x in problem]
-    assert_same(ev.evaluate_rank(*cuda), reference_rank(*problem))
+    assert_same(evaluate_rank(*cuda), reference_rank(*problem))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,7 +223,7 @@ def two_camera_gallery():
 
 def test_centroids_exclude_the_query_camera_at_the_right_offsets():
     q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = two_camera_gallery()
-    res = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, max_rank=2)
+    res = evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, max_rank=2)
     # q0 (camera 0) sees pid 1's centroid from camera 1 only, [0, 0, 1] (distance 2), behind pid 2's from
     # both of its images, ~[0.32, 0.95, 0] (distance ~1.37): its match ranks 2nd. q1 (camera 1) sees pid 2's
     # centroid from camera 0, [0, 1, 0] (0.4), before pid 1's from both images (~1.15).
@@ -188,10 +232,10 @@ def test_centroids_exclude_the_query_camera_at_the_right_offsets():
     # Gallery camids misaligned as by the original's bug (read from [query camids, gallery camids]
     # without the query offset) put q0's identical image into its centroid and change the answer.
     wrong_camids = np.concatenate([q_camids, g_camids])[:len(g_camids)]
-    wrong = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, wrong_camids, max_rank=2)
+    wrong = evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, wrong_camids, max_rank=2)
     assert wrong["mAP"] == pytest.approx(1.0)
     # Without cameras (fashion sets): one centroid per identity from all its images.
-    flat = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=False)
+    flat = evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, keep_camid_centroids=False)
     assert flat["mAP"] == pytest.approx(1.0)
 
 
@@ -201,8 +245,8 @@ def test_distractors_and_unasked_identities_stay_in_the_centroid_gallery():
                    [0.9, 0.436, 0],   # distractor: distance ~0.2
                    [0.9, -0.436, 0],  # distractor: ~0.2 (averaged with the first it would be [1, 0, 0])
                    [0.8, 0, 0.6])     # pid 9, which no query asks for: distance 0.4
-    res = ev.evaluate_centroids(q_feats, np.array([1]), np.array([0]), g_feats, np.array([1, 0, 0, 9]),
-                                np.array([1, 0, 2, 1]), max_rank=4)
+    res = evaluate_centroids(q_feats, np.array([1]), np.array([0]), g_feats, np.array([1, 0, 0, 9]),
+                             np.array([1, 0, 2, 1]), max_rank=4)
     assert res["mAP"] == pytest.approx(1 / 4)  # both distractors and pid 9 rank before the match
     np.testing.assert_allclose(res["cmc"], [0, 0, 0, 1])
     assert res["protocol"] == "standard"  # the default; the original's rule drops both (test_protocols.py)
@@ -216,10 +260,10 @@ def test_centroids_agree_with_a_per_query_reference(keep_camid_centroids):
     q_pids = torch.randint(1, 18, (60,), generator=gen).numpy()       # 15..17: not in the gallery
     q_camids = torch.randint(0, 4, (60,), generator=gen).numpy()
     centres = torch.randn(18, 16, generator=gen)
-    g_feats = ev._normalize(centres[g_pids] + 1.5 * torch.randn(200, 16, generator=gen))
-    q_feats = ev._normalize(centres[q_pids] + 1.5 * torch.randn(60, 16, generator=gen))
-    res = ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
-                                keep_camid_centroids=keep_camid_centroids, chunk_bytes=ev.BYTES_PER_ITEM * 64 * 5)
+    g_feats = metrics.l2_normalize(centres[g_pids] + 1.5 * torch.randn(200, 16, generator=gen))
+    q_feats = metrics.l2_normalize(centres[q_pids] + 1.5 * torch.randn(60, 16, generator=gen))
+    res = evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids,
+                             keep_camid_centroids=keep_camid_centroids, chunk_bytes=metrics.BYTES_PER_ITEM * 64 * 5)
     from test_protocols import as_numpy, loop_standard  # the standard rule's per-query loop reference
     m_ap, r1, skipped = loop_standard(*as_numpy((q_feats, q_pids, q_camids, g_feats, g_pids, g_camids)),
                                       camera_aware=keep_camid_centroids)
@@ -246,8 +290,8 @@ def test_distance_func_cosine_ranks_by_cosine_without_feat_norm():
     q_feats = (centres[q_pids] + torch.randn(40, 8, generator=gen)) * torch.rand(40, 1, generator=gen) * 5 + 0.2
     problem = (q_feats, q_pids, q_camids, g_feats, g_pids, g_camids)
     flags = {"normalize_centroids": False, "keep_camid_centroids": False, "centroid_protocol": "all"}  # FEAT_NORM false
-    cosine = ev.evaluate_features(*problem, distance="cosine", **flags)
-    euclidean = ev.evaluate_features(*problem, **flags)
+    cosine = evaluate_features(*problem, distance="cosine", **flags)
+    euclidean = evaluate_features(*problem, **flags)
     per_image = reference_rank(original_cosine(q_feats, g_feats).numpy(), q_pids, g_pids, q_camids, g_camids)
     assert cosine["image"]["mAP"] == pytest.approx(per_image["mAP"], abs=1e-6)
     np.testing.assert_allclose(cosine["image"]["cmc"], per_image["cmc"], atol=1e-9)
@@ -260,19 +304,19 @@ def test_distance_func_cosine_ranks_by_cosine_without_feat_norm():
     for key in ("centroid", "centroid_original", "centroid_original_fixed"):
         assert cosine[key]["mAP"] == pytest.approx(per_centroid["mAP"], abs=1e-6), key
     # re-ranking starts from the cosine distances too: those of the normalised embeddings
-    unit_problem = (ev._normalize(q_feats), q_pids, q_camids, ev._normalize(g_feats), g_pids, g_camids)
-    reranked = ev.evaluate_reranked(*problem, distance="cosine", **flags)
-    assert reranked["image"]["mAP"] == pytest.approx(ev.evaluate_reranked(*unit_problem, **flags)["image"]["mAP"])
-    with pytest.raises(ev.EvaluationError, match="distance 'manhattan' is unknown.*euclidean, cosine"):
-        ev.evaluate_features(*problem, distance="manhattan")
+    unit_problem = (metrics.l2_normalize(q_feats), q_pids, q_camids, metrics.l2_normalize(g_feats), g_pids, g_camids)
+    reranked = evaluate_reranked(*problem, distance="cosine", **flags)
+    assert reranked["image"]["mAP"] == pytest.approx(evaluate_reranked(*unit_problem, **flags)["image"]["mAP"])
+    with pytest.raises(metrics.EvaluationError, match="distance 'manhattan' is unknown.*euclidean, cosine"):
+        evaluate_features(*problem, distance="manhattan")
 
 
 def test_training_and_evaluate_py_rank_by_solver_distance_func():
     import config
     cfg = config.parse(["SOLVER.DISTANCE_FUNC", "cosine", "TEST.FEAT_NORM", "False"])[0]
     arguments = ev.evaluation_arguments(cfg, has_cameras=True)
-    assert arguments["distance"] == "cosine" and arguments["normalize_centroids"] is False
-    assert ev.evaluation_arguments(config.parse([])[0], True)["distance"] == "euclidean"
+    assert arguments.distance == "cosine" and arguments.normalize_centroids is False
+    assert ev.evaluation_arguments(config.parse([])[0], True).distance == "euclidean"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -336,7 +380,7 @@ def test_evaluate_splits_embeds_both_splits_and_returns_results_and_a_table(synt
 MEMORY_PROBE = """
 import json, sys
 import torch
-import evaluate
+import metrics
 
 def status_mib(key):
     with open("/proc/self/status") as f:
@@ -345,8 +389,8 @@ def status_mib(key):
 torch.set_num_threads(2)
 problem = torch.load(sys.argv[1])
 rss_before, peak_before = status_mib("VmRSS"), status_mib("VmHWM")
-result = evaluate.evaluate_feature_ranks(*problem)
-rows, block, workers, bound = evaluate.memory_plan(len(problem[0]), len(problem[3]), "cpu")
+result = metrics.evaluate_feature_ranks(metrics.Split(*problem[:3]), metrics.Split(*problem[3:]))
+rows, block, workers, bound = metrics.memory_plan(len(problem[0]), len(problem[3]), "cpu")
 print(json.dumps({"added_mib": status_mib("VmHWM") - rss_before, "load_peak_mib": peak_before - rss_before,
                   "bound_mib": bound / 2**20, "block": block, "mAP": result["mAP"]}))
 """

@@ -9,12 +9,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Lower numbers sit lower: a module may import any module of a strictly lower layer, nothing else.
 LAYERS = {
     "config": 0, "utils": 0, "specs": 0,
-    "synthetic": 1, "sampler": 1, "transforms": 1, "image_check": 1, "checkpoint": 1,
-    "data": 2, "device_data": 2, "model": 2, "loss": 2, "rerank": 2, "visualize": 2, "report": 2,
-    "cuda_graph": 3, "evaluate": 3, "faults": 3,
-    "train": 4,
-    "retrieve": 5,
-    "export": 6, "bench": 6,
+    "synthetic": 1, "sampler": 1, "transforms": 1, "image_check": 1, "metrics": 1, "checkpoint": 1,
+    "data": 2, "device_data": 2, "model": 2, "loss": 2, "rerank": 2, "visualize": 2,
+    "cuda_graph": 3, "centroids": 3, "faults": 3,
+    "report": 4,
+    "evaluate": 5,
+    "train": 6, "retrieve": 6,
+    "export": 7, "bench": 7,
 }
 
 

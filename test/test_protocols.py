@@ -1,4 +1,4 @@
-"""The three centroid evaluation protocols (evaluate.evaluate_centroids' centroid_protocol) against slow
+"""The three centroid evaluation protocols (centroids.evaluate_centroids' centroid_protocol) against slow
 per-query loops written from each rule's words, on hand-built galleries where the rules disagree and on
 random problems."""
 import numpy as np
@@ -6,7 +6,11 @@ import pytest
 import torch
 
 import bench
+import centroids
 import evaluate as ev
+import metrics
+from centroids import CENTROID_PROTOCOLS, EvaluationOptions
+from metrics import Split
 
 # ---------------------------------------------------------------------------------------------------
 # Loop references: one query at a time, the rule's words in plain Python, float64
@@ -102,11 +106,20 @@ def as_numpy(problem):
                  for x in problem)
 
 
-def ours(protocol, problem, **kwargs):
-    """evaluate_centroids on (q_feats, q_pids, q_camids, g_feats, g_pids, g_camids)."""
-    q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = problem
-    return ev.evaluate_centroids(q_feats, q_pids, q_camids, g_feats, g_pids, g_camids, centroid_protocol=protocol,
-                                 **kwargs)
+def splits(problem):
+    """(query, gallery) Splits of (q_feats, q_pids, q_camids, g_feats, g_pids, g_camids)."""
+    return Split(*problem[:3]), Split(*problem[3:])
+
+
+def ours(protocol, problem, raw_feats=False, **options):
+    """evaluate_centroids on (q_feats, q_pids, q_camids, g_feats, g_pids, g_camids), options as EvaluationOptions'."""
+    return centroids.evaluate_centroids(*splits(problem), EvaluationOptions(centroid_protocol=protocol, **options),
+                                        raw_feats)
+
+
+def features(problem, raw_feats=False, **options):
+    """evaluate_features on (q_feats, q_pids, q_camids, g_feats, g_pids, g_camids), options as EvaluationOptions'."""
+    return centroids.evaluate_features(*splits(problem), EvaluationOptions(**options), raw_feats)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,7 +145,7 @@ def three_rules_gallery():
 
 def test_three_rules_give_three_answers_each_equal_to_its_loop_reference():
     problem = three_rules_gallery()
-    results = {p: ours(p, problem, max_rank=3) for p in ev.CENTROID_PROTOCOLS}
+    results = {p: ours(p, problem, max_rank=3) for p in CENTROID_PROTOCOLS}
     for protocol, res in results.items():
         m_ap, r1, skipped = loop_reference(protocol, *as_numpy(problem))
         assert res["protocol"] == protocol
@@ -152,7 +165,7 @@ def test_the_old_per_camera_rule_is_gone():
     problem = three_rules_gallery()
     # the old rule (kept only as the benchmark's baseline) built EVERY identity's centroid without the
     # query's camera: pid 3 (camera 0 only) vanished for q0, and pid 2 lost g2, so q0's match was first.
-    old = bench.old_per_camera_centroids(*problem, max_rank=3)
+    old = bench.old_per_camera_centroids(*splits(problem), max_rank=3)
     assert old["mAP"] == pytest.approx(1.0)
     assert ours("standard", problem, max_rank=3)["mAP"] == pytest.approx((1 / 3 + 1) / 2)
 
@@ -205,16 +218,16 @@ def random_problem(seed, num_gallery=200, num_query=60, num_ids=15, num_cams=4, 
         g_feats *= torch.empty(num_gallery, 1).uniform_(0.2, 5, generator=gen)
         q_feats *= torch.empty(num_query, 1).uniform_(0.2, 5, generator=gen)
     else:
-        g_feats, q_feats = ev._normalize(g_feats), ev._normalize(q_feats)
+        g_feats, q_feats = metrics.l2_normalize(g_feats), metrics.l2_normalize(q_feats)
     return q_feats, q_pids.numpy(), q_camids.numpy(), g_feats, g_pids.numpy(), g_camids.numpy()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-@pytest.mark.parametrize("protocol", ev.CENTROID_PROTOCOLS)
+@pytest.mark.parametrize("protocol", CENTROID_PROTOCOLS)
 def test_random_problems_match_the_loop_reference(protocol, seed):
     problem = random_problem(seed)
     # small chunks: several query chunks and gallery blocks, as on a large problem
-    res = ours(protocol, problem, chunk_bytes=ev.BYTES_PER_ITEM * 64 * 7)
+    res = ours(protocol, problem, chunk_bytes=metrics.BYTES_PER_ITEM * 64 * 7)
     m_ap, r1, skipped = loop_reference(protocol, *as_numpy(problem))
     assert 0.1 < m_ap < 0.99 and skipped > 0  # neither trivial nor hopeless, and some queries skipped
     assert res["mAP"] == pytest.approx(m_ap, abs=1e-6)
@@ -222,7 +235,7 @@ def test_random_problems_match_the_loop_reference(protocol, seed):
     assert res["num_skipped_queries"] == skipped
 
 
-@pytest.mark.parametrize("protocol", ev.CENTROID_PROTOCOLS)
+@pytest.mark.parametrize("protocol", CENTROID_PROTOCOLS)
 def test_without_cameras_each_protocol_matches_its_loop_reference(protocol):
     problem = random_problem(4)
     m_ap, r1, skipped = loop_reference(protocol, *as_numpy(problem), camera_aware=False)
@@ -250,9 +263,9 @@ def test_original_averages_raw_embeddings_then_normalises():
 
 def test_raw_features_give_the_normalised_per_image_and_standard_rows():
     raw = random_problem(6, raw=True)
-    unit_problem = (ev._normalize(raw[0]), *raw[1:3], ev._normalize(raw[3]), *raw[4:])
-    from_raw = ev.evaluate_features(*raw, centroid_protocol="all", raw_feats=True)
-    from_unit = ev.evaluate_features(*unit_problem, centroid_protocol="all")
+    unit_problem = (metrics.l2_normalize(raw[0]), *raw[1:3], metrics.l2_normalize(raw[3]), *raw[4:])
+    from_raw = features(raw, centroid_protocol="all", raw_feats=True)
+    from_unit = features(unit_problem, centroid_protocol="all")
     for key in ("image", "centroid"):
         assert from_raw[key]["mAP"] == pytest.approx(from_unit[key]["mAP"], abs=1e-9)
     assert from_raw["centroid_original"]["mAP"] == pytest.approx(
@@ -264,17 +277,17 @@ def test_raw_features_give_the_normalised_per_image_and_standard_rows():
 
 def test_all_protocols_give_one_row_each_and_the_table_names_them():
     problem = random_problem(7)
-    results = ev.evaluate_features(*problem, centroid_protocol="all", max_rank=10)
+    results = features(problem, centroid_protocol="all", max_rank=10)
     assert list(results) == ["image", "centroid", "centroid_original", "centroid_original_fixed"]
-    assert [results[k]["protocol"] for k in list(results)[1:]] == list(ev.CENTROID_PROTOCOLS)
-    for protocol, key in zip(ev.CENTROID_PROTOCOLS, list(results)[1:]):  # each row is that protocol's result
+    assert [results[k]["protocol"] for k in list(results)[1:]] == list(CENTROID_PROTOCOLS)
+    for protocol, key in zip(CENTROID_PROTOCOLS, list(results)[1:]):  # each row is that protocol's result
         assert results[key]["mAP"] == ours(protocol, problem)["mAP"]
     lines = ev.format_results(results).splitlines()
     assert lines[1].startswith("per image")
-    assert [line.split()[1] for line in lines[2:5]] == list(ev.CENTROID_PROTOCOLS)
+    assert [line.split()[1] for line in lines[2:5]] == list(CENTROID_PROTOCOLS)
     assert f"{100 * results['centroid_original']['mAP']:.2f}" in lines[3]
-    assert lines[5].startswith("centroid protocols:") and all(p in lines[5] for p in ev.CENTROID_PROTOCOLS)
-    single = ev.evaluate_features(*problem, centroid_protocol="original")
+    assert lines[5].startswith("centroid protocols:") and all(p in lines[5] for p in CENTROID_PROTOCOLS)
+    single = features(problem, centroid_protocol="original")
     assert set(single) == {"image", "centroid"} and single["centroid"]["protocol"] == "original"
     lines = ev.format_results(single).splitlines()
     assert lines[2].startswith("centroid ") and lines[3].startswith("centroid protocol: original =")
@@ -282,15 +295,15 @@ def test_all_protocols_give_one_row_each_and_the_table_names_them():
 
 def test_an_unknown_protocol_is_named_with_the_choices():
     problem = random_problem(8)
-    with pytest.raises(ev.EvaluationError, match="'market'.*standard, original, original_fixed"):
-        ev.evaluate_features(*problem, centroid_protocol="market")
-    with pytest.raises(ev.EvaluationError, match="'all'"):
+    with pytest.raises(metrics.EvaluationError, match="'market'.*standard, original, original_fixed"):
+        features(problem, centroid_protocol="market")
+    with pytest.raises(metrics.EvaluationError, match="'all'"):
         ours("all", problem)  # "all" is for evaluate_features, which makes one row per protocol
 
 
 def test_centroid_benchmark_times_every_evaluation_on_one_problem():
     res = bench.benchmark_centroids(num_query=100, num_gallery=600, num_ids=40, num_cams=6, dim=32, rounds=1)
-    names = ["per_image", "old_per_camera_centroids", *ev.CENTROID_PROTOCOLS]
+    names = ["per_image", "old_per_camera_centroids", *CENTROID_PROTOCOLS]
     assert [row["name"] for row in res["rows"]] == names
     for row in res["rows"]:
         assert row["seconds"] > 0 and 0 < row["mAP"] <= 1

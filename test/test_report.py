@@ -22,6 +22,7 @@ from PIL import Image
 import config
 import evaluate as ev
 import report
+from centroids import EvaluationOptions, evaluate_centroids, evaluate_features
 from data import item_labels, read_dataset
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -88,8 +89,8 @@ def evaluated(synthetic_root):
     torch.manual_seed(0)
     net = model.build_model("resnet18", num_classes=4).eval()
     _, (q_feats, g_feats) = ev.evaluate_splits(net, data, cfg, torch.device("cpu"))
-    results = ev.evaluate_features(q_feats, *item_labels(data["query"]), g_feats, *item_labels(data["gallery"]),
-                                   raw_feats=True, **ev.evaluation_arguments(cfg, data["has_cameras"]))
+    results = evaluate_features(ev.split_of(data["query"], q_feats), ev.split_of(data["gallery"], g_feats),
+                                ev.evaluation_arguments(cfg, data["has_cameras"]), raw_feats=True)
     return data, cfg, net, q_feats, g_feats, results
 
 
@@ -99,8 +100,7 @@ def page(evaluated, tmp_path_factory):
     data, cfg, _, q_feats, g_feats, results = evaluated
     path = str(tmp_path_factory.mktemp("report") / "report.html")
     cfg = cfg.replace({"TEST.REPORT": path})
-    assert report.write_config_report(cfg, data, (results, (q_feats, g_feats)), ev.REPORT_EVALUATOR,
-                                      "output/best.pth") == path
+    assert report.write_config_report(cfg, data, (results, (q_feats, g_feats)), "output/best.pth") == path
     with open(path, encoding="ascii") as f:  # the page is ASCII: no encoding can garble it
         return path, PageParser(f.read())
 
@@ -149,8 +149,9 @@ def test_failures_filter_holds_exactly_the_queries_whose_rank1_is_wrong(page, ev
     listed = {key: {names[i] for i, first in enumerate(r["first"]) if first > 1} for key, r in by_key.items()}
     wrong, dist = rank1_wrong_by_reference(q_feats, g_feats, data["query"], data["gallery"])
     assert listed["image"] == wrong
-    centroid = ev.evaluate_centroids(q_feats, *item_labels(data["query"]), g_feats, *item_labels(data["gallery"]),
-                                     keep_camid_centroids=True, raw_feats=True, return_per_query=True)["per_query"]
+    centroid = evaluate_centroids(ev.split_of(data["query"], q_feats), ev.split_of(data["gallery"], g_feats),
+                                  EvaluationOptions(keep_camid_centroids=True), raw_feats=True,
+                                  return_per_query=True)["per_query"]
     expected = {names[i] for i in range(len(names)) if centroid["num_matches"][i] > 0 and centroid["first"][i] > 1}
     assert listed["centroid"] == expected
     for r in by_key.values():  # the first tile is framed red exactly for a failure (green for the others)
@@ -222,7 +223,7 @@ def test_cli_writes_a_cut_re_ranked_report_and_says_so(evaluated, synthetic_root
     data, cfg, _, q_feats, g_feats, _ = evaluated
     with pytest.raises(report.ReportError, match="cannot write the report .*file/report.html"):
         report.write_config_report(cfg.replace({"TEST.REPORT": str(tmp_path / "file" / "report.html")}), data,
-                                   (results, (q_feats, g_feats)), ev.REPORT_EVALUATOR, checkpoint)
+                                   (results, (q_feats, g_feats)), checkpoint)
 
 
 def test_training_evaluation_writes_the_report_and_a_failure_only_warns(evaluated, tmp_path, capsys):
@@ -237,7 +238,7 @@ def test_training_evaluation_writes_the_report_and_a_failure_only_warns(evaluate
     assert parsed.tables["results"]["image"]["mAP"] == f"{100 * results['image']['mAP']:.2f}"
     (tmp_path / "file").write_text("")  # training's page cannot be written: a warning, and training goes on
     assert report.write_config_report(cfg.replace({"TEST.REPORT": str(tmp_path / "file" / "r.html")}), data,
-                                      (results, evaluated[3:5]), ev.REPORT_EVALUATOR) is None
+                                      (results, evaluated[3:5])) is None
     assert "warning: cannot write the report" in capsys.readouterr().err
 
 

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-import evaluate as ev
+import centroids
 import rerank
 from bench import synthetic_problem
-from evaluate import evaluate_features, evaluate_rank
+from centroids import EvaluationOptions
+from metrics import Split, evaluate_rank
 
 
 def reference_rerank(q_feats, g_feats, k1, k2, lambda_value):
@@ -88,10 +89,11 @@ def test_lambda_one_keeps_every_ranking_of_the_evaluation(keep_camid_centroids):
     q, q_pids, q_cams, g, g_pids, g_cams = synthetic_problem(120, 120, 30, 4, dim=64, noise=1.3, seed=1)
     gen = torch.Generator().manual_seed(0)
     q, g = q * (1 + torch.rand(len(q), 1, generator=gen)), g * (1 + torch.rand(len(g), 1, generator=gen))  # raw
-    args = (q, q_pids, q_cams, g, g_pids, g_cams)
-    common = {"keep_camid_centroids": keep_camid_centroids, "centroid_protocol": "all", "raw_feats": True}
-    plain = evaluate_features(*args, **common)
-    same = ev.evaluate_reranked(*args, lambda_value=1.0, **common)  # d scaled per query: the same rankings
+    args = (Split(q, q_pids, q_cams), Split(g, g_pids, g_cams))
+    common = {"keep_camid_centroids": keep_camid_centroids, "centroid_protocol": "all"}
+    plain = centroids.evaluate_features(*args, EvaluationOptions(**common), raw_feats=True)
+    # lambda 1: d scaled per query, the same rankings
+    same = centroids.evaluate_reranked(*args, EvaluationOptions(rerank=(20, 6, 1.0), **common), raw_feats=True)
     assert set(same) == set(plain) == {"image", "centroid", "centroid_original", "centroid_original_fixed"}
     for kind in plain:
         assert same[kind]["mAP"] == pytest.approx(plain[kind]["mAP"], abs=1e-9), kind
@@ -102,8 +104,9 @@ def test_lambda_one_keeps_every_ranking_of_the_evaluation(keep_camid_centroids):
 
 def test_reranking_helps_per_image_on_noisy_features():
     q, q_pids, q_cams, g, g_pids, g_cams = synthetic_problem(120, 600, 30, 6, dim=64, noise=1.3, seed=1)
-    plain = evaluate_rank(torch.cdist(q, g), q_pids, g_pids, q_cams, g_cams)
-    reranked = ev.evaluate_reranked(q, q_pids, q_cams, g, g_pids, g_cams)
+    query, gallery = Split(q, q_pids, q_cams), Split(g, g_pids, g_cams)
+    plain = evaluate_rank(torch.cdist(q, g), query, gallery)
+    reranked = centroids.evaluate_reranked(query, gallery)
     assert reranked["image"]["mAP"] > plain["mAP"] + 0.1  # measured 0.77 -> 0.99 mAP on this problem
     assert reranked["image"]["cmc"][0] >= plain["cmc"][0]
 

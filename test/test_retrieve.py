@@ -357,7 +357,8 @@ def test_rerank_ranks_the_index_entries_by_reranked_distances(setup, gallery, tm
 
 
 def test_cmc_curve_and_evaluation_pictures_are_valid_pngs(setup, gallery, tmp_path):
-    from evaluate import evaluate_features
+    from centroids import EvaluationOptions, evaluate_features
+    from metrics import Split
     ds, emb = setup["dataset"], gallery["emb"]
     q_emb = run("embed", setup["trained"], "--dataset", "synthetic", "--root", setup["root"], "--split", "query",
                 "-o", str(tmp_path / "q.pt"))
@@ -367,14 +368,45 @@ def test_cmc_curve_and_evaluation_pictures_are_valid_pngs(setup, gallery, tmp_pa
     # a query embeddings file with the data set's labels and cameras, against the camera-aware index
     answered = run("query", gallery["aware"], str(tmp_path / "q.pt"), "--top-k", "3")
     assert retrieve.top1_accuracy(answered)[1] == len(ds["query"]) and all(len(r["results"]) == 3 for r in answered)
-    q_items = list(zip(q_emb["paths"], q_emb["pids"].tolist(), q_emb["camids"].tolist()))
-    g_items = list(zip(g_emb["paths"], g_emb["pids"].tolist(), g_emb["camids"].tolist()))
-    results = evaluate_features(q_emb["feats"], q_emb["pids"], q_emb["camids"], g_emb["feats"], g_emb["pids"],
-                                g_emb["camids"], max_rank=20)
-    paths = visualize.visualize_evaluation(q_emb["feats"], q_items, g_emb["feats"], g_items, str(tmp_path / "eval"),
-                                          results, top_k=5, limit=4)
+    query, gallery = (Split(e["feats"], e["pids"], e["camids"]) for e in (q_emb, g_emb))
+    results = evaluate_features(query, gallery, EvaluationOptions(max_rank=20))
+    paths = visualize.visualize_evaluation(query, gallery, (q_emb["paths"], g_emb["paths"]), str(tmp_path / "eval"),
+                                           results, top_k=5, limit=4)
     assert len(paths) == 5 and paths[-1].endswith("cmc.png") and len(ds["query"]) >= 4
     for path in paths:
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 100
             image.verify()
+
+
+# ---------------------------------------------------------------------------------------------------
+# retrieve.py evaluate: evaluate.py's numbers from the production path's embedding files
+
+def test_evaluate_from_embedding_files_equals_evaluate_py(synthetic_root, tmp_path, capsys):
+    import evaluate
+    torch.manual_seed(2)
+    checkpoint = save_checkpoint(build_model("resnet18", 8).eval(), tmp_path / "random.pth")  # records 64x32
+    common = ["--MODEL.PRETRAIN_PATH", checkpoint, "--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR",
+              synthetic_root, "--DATALOADER.NUM_WORKERS", "0"]
+    for split in ("query", "gallery"):
+        run("embed", checkpoint, "--dataset", "synthetic", "--root", synthetic_root, "--split", split, "-o",
+            str(tmp_path / f"{split}.pt"))
+    files = [str(tmp_path / "query.pt"), str(tmp_path / "gallery.pt")]
+    for flags, agnostic in (([], []), (["--TEST.CAMERA_AGNOSTIC", "true"], ["--camera-agnostic"])):
+        expected = evaluate.evaluate_command(common + flags)
+        capsys.readouterr()
+        got = run("evaluate", *files, *agnostic, "--json", str(tmp_path / "metrics.json"))
+        assert set(got) == set(expected) == {"image", "centroid"} and got["centroid"]["protocol"] == "standard"
+        for key in ("image", "centroid"):  # per image and per standard centroid, to 1e-6
+            assert 0 < expected[key]["mAP"] < 1 and got[key]["mAP"] == pytest.approx(expected[key]["mAP"], abs=1e-6)
+            assert got[key]["cmc"][0] == pytest.approx(expected[key]["cmc"][0], abs=1e-6)
+            assert got[key]["num_valid_queries"] == expected[key]["num_valid_queries"]
+        assert evaluate.format_results(expected) in capsys.readouterr().out  # the table evaluate.py prints
+        saved = json.loads((tmp_path / "metrics.json").read_text())
+        assert saved["results"]["centroid"]["mAP"] == got["centroid"]["mAP"] and saved["camera_agnostic"] == bool(flags)
+    torch.manual_seed(3)
+    other = save_checkpoint(build_model("resnet18", 8).eval(), tmp_path / "other.pth")
+    run("embed", other, "--dataset", "synthetic", "--root", synthetic_root, "--split", "query", "-o",
+        str(tmp_path / "other_query.pt"))
+    with pytest.raises(utils.UserError, match="different fingerprint"):
+        run("evaluate", str(tmp_path / "other_query.pt"), files[1])

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import visualize
+from metrics import Split
 
 matplotlib = pytest.importorskip("matplotlib")
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
@@ -85,6 +86,21 @@ def test_ranked_lists_are_framed_by_label_with_whole_text(images, tmp_path):
     assert frame_colours(missing) == ["dark"]  # an unreadable image is a grey tile, not an error
 
 
+@pytest.mark.parametrize("camera_agnostic", [False, True])
+def test_evaluation_lists_leave_out_what_the_protocol_removes(monkeypatch, tmp_path, camera_agnostic):
+    gen = torch.Generator().manual_seed(0)
+    pids, cams = torch.randint(1, 4, (12,), generator=gen), torch.randint(0, 2, (12,), generator=gen)
+    split, paths = Split(torch.randn(12, 8, generator=gen), pids, cams), [f"img_{i}.jpg" for i in range(12)]
+    drawn = []
+    monkeypatch.setattr(visualize, "draw_ranked_list", lambda query, found, out, *_: drawn.append(found) or out)
+    visualize.visualize_evaluation(split, split, (paths, paths), str(tmp_path), top_k=12, limit=12,
+                                   camera_agnostic=camera_agnostic)
+    removed = (pids[:, None] == pids[None, :]) & (cams[:, None] == cams[None, :]) & (not camera_agnostic)
+    assert bool(removed.any()) != camera_agnostic  # each query removes at least itself unless camera-agnostic
+    for i, found in enumerate(drawn):  # top 12 of 12: every kept gallery image, nothing removed
+        assert sorted(found) == sorted(paths[j] for j in range(12) if not removed[i, j])
+
+
 def test_cmc_picture_has_percent_axes_and_whole_legend(tmp_path):
     curves = {"per image": np.linspace(0.775, 0.97, 50), "centroid": np.linspace(0.93, 1.0, 50)}
     fig = visualize.cmc_figure(curves, "CMC: share of queries with a true match in the top r")
@@ -138,16 +154,36 @@ def test_curves_png_from_metrics_jsonl_with_the_command(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("lrs", [
+    [5e-5, 5.5e-5, 6e-5, 6.5e-5, 7e-5],    # within a fraction of a decade: matplotlib's linear ticks
+    [6.2e-5, 5.1e-5, 5.9e-5],
+    [3.5e-4, 3.6e-4, 3.6e-4],
+    [5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3],  # the demo's warm-up, then its base lr
+    [3.5e-5 * epoch for epoch in range(1, 11)] + [3.5e-5] * 4,  # a decade and more: 1, 2, 5 per decade
+])
+def test_curves_png_lr_ticks_are_distinct_and_name_their_values(lrs):
+    rows = [{"epoch": epoch, "lr": lr, "loss": 1.0} for epoch, lr in enumerate(lrs, 1)]
+    fig = visualize.curves_figure(rows)
+    FigureCanvasAgg(fig).draw()
+    lr_ax = fig.axes[1]
+    low, high = lr_ax.get_ylim()
+    shown = [(label.get_position()[1], label.get_text()) for label in lr_ax.get_yticklabels()
+             if low <= label.get_position()[1] <= high and label.get_text()]
+    texts = [text for _, text in shown]
+    assert len(texts) >= 2 and len(set(texts)) == len(texts), texts  # e.g. not "6e-05" twice
+    for value, text in shown:
+        assert float(text) == pytest.approx(value, rel=1e-6), (value, text)
+
+
 def test_without_matplotlib_drawing_says_how_to_install_once_and_goes_on(monkeypatch, tmp_path, images, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` now raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.setattr(visualize, "_SAID", set())
     assert visualize.draw_ranked_list(images[0], images[1:], str(tmp_path / "r.png"), "7", ["7"]) is None
     assert visualize.draw_cmc_curve({"per image": [0.5, 1.0]}, str(tmp_path / "cmc.png")) is None
-    feats = torch.eye(4)
-    items = [(images[i], i % 2 + 1, i) for i in range(4)]
+    split = Split(torch.eye(4), [i % 2 + 1 for i in range(4)], list(range(4)))
     results = {"image": {"cmc": np.array([0.5, 1.0])}}
-    assert visualize.visualize_evaluation(feats, items, feats, items, str(tmp_path / "eval"), results) == []
+    assert visualize.visualize_evaluation(split, split, (images[:4], images[:4]), str(tmp_path / "eval"), results) == []
     (tmp_path / "metrics.jsonl").write_text(json.dumps(fake_run(1)[0]) + "\n")
     assert visualize.main(["curves", str(tmp_path)]) == 2
     assert not list(tmp_path.glob("**/*.png"))[len(images):]  # nothing but the input images
