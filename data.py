@@ -441,6 +441,27 @@ class ImageDataset(Dataset):
             return self.transform(load_image(path))
 
 
+class MarkedImages(Dataset):
+    """(path, pid, camid) items -> (image tensor [3, H, W], item position, 1), transformed as an EmbedSpec says and
+    read under an UnreadableImages policy. A file the policy skips gives (zeros, position, 0): a batch's pid and
+    camid columns then say which rows to leave out (evaluation and retrieve drop them); a file it does not skip
+    raises the policy's DataError."""
+
+    def __init__(self, items, spec, unreadable):
+        self.paths, self.size, self.unreadable = [item[0] for item in items], tuple(spec.size), unreadable
+        self.transform = build_test_transform(spec.size, spec.pixel_mean, spec.pixel_std)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, position):
+        path = self.paths[position]
+        image = self.unreadable.read(path, lambda: self.transform(load_image(path)))
+        if image is None:
+            return torch.zeros(3, *self.size), position, 0
+        return image, position, 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Loaders
 
@@ -472,9 +493,13 @@ def build_train_loader(items, spec, rank=0, world_size=1, with_is_real=False):
     return loader, batch_sampler
 
 
-def build_test_loader(items, spec):
-    """Loader of an EmbedSpec in the items' order (no shuffle) with the test transform."""
-    dataset = ImageDataset(items, build_test_transform(spec.size, spec.pixel_mean, spec.pixel_std))
+def build_test_loader(items, spec, unreadable=None):
+    """Loader of an EmbedSpec in the items' order (no shuffle) with the test transform: batches of (images, pids,
+    camids); with an UnreadableImages policy, MarkedImages' (images, positions, readable) instead."""
+    if unreadable is None:
+        dataset = ImageDataset(items, build_test_transform(spec.size, spec.pixel_mean, spec.pixel_std))
+    else:
+        dataset = MarkedImages(items, spec, unreadable)
     num_workers = usable_workers(spec.num_workers)
     return DataLoader(dataset, batch_size=spec.batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=_pin_memory(), persistent_workers=num_workers > 0)

@@ -104,10 +104,11 @@ def decode_images(files, device):
     return [img if img is None else img.to(device).expand(3, -1, -1) for img in images]
 
 
-def device_test_batches(items, spec, device):
+def device_test_batches(items, spec, device, unreadable=None):
     """build_test_loader's batches (an EmbedSpec) with decoding, resizing and normalisation on `device` (nvjpeg on
     CUDA; the same code on the CPU): yields (images float32 [B, 3, H, W] on device, pids, camids) in the items'
-    order. Loader workers only read file bytes; a file nvjpeg cannot decode (PNG ...) is decoded on the host."""
+    order; with an UnreadableImages policy, data.MarkedImages' (images, positions, readable) instead. Loader workers
+    only read file bytes; a file nvjpeg cannot decode (PNG ...) is decoded on the host."""
     device = torch.device(device)
     num_workers = usable_workers(spec.num_workers)
     loader = DataLoader(EncodedImages(items), batch_size=spec.batch_size, shuffle=False, num_workers=num_workers,
@@ -117,13 +118,24 @@ def device_test_batches(items, spec, device):
     for data, lengths, pids, camids, indices, _ in loader:
         files = list(data.split(lengths.tolist()))
         images = decode_images(files, device)
+        readable = torch.ones(len(files), dtype=torch.int64)
         for i, img in enumerate(images):
             if img is None:  # not a JPEG, or a broken one: the host decoder reads every format or names the file
-                try:
-                    images[i] = torchvision.io.decode_image(files[i], mode=torchvision.io.ImageReadMode.RGB).to(device)
-                except RuntimeError as err:
-                    raise DataError(f"{items[int(indices[i])][0]}: cannot decode the image ({err})") from None
-        yield (resize_batch(images, spec.size) - mean) / std, pids, camids
+                path = items[int(indices[i])][0]
+                images[i] = _host_decoded(files[i], path, device) if unreadable is None else \
+                    unreadable.read(path, lambda data=files[i], path=path: _host_decoded(data, path, device))
+            if images[i] is None:  # skipped by the policy: a blank row, marked
+                images[i], readable[i] = torch.zeros(3, *spec.size, dtype=torch.uint8, device=device), 0
+        batch = (resize_batch(images, spec.size) - mean) / std
+        yield (batch, pids, camids) if unreadable is None else (batch, indices, readable)
+
+
+def _host_decoded(data, path, device):
+    """A file's bytes decoded by the host decoder (every format) as uint8 [3, h, w] on device; DataError naming it."""
+    try:
+        return torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB).to(device)
+    except RuntimeError as err:
+        raise DataError(f"{path}: cannot decode the image ({err})") from None
 
 
 class DeviceAugmentLoader:

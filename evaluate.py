@@ -22,6 +22,7 @@ import utils
 from centroids import PROTOCOL_NOTES, EvaluationOptions, evaluate_features
 from data import build_datasets, build_test_loader, item_labels, load_image, read_dataset
 from device_data import device_test_batches
+from image_check import UnreadableImages, without_paths
 from metrics import EvaluationError, Split, evaluate_rank, l2_normalize
 from model import model_from_checkpoint
 from report import write_config_report
@@ -60,52 +61,70 @@ def extract_features(model, loader, device, flip=False, feat_norm=True, amp_dtyp
 
 def extract_split(model, items, cfg, device, amp_dtype=None, rank=0, world_size=1, size=None):
     """Embed this rank's contiguous shard of (path, pid, camid) items and gather every shard, in order, on every
-    rank: [N, D] on the device. A file that cannot be read raises DataError on every rank (its message from the
-    rank that met it), so that all ranks stop together rather than wait in the gather for the one that failed."""
+    rank: (feats [N, D] on the device, positions of the items left out as unreadable), both on every rank. Files
+    are read under the config's UnreadableImages policy: one it skips is left out (its row holds no image); one it
+    does not raises DataError on every rank (its message from the rank that met it), so that all ranks stop
+    together rather than wait in the gather for the one that failed."""
     start, end = utils.shard_bounds(len(items), rank, world_size)
-    feats, failure = None, None
+    feats, failure, left_out = None, None, []
     if start < end:  # else more ranks than a shard needs (e.g. 5 items, 4 ranks): nothing to embed, still gather
         try:
-            feats = _embed_shard(model, items[start:end], cfg, device, amp_dtype, size).to(device)
+            feats, left_out = _embed_shard(model, items[start:end], cfg, device, amp_dtype, size)
+            feats, left_out = feats.to(device), [start + position for position in left_out]
         except DataError as err:
             if world_size == 1:
                 raise
             failure = str(err)
     if world_size > 1:
-        failures = [message for message in utils.all_gather_objects(failure) if message]
+        reports = utils.all_gather_objects((failure, left_out))
+        failures = [message for message, _ in reports if message]
         if failures:
             raise DataError(failures[0])
+        left_out = [position for _, positions in reports for position in positions]
     if feats is None:
         feats = torch.zeros(0, model.feat_dim, device=device)
-    return utils.gather_rows(feats, len(items))  # metrics then run on the device too
+    return utils.gather_rows(feats, len(items)), left_out  # metrics then run on the device too
 
 
 def _embed_shard(model, items, cfg, device, amp_dtype=None, size=None):
-    """Raw embeddings [n, D] of (path, pid, camid) items, decoded on the CPU or, with INPUT.DEVICE_AUGMENT, on
-    the device."""
-    spec = embed_spec(cfg, amp_dtype, size)
+    """(raw embeddings [n, D], positions of the files left out as unreadable) of (path, pid, camid) items, decoded
+    on the CPU or, with INPUT.DEVICE_AUGMENT, on the device, under the config's UnreadableImages policy."""
+    spec, unreadable = embed_spec(cfg, amp_dtype, size), UnreadableImages.from_config(cfg)
     if cfg.INPUT.DEVICE_AUGMENT:  # decode, resize and normalise on the device: the CPU loader stops being the limit
-        loader = device_test_batches(items, spec, device)
+        loader = device_test_batches(items, spec, device, unreadable)
     else:
-        loader = build_test_loader(items, spec)
+        loader = build_test_loader(items, spec, unreadable)
     # raw embeddings: the original's centroid rule averages them before normalising (evaluate_features)
-    feats, _, _ = extract_features(model, loader, device, flip=spec.flip, feat_norm=False, amp_dtype=spec.amp_dtype)
-    return feats
+    feats, positions, readable = extract_features(model, loader, device, flip=spec.flip, feat_norm=False,
+                                                  amp_dtype=spec.amp_dtype)
+    return feats, positions[readable == 0].tolist()
 
 
 def evaluate_splits(model, data, cfg, device, amp_dtype=None, rank=0, world_size=1, size=None):
     """The one evaluation path (per epoch in train.py, sharded over ranks; the evaluate CLI): embed query and
     gallery, evaluate per image and per centroid (re-ranked with TEST.RERANK). Returns (results, (q_feats,
     g_feats)) on rank 0, (None, None) on the others; the features are the raw embeddings (evaluate_features
-    normalises them when TEST.FEAT_NORM)."""
+    normalises them when TEST.FEAT_NORM). Files the UnreadableImages policy skips (DATALOADER.SKIP_BAD) leave
+    data for good, on every rank: later evaluations, and the report of this one, go without them."""
     utils.broadcast_buffers(model)  # every shard embedded by the model rank 0 holds
-    q_feats = extract_split(model, data["query"], cfg, device, amp_dtype, rank, world_size, size)
-    g_feats = extract_split(model, data["gallery"], cfg, device, amp_dtype, rank, world_size, size)
+    q_feats, q_left_out = extract_split(model, data["query"], cfg, device, amp_dtype, rank, world_size, size)
+    g_feats, g_left_out = extract_split(model, data["gallery"], cfg, device, amp_dtype, rank, world_size, size)
+    if q_left_out or g_left_out:
+        q_feats, g_feats = without_rows(q_feats, q_left_out), without_rows(g_feats, g_left_out)
+        data.update(without_paths(data, [data["query"][i][0] for i in q_left_out] +
+                                  [data["gallery"][i][0] for i in g_left_out]))
     if rank != 0:
         return None, None
     results = evaluate_features(split_of(data["query"], q_feats), split_of(data["gallery"], g_feats),
                                 evaluation_arguments(cfg, data["has_cameras"]), raw_feats=True)
     return results, (q_feats, g_feats)
+
+
+def without_rows(feats, positions):
+    """feats [N, D] without the rows at positions."""
+    keep = torch.ones(len(feats), dtype=torch.bool)
+    keep[positions] = False
+    return feats[keep.to(feats.device)]
 
 
 def format_results(results):

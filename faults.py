@@ -1,6 +1,7 @@
 """What a long training run survives, in one place, called by train.py at named points: stop signals (finish the
 step, save, exit), the ranks' agreement before each step, files that cannot be read (found before the run, met
-mid-epoch on any rank, met in an evaluation), the output folder tried before training, a save that fails, a rank
+mid-epoch on any rank, met in an evaluation: image_check.UnreadableImages decides per file, this module makes the
+ranks agree), the output folder tried before training, a save that fails, a rank
 that dies, and the one line each of these ends the run with."""
 import errno
 import os
@@ -13,17 +14,17 @@ import torch
 import utils
 from device_data import DeviceAugmentLoader
 from image_check import (
+    SKIPPED,
     GuardedImages,
+    UnreadableImages,
     bad_images_report,
     dataset_paths,
-    find_bad_images,
     preflight_check,
     with_dataset,
     without_paths,
 )
 from utils import DataError
 
-SKIPPED = "skipped.txt"  # with DATALOADER.SKIP_BAD: the images left out or replaced, one "path<TAB>why" a line
 STOP_SIGNAL = {"signum": None, "time": 0.0}  # the first SIGINT/SIGTERM this process received, and when
 SIGNAL_REPEAT_S = 1.0  # a second signal sooner than this is the first one delivered twice, not a second request
 
@@ -125,12 +126,13 @@ class GuardedLoader:
 
 
 def guard_train_loader(loader, cfg):
-    """Make the training loader survive a file that goes bad mid-run. DATALOADER.SKIP_BAD: the image is replaced by
-    another of its identity (with its augmentation seed) and logged in skipped.txt. Without it, every rank stops
-    before the step that needed the file (GuardedLoader), and the run saves last.pth there."""
+    """The training loader, reading its files under the config's UnreadableImages policy (GuardedImages): with
+    DATALOADER.SKIP_BAD an unreadable image is replaced by another of its identity (with its augmentation seed) and
+    logged in skipped.txt; without it, every rank stops before the step that needed the file (GuardedLoader), and
+    the run saves last.pth there."""
     inner = loader.loader if isinstance(loader, DeviceAugmentLoader) else loader  # its DataLoader of files
-    if cfg.DATALOADER.SKIP_BAD and hasattr(getattr(inner, "dataset", None), "items"):
-        guarded = with_dataset(inner, GuardedImages(inner.dataset, log_path=os.path.join(cfg.OUTPUT_DIR, SKIPPED)))
+    if hasattr(getattr(inner, "dataset", None), "items"):
+        guarded = with_dataset(inner, GuardedImages(inner.dataset, UnreadableImages.from_config(cfg)))
         if isinstance(loader, DeviceAugmentLoader):
             loader.loader = guarded
         else:
@@ -148,63 +150,13 @@ def check_images_before_training(cfg, data, rank):
     if not bad:
         return data, []
     report = bad_images_report(bad, len(dataset_paths(data)), cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR)
-    if not cfg.DATALOADER.SKIP_BAD:
+    if not UnreadableImages.from_config(cfg).skip:
         raise RunStop(2, f"error: {report}\nreplace or remove them, or set --DATALOADER.SKIP_BAD true to train "
                          "without them (--DATALOADER.CHECK_IMAGES false skips this check)")
     if rank == 0:
         print(f"warning: {report}\nDATALOADER.SKIP_BAD: training and evaluating without them "
               f"(listed in {cfg.OUTPUT_DIR}/{SKIPPED})", file=sys.stderr, flush=True)
     return without_paths(data, [path for path, _ in bad]), bad
-
-
-def evaluate_despite_bad_files(evaluate, data, cfg, rank):
-    """evaluate(data)'s result, surviving a query or gallery file that cannot be read. Without DATALOADER.SKIP_BAD:
-    BadImageStop on every rank. With it: rank 0 finds the bad files, every rank leaves them out of data for good
-    (skipped.txt), and the evaluation is repeated."""
-    while True:
-        try:
-            return evaluate(data)
-        except DataError as err:  # every rank gets it, with the message of the rank that met the file
-            if not cfg.DATALOADER.SKIP_BAD:
-                raise BadImageStop(str(err)) from None
-            bad = None
-            if rank == 0:
-                bad = find_bad_images(dataset_paths(data, ("query", "gallery")), cfg.DATALOADER.NUM_WORKERS,
-                                      cfg.INPUT.DEVICE_AUGMENT, progress=False)
-                log_skipped(cfg.OUTPUT_DIR, bad)
-            bad = utils.from_rank0(bad)
-            if not bad:  # it failed, then read: a flaky mount; stop rather than go round
-                raise BadImageStop(str(err)) from None
-            data.update(without_paths(data, [path for path, _ in bad]))
-
-
-def log_skipped(output_dir, bad):
-    """Add [(path, why)] not yet listed to OUTPUT_DIR/skipped.txt, with a warning each."""
-    listed = read_skipped(output_dir)
-    new = [(path, why) for path, why in dict(bad).items() if path not in listed]
-    if not new:
-        return
-    for path, why in new:
-        print(f"warning: skipped {path}: {why}", file=sys.stderr, flush=True)
-    with open(os.path.join(output_dir, SKIPPED), "a") as f:
-        f.writelines(f"{path}\t{why}\n" for path, why in new)
-
-
-def read_skipped(output_dir):
-    """{path: why} of skipped.txt (several loader processes may have listed a file: once each here)."""
-    path = os.path.join(output_dir, SKIPPED)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
-
-
-def count_skipped(output_dir):
-    """The number of distinct files skipped so far; rewrites skipped.txt with each once."""
-    skipped = read_skipped(output_dir)
-    if skipped:
-        utils.write_text_atomic(os.path.join(output_dir, SKIPPED), "".join(f"{p}\t{w}\n" for p, w in skipped.items()))
-    return len(skipped)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,10 +219,10 @@ def resume_hint(output_dir):
 
 
 def bad_image_line(message, where, cfg):
-    """The one line that ends a run stopped by a bad image (after a line break: the progress bar holds the line)."""
-    skip = "" if cfg.DATALOADER.SKIP_BAD else " (or set --DATALOADER.SKIP_BAD true)"  # set: a device decode failed
-    return (f"\nerror: {message}; stopped at {where}, saved {cfg.OUTPUT_DIR}/last.pth: replace the file{skip}, "
-            f"then continue with: {resume_command(cfg.OUTPUT_DIR)}")
+    """The one line that ends a run stopped by a bad image (after a line break: the progress bar holds the line);
+    message: the UnreadableImages policy's (it names the file and the fix), or the device decoder's."""
+    return (f"\nerror: {message}; stopped at {where}, saved {cfg.OUTPUT_DIR}/last.pth: once the file is fixed, "
+            f"continue with: {resume_command(cfg.OUTPUT_DIR)}")
 
 
 def stopped_by_signal(where, cfg):

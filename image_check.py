@@ -1,5 +1,6 @@
-"""Image checks: before training, decode every image once (parallel, cached per set of files); during training,
-survive a file that goes bad (GuardedImages)."""
+"""Image checks: before training, decode every image once (parallel, cached per set of files); during a run, the
+one policy for a file that cannot be read (UnreadableImages), which training, evaluation and retrieve share."""
+import dataclasses
 import hashlib
 import json
 import os
@@ -162,26 +163,88 @@ def without_paths(dataset, paths):
                           for split in ("train", "query", "gallery")}}
 
 
-class GuardedImages(Dataset):
-    """A training dataset of (path, pid, camid) items that survives a file going bad mid-run (DATALOADER.SKIP_BAD):
-    an unreadable image is replaced by the next readable image of its identity, with the same augmentation seed,
-    and each bad file is appended to `log_path` (path, tab, why)."""
+SKIPPED = "skipped.txt"  # where a policy that skips lists the images left out or replaced: "path<TAB>why" a line
 
-    def __init__(self, dataset, log_path=""):
-        self.dataset, self.log_path = dataset, log_path
+
+@dataclasses.dataclass(frozen=True)
+class UnreadableImages:
+    """The one policy for an image file that cannot be read, shared by training, evaluation and retrieve: skip it
+    (DATALOADER.SKIP_BAD, retrieve's --skip-bad) or stop with one message naming the file and the fix. A skipped
+    file gets a warning and a line in log_dir/skipped.txt (once; no log without a log_dir). What stands in for a
+    skipped image is the caller's: training reads another of its identity, evaluation and retrieve leave it out."""
+
+    skip: bool = False
+    fix: str = "set --DATALOADER.SKIP_BAD true"  # how the user asks for skipping, in the message that stops
+    log_dir: str = ""
+
+    @classmethod
+    def from_config(cls, cfg):
+        """The policy of a training or evaluation config: DATALOADER.SKIP_BAD, logged in OUTPUT_DIR."""
+        return cls(skip=bool(cfg.DATALOADER.SKIP_BAD), log_dir=cfg.OUTPUT_DIR)
+
+    def message(self, path, why):
+        """The one line that names an unreadable file and the fix."""
+        return f"cannot read image {path} ({why}): replace or delete it, or {self.fix} to leave out unreadable images"
+
+    def read(self, path, load):
+        """load()'s value (it reads the file at path); when it cannot (DataError): None if the policy skips (the
+        file logged), else DataError with the policy's message."""
+        try:
+            return load()
+        except DataError as err:
+            why = check_image(path) or str(err)  # the decoder's reason, as the check before training gives it
+        if not self.skip:
+            raise DataError(self.message(path, why))
+        self.log([(path, why)])
+        return None
+
+    def log(self, bad):
+        """Warn about, and add to skipped.txt, the files of [(path, why)] it does not list yet."""
+        if not self.log_dir:
+            return
+        listed = self.skipped()
+        new = [(path, why) for path, why in dict(bad).items() if path not in listed]
+        for path, why in new:
+            print(f"warning: skipped {path}: {why}", file=sys.stderr, flush=True)
+        if new:
+            os.makedirs(self.log_dir, exist_ok=True)
+            with open(os.path.join(self.log_dir, SKIPPED), "a") as f:
+                f.writelines(f"{path}\t{why}\n" for path, why in new)
+
+    def skipped(self):
+        """{path: why} of skipped.txt (several loader processes may have listed a file: once each here)."""
+        path = os.path.join(self.log_dir, SKIPPED)
+        if not self.log_dir or not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            return dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
+
+    def count_skipped(self):
+        """The number of distinct files skipped so far; rewrites skipped.txt with each once."""
+        skipped = self.skipped()
+        if skipped:
+            write_text_atomic(os.path.join(self.log_dir, SKIPPED), "".join(f"{p}\t{w}\n" for p, w in skipped.items()))
+        return len(skipped)
+
+
+class GuardedImages(Dataset):
+    """A training dataset of (path, pid, camid) items read under an UnreadableImages policy: when it skips, an
+    unreadable image is replaced by the next readable image of its identity, with the same augmentation seed (P x K
+    stays whole); when it stops, the DataError carries the policy's message."""
+
+    def __init__(self, dataset, policy):
+        self.dataset, self.policy = dataset, policy
         self.items = dataset.items
-        self._by_pid, self._logged = None, set()
+        self._by_pid = None
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, item):
-        try:
-            return self.dataset[item]
-        except DataError as err:
-            index, seed = split_item(item)
-            self._note(index, str(err))
-        return self._replacement(index, seed)
+        index, seed = split_item(item)
+        path = self.items[index % len(self.items)][0]  # index len(items) + i: a mock of item i (never read)
+        got = self.policy.read(path, lambda: self.dataset[item])
+        return self._replacement(index, seed) if got is None else got
 
     def _replacement(self, index, seed):
         """The next readable image of the identity (in item order, wrapping round), augmented with the seed of the
@@ -194,23 +257,11 @@ class GuardedImages(Dataset):
         same = self._by_pid[pid]
         start = same.index(index)
         for other in same[start + 1:] + same[:start]:
-            try:
-                return self.dataset[other if seed is None else (other, seed)]
-            except DataError as err:
-                self._note(other, str(err))
+            got = self.policy.read(self.items[other][0], lambda o=other: self.dataset[o if seed is None else (o, seed)])
+            if got is not None:
+                return got
         raise DataError(f"{path}: cannot read it, nor any other of the {len(same)} images of its identity "
                         f"(pid {pid}): python data.py check lists every bad file")
-
-    def _note(self, index, message):
-        """Log a bad file once per process."""
-        path = self.items[index][0]
-        if path in self._logged or not self.log_path:
-            return
-        self._logged.add(path)
-        why = check_image(path) or message  # the decoder's reason, as the check before training gives it
-        print(f"warning: skipped {path}: {why}", file=sys.stderr, flush=True)
-        with open(self.log_path, "a") as f:
-            f.write(f"{path}\t{why}\n")
 
 
 def with_dataset(loader, dataset, **changes):

@@ -24,20 +24,18 @@ import sys
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import checkpoint
 import utils
 from centroids import EvaluationOptions, centroid_entries, evaluate_features
-from data import IMAGE_EXTENSIONS, camera_of, identity_pids, load_image, read_dataset
+from data import IMAGE_EXTENSIONS, build_test_loader, camera_of, identity_pids, read_dataset
 from evaluate import extract_features, format_results
+from image_check import UnreadableImages
 from metrics import Split
 from model import BACKBONE_EMB_SIZES, WeightError, model_from_checkpoint
 from rerank import rerank_distances
 from specs import IMAGENET_MEAN, IMAGENET_STD, EmbedSpec
-from transforms import build_test_transform
-from utils import DataError
 from visualize import draw_query_results
 
 DEFAULT_SIZE = (256, 128)
@@ -127,22 +125,10 @@ def dataset_images(name, root, split):
 # ---------------------------------------------------------------------------------------------------
 # Embedding
 
-class MarkedImages(Dataset):
-    """Paths -> (image, item position, 1), or (zeros, position, 0) for an unreadable file: extract_features'
-    pid and camid columns then carry each row's position and whether it decoded. spec: an EmbedSpec."""
-
-    def __init__(self, paths, spec):
-        self.paths, self.size = list(paths), tuple(spec.size)
-        self.transform = build_test_transform(self.size, spec.pixel_mean, spec.pixel_std)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, position):
-        try:
-            return self.transform(load_image(self.paths[position])), position, 1
-        except DataError:
-            return torch.zeros(3, *self.size), position, 0
+def unreadable_policy(skip_bad=False):
+    """The UnreadableImages policy of the retrieval commands: --skip-bad leaves unreadable images out (listed in the
+    output's "skipped"), else the first one stops the command."""
+    return UnreadableImages(skip=bool(skip_bad), fix="pass --skip-bad")
 
 
 def amp_dtype_for(device, fp32=False):
@@ -158,22 +144,16 @@ def model_embed_spec(model, size=None, flip=False, batch_size=128, num_workers=0
                      pixel_std)
 
 
-def embed_chunks(model, paths, device, spec, skip_bad=False, chunk_batches=10):
-    """Embed paths as an EmbedSpec says, in chunks of chunk_batches batches; yields (feats [M, D], positions [M],
-    bad positions)."""
-    loader = DataLoader(MarkedImages(paths, spec), batch_size=spec.batch_size, shuffle=False,
-                        num_workers=spec.num_workers, pin_memory=device.type != "cpu")
-    batches = iter(loader)
-    with tqdm(total=len(paths), desc="embed", unit="img") as bar:
+def embed_chunks(model, items, device, spec, unreadable, chunk_batches=10):
+    """Embed (path, identity, camid) items as an EmbedSpec says, in chunks of chunk_batches batches, reading them
+    under an UnreadableImages policy; yields (feats [M, D], positions [M], positions of the images left out)."""
+    batches = iter(build_test_loader(items, spec, unreadable))
+    with tqdm(total=len(items), desc="embed", unit="img") as bar:
         while (first := next(batches, None)) is not None:
             chunk = itertools.chain([first], itertools.islice(batches, chunk_batches - 1))
-            feats, positions, decoded = extract_features(model, chunk, device, spec.flip, True, spec.amp_dtype)
-            bad = positions[decoded == 0]
-            if len(bad) and not skip_bad:
-                raise RetrievalError(f"cannot read image {paths[bad[0]]} ({len(bad)} unreadable in this "
-                                     f"batch): fix or delete it, or pass --skip-bad to skip unreadable images")
+            feats, positions, readable = extract_features(model, chunk, device, spec.flip, True, spec.amp_dtype)
             bar.update(len(positions))
-            yield feats[torch.from_numpy(decoded == 1)], positions[decoded == 1], bad
+            yield feats[torch.from_numpy(readable == 1)], positions[readable == 1], positions[readable == 0]
 
 
 def _rows(feats, items, skipped, meta):
@@ -211,10 +191,10 @@ def _merge(parts):
     return merged
 
 
-def embed_to_file(model, items, out, device, spec, skip_bad=False, save_every=10, checkpoint=""):
+def embed_to_file(model, items, out, device, spec, unreadable=None, save_every=10, checkpoint=""):
     """Embed items [(path, identity, camid)] into out as an EmbedSpec says, resumable: each chunk of save_every
     batches is saved to out.partial/ as it is done, and paths already saved (there or in out) are not embedded
-    again."""
+    again. unreadable: an UnreadableImages policy (default: stop at the first)."""
     meta = {"fingerprint": model_fingerprint(model), "model_name": model.name, "feat_dim": model.feat_dim,
             "size": list(spec.size), "flip": bool(spec.flip), "checkpoint": str(checkpoint)}
     parts = _saved_parts(out, meta)
@@ -225,7 +205,7 @@ def embed_to_file(model, items, out, device, spec, skip_bad=False, save_every=10
     partial = out + ".partial"
     os.makedirs(partial, exist_ok=True)
     first_chunk = len(glob.glob(os.path.join(partial, "chunk_*.pt")))
-    chunks = embed_chunks(model.to(device), [p for p, _, _ in todo], device, spec, skip_bad, save_every)
+    chunks = embed_chunks(model.to(device), todo, device, spec, unreadable or unreadable_policy(), save_every)
     for n, (feats, positions, bad) in enumerate(chunks):
         parts.append(_rows(feats, [todo[i] for i in positions], [todo[i][0] for i in bad], meta))
         utils.save_atomic(parts[-1], os.path.join(partial, f"chunk_{first_chunk + n:06d}.pt"))
@@ -235,12 +215,12 @@ def embed_to_file(model, items, out, device, spec, skip_bad=False, save_every=10
     return merged
 
 
-def embed_in_memory(model, items, device, spec, skip_bad=False):
+def embed_in_memory(model, items, device, spec, unreadable=None):
     """(feats [M, D], kept items, skipped paths) for a list of (path, identity, camid) items, embedded as an
-    EmbedSpec says."""
+    EmbedSpec says, read under an UnreadableImages policy (default: stop at the first)."""
     model = model.to(device)
     feats, kept, skipped = [], [], []
-    for chunk_feats, positions, bad in embed_chunks(model, [p for p, _, _ in items], device, spec, skip_bad):
+    for chunk_feats, positions, bad in embed_chunks(model, items, device, spec, unreadable or unreadable_policy()):
         feats.append(chunk_feats)
         kept += [items[i] for i in positions]
         skipped += [items[i][0] for i in bad]
@@ -529,7 +509,8 @@ def cmd_embed(args):
                             amp_dtype_for(device, args.fp32))
     labelled = len({name for _, name, _ in items if name})
     print(f"{len(items)} images ({labelled} identities), {model.name} at {spec.size[0]}x{spec.size[1]} on {device}")
-    state = embed_to_file(model, items, args.out, device, spec, args.skip_bad, args.save_every, args.checkpoint)
+    state = embed_to_file(model, items, args.out, device, spec, unreadable_policy(args.skip_bad), args.save_every,
+                          args.checkpoint)
     skipped = (f"; skipped {len(state['skipped'])} unreadable: {', '.join(state['skipped'][:3])}"
                if state["skipped"] else "")
     print(f"wrote {args.out}: {len(state['paths'])} embeddings x {state['feats'].shape[1]}-d, fingerprint "
@@ -561,7 +542,7 @@ def _query_embeddings(args, index, device):
     _check_fingerprint(index, args.index, model_fingerprint(model), f"--checkpoint {args.checkpoint}")
     spec = model_embed_spec(model, index["size"], index["flip"], args.batch_size, args.workers,
                             amp_dtype_for(device, args.fp32))
-    return embed_in_memory(model, items, device, spec, args.skip_bad)
+    return embed_in_memory(model, items, device, spec, unreadable_policy(args.skip_bad))
 
 
 def _check_fingerprint(index, index_path, fingerprint, what):

@@ -34,6 +34,7 @@ from cuda_graph import WARMUP_STEPS, GraphedStep, StepHalves, graph_supported
 from data import build_datasets, build_train_loader
 from device_data import DeviceAugmentLoader
 from evaluate import evaluate_checkpoint, evaluate_splits, format_results
+from image_check import UnreadableImages
 from loss import CenterLoss, LossSpec, build_center_optimizer, compute_losses, scale_center_grads
 from model import build_model, has_sync_bn, load_weights, stem_relu_message, synchronise_batch_norms
 from report import write_config_report
@@ -337,13 +338,14 @@ def check_disjoint_identities(pids, world_size):
 
 def evaluate_epoch(state, data, cfg, device, rank, world_size):
     """evaluate_splits's results on rank 0 (None on the others), with TEST.REPORT's page written by rank 0 (a
-    failure to write it is a warning); a query or gallery file that cannot be read: faults.evaluate_despite_bad_files.
-    """
-    def evaluate(data):
+    failure to write it is a warning). A query or gallery file that cannot be read is left out (DATALOADER.SKIP_BAD)
+    or stops every rank (faults.BadImageStop), as the config's UnreadableImages policy says."""
+    try:
         evaluated = evaluate_splits(state.model, data, cfg, device, state.amp_dtype, rank, world_size)
-        write_config_report(cfg, data, evaluated)
-        return evaluated[0]
-    return faults.evaluate_despite_bad_files(evaluate, data, cfg, rank)
+    except utils.DataError as err:  # every rank gets it, with the message of the rank that met the file
+        raise faults.BadImageStop(str(err)) from None
+    write_config_report(cfg, data, evaluated)
+    return evaluated[0]
 
 
 def save(state, cfg, position, names, rank, extra=None):
@@ -390,7 +392,7 @@ def checkpoint_names(state, cfg, epoch, record):
     """The files besides last.pth an epoch's end writes: best.pth when the monitored metric improved (state's best
     updated), checkpoint_epochN.pth every SOLVER.CHECKPOINT_PERIOD epochs; skipped images counted in record."""
     if cfg.DATALOADER.SKIP_BAD:
-        record["skipped_images"] = faults.count_skipped(cfg.OUTPUT_DIR)
+        record["skipped_images"] = UnreadableImages.from_config(cfg).count_skipped()
     metric, period = cfg.SOLVER.MONITOR_METRIC_NAME, cfg.SOLVER.CHECKPOINT_PERIOD
     improved = metric in record and is_better(record[metric], state.best_metric, cfg.SOLVER.MONITOR_METRIC_MODE)
     state.best_metric = record[metric] if improved else state.best_metric
@@ -501,7 +503,7 @@ def start_outputs(cfg, given, state, bad, rank):
         return
     write_config(cfg, given)
     if bad:
-        faults.log_skipped(cfg.OUTPUT_DIR, bad)
+        UnreadableImages.from_config(cfg).log(bad)
     state.writer = visualize.open_tensorboard(cfg.LOG_DIR or cfg.OUTPUT_DIR)
     visualize.log_config_text(state.writer, config.to_yaml(cfg))
 

@@ -252,7 +252,7 @@ def test_guarded_images_replace_with_the_same_identity_and_its_augmentation_seed
     break_image(items[same[0]][0], "truncate")
     log = tmp_path / "skipped.txt"
     images = data.ImageDataset(items, transforms.build_train_transform(AugmentSpec((64, 32))))
-    guarded = image_check.GuardedImages(images, log_path=str(log))
+    guarded = image_check.GuardedImages(images, image_check.UnreadableImages(skip=True, log_dir=str(tmp_path)))
     image, pid, _ = guarded[(same[0], 1234)]  # as a training loader asks: (index, augmentation seed)
     assert pid == items[0][1] and torch.equal(image, images[(same[1], 1234)][0])  # the next image, the same draws
     assert log.read_text().startswith(items[same[0]][0] + "\t")
