@@ -495,3 +495,35 @@ def test_pixel_baseline_is_perfect_when_gallery_images_copy_the_queries(tmp_path
     assert ev.main(["baseline", str(tmp_path / "nowhere")]) == 2  # a bad root: the message and exit code 2
     assert "raw-pixel nearest-neighbour mAP: 100.0%" in capsys.readouterr().out
 
+
+
+@pytest.mark.parametrize("decoder", ["host", "device"])
+def test_an_unreadable_file_is_left_out_of_the_evaluation_or_stops_it_as_the_policy_says(synthetic_root, tmp_path,
+                                                                                        decoder):
+    import shutil
+
+    import config
+    from data import read_dataset
+    from image_check import SKIPPED, without_paths
+    from utils import DataError
+    root = str(tmp_path / "data")
+    shutil.copytree(synthetic_root, root)
+    data = read_dataset("synthetic", root)
+    broken = data["gallery"][3][0]
+    with open(broken, "wb") as f:
+        f.write(b"not an image\n")
+    cfg, _, _ = config.parse(["INPUT.SIZE_TEST", "[32, 16]", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR",
+                              str(tmp_path / "out"), "INPUT.DEVICE_AUGMENT", str(decoder == "device")])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d((4, 2)), torch.nn.Flatten(), torch.nn.Linear(24, 6))
+    with pytest.raises(DataError, match=f"^cannot read image {broken} .*or set --DATALOADER.SKIP_BAD true"):
+        ev.evaluate_splits(model, dict(data), cfg, torch.device("cpu"))
+    skipping = cfg.replace({"DATALOADER.SKIP_BAD": True})
+    left_out = dict(data)
+    results, (_, g_feats) = ev.evaluate_splits(model, left_out, skipping, torch.device("cpu"))
+    without = without_paths(data, [broken])
+    expected, _ = ev.evaluate_splits(model, dict(without), skipping, torch.device("cpu"))
+    assert left_out["gallery"] == without["gallery"] and len(g_feats) == len(data["gallery"]) - 1
+    for kind in ("image", "centroid"):
+        assert results[kind]["mAP"] == pytest.approx(expected[kind]["mAP"], abs=1e-6)
+    assert (tmp_path / "out" / SKIPPED).read_text().split("\t")[0] == broken

@@ -262,6 +262,22 @@ def test_guarded_images_replace_with_the_same_identity_and_its_augmentation_seed
         guarded[same[1]]
 
 
+def test_one_policy_decides_words_and_logs_an_unreadable_image(tmp_path, capsys):
+    path = str(tmp_path / "a.jpg")
+    (tmp_path / "a.jpg").write_bytes(b"not an image\n")
+    load = lambda: data.load_image(path)  # noqa: E731
+    with pytest.raises(utils.DataError, match=r"^cannot read image .*a\.jpg \(.+\): replace or delete it, or pass "
+                                              r"--skip-bad to leave out unreadable images$"):
+        image_check.UnreadableImages(fix="pass --skip-bad").read(path, load)
+    skipping = image_check.UnreadableImages(skip=True, log_dir=str(tmp_path / "out"))
+    assert skipping.read(path, load) is None and skipping.read(path, load) is None  # met twice, logged once
+    assert skipping.count_skipped() == 1 and capsys.readouterr().err.count(f"warning: skipped {path}: ") == 1
+    assert image_check.UnreadableImages(skip=True).read(path, load) is None and capsys.readouterr().err == ""
+    cfg, _, _ = train.parse_args(flags("/d", tmp_path / "run", "--DATALOADER.SKIP_BAD", "true"))
+    policy = image_check.UnreadableImages.from_config(cfg)
+    assert policy == image_check.UnreadableImages(skip=True, log_dir=str(tmp_path / "run"))
+
+
 # ---------------------------------------------------------------------------------------------------
 # 3. resuming a checkpoint that does not fit
 
