@@ -120,23 +120,27 @@ def retrieval_map(index_path, query_dir, checkpoint):
 # ---------------------------------------------------------------------------------------------------
 # embed -> index -> query
 
-@pytest.mark.parametrize("kind,margin", [("images", 0.1), ("centroids", 0.03)])
+@pytest.mark.parametrize("kind,margin", [("images", 0.1), ("centroids", 0.0)])
 def test_trained_model_finds_the_right_identity_better_than_an_untrained_one(setup, gallery, untrained_gallery, kind,
                                                                                margin):
     results = run("query", gallery[kind], setup["query_dir"], "--checkpoint", setup["trained"], "--top-k", "3")
     correct, labelled = retrieve.top1_accuracy(results)
     assert labelled == len(setup["dataset"]["query"])  # every query got its identity from its folder
-    assert correct / labelled >= 0.6  # measured 0.675
+    assert correct / labelled >= 0.5  # per-image index, 6 training seeds: 0.525-0.70
     # a centroid index answers identities: no identity twice in one top-k (unlabelled images stay single)
     if kind == "centroids":
         named = [[h["identity"] for h in r["results"] if h["identity"]] for r in results]
         assert all(len(set(ids)) == len(ids) for ids in named)
     # an untrained resnet18 already tells these synthetic people apart by colour (top-1 0.47-0.55, per-image mAP
-    # 0.25-0.32, centroid mAP 0.63-0.69 over 5 seeds): 40 training steps must add a margin (measured over 3
-    # seeds: per-image mAP 0.44-0.48, centroid 0.75-0.79)
+    # 0.25-0.32, centroid mAP 0.63-0.69 over 5 seeds). 40 training steps, over 6 seeds: per-image mAP 0.42-0.49,
+    # a clear margin; centroid mAP 0.70-0.76, above this test's untrained 0.694 on every seed but by as little as
+    # 0.008, so the centroid index must not lose to the untrained one and must beat per-image retrieval instead
     trained = retrieval_map(gallery[kind], setup["query_dir"], setup["trained"])
     untrained = retrieval_map(untrained_gallery[kind], setup["query_dir"], setup["other"])
     assert trained >= untrained + margin, (trained, untrained)
+    if kind == "centroids":
+        per_image = retrieval_map(gallery["images"], setup["query_dir"], setup["trained"])
+        assert trained >= per_image + 0.15, (trained, per_image)  # measured +0.24 to +0.31 over the 6 seeds
 
 
 def test_query_results_equal_a_brute_force_ranking(setup, gallery):
