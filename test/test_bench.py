@@ -105,7 +105,7 @@ def test_device_augmentation_flips_half_of_the_images():
 
 
 # ---------------------------------------------------------------------------------------------------
-# the search stage's functions, small
+# the search stage, small, through the command line
 
 def test_centroid_index_is_smaller_and_search_backends_agree(tmp_path):
     _, rows = run_bench(["--stages", "search", "--metrics-size", "200", "2000", "50", "--centroid-dim", "64",
