@@ -41,20 +41,26 @@ import config
 import faults
 import train
 import utils
-from centroids import CENTROID_PROTOCOLS, EvaluationOptions, evaluate_centroids, evaluate_features, identity_centroids
+from centroids import (
+    CENTROID_PROTOCOLS,
+    EvaluationOptions,
+    evaluate_centroids,
+    evaluate_features,
+    old_per_camera_centroids,
+)
 from cuda_graph import WARMUP_STEPS, graph_supported
 from data import build_datasets, build_test_loader, build_train_loader, read_dataset
 from device_data import DeviceAugmentLoader, device_test_batches
 from evaluate import extract_features
 from image_check import dataset_paths, find_bad_images
 from loss import CenterLoss, LossSpec, compute_losses
-from metrics import EvaluationError, Split, evaluate_feature_ranks, evaluate_rank, memory_plan, squared_distances
+from metrics import Split, evaluate_feature_ranks, evaluate_rank, memory_plan, squared_distances
 from model import ARCHS, build_model
 from report import Evaluation, Settings, write_report
 from rerank import rerank_distances
 from retrieve import SHARED, RetrievalError, build_index, import_faiss, search_exact, search_index
 from specs import AugmentSpec, BatchSpec, EmbedSpec, LoaderSpec
-from synthetic import draw_camera, draw_identity, render_image, synthesize
+from synthetic import draw_camera, draw_identity, render_image, synthesize, synthetic_problem
 from utils import DataError
 
 # Defaults of each preset; any flag given on the command line wins.
@@ -120,6 +126,9 @@ def get_args_parser():
     p.add_argument("--feature-images", type=int, help="images embedded in the feature stage (0: all)")
     p.add_argument("--metrics-size", type=int, nargs=3, metavar=("QUERIES", "GALLERY", "IDS"),
                    help="evaluator and report problem (default Market-1501's 3368 15913 751)")
+    p.add_argument("--centroid-dim", type=int, help="embedding width of the centroids, search and report stages' "
+                   "problems (2048 on cpu/device, 32 tiny)")
+    p.add_argument("--centroid-rounds", type=int, help="rounds of the centroids stage, in turn (medians are reported)")
     p.add_argument("--large-gallery", type=int, nargs=4, metavar=("QUERIES", "GALLERY", "IDS", "DIM"),
                    help="large-gallery stage: the evaluator streaming distances (default 200 1000000 100000 64)")
     p.add_argument("--large-search", type=int, nargs=3, metavar=("GALLERY", "DIM", "BATCH"),
@@ -224,7 +233,7 @@ def write_bench_json(path, meta, rows, notes):
 # ---------------------------------------------------------------------------------------------------
 # Data
 
-def prepare_data(args, tmp):
+def synthetic_data_folder(args, tmp):
     """The synthetic data set folder: --data if it already holds one, else written (128x64 JPEGs, Market-sized)."""
     root = args.data or os.path.join(tmp, "synthetic")
     if not (os.path.isdir(root) and os.listdir(root)):
@@ -459,7 +468,7 @@ def bench_graph_step(args, dtype, num_ids, compiled=False):
                      args.size)]
 
 
-def release(device):
+def free_caches(device):
     """Free cached device memory and compiled graphs between configurations."""
     torch._dynamo.reset()
     if device.type != "cpu":
@@ -532,31 +541,7 @@ def bench_features(args, root):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Synthetic embeddings for the evaluator, the centroid protocols, re-ranking and the retrieval index
-
-def synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=64, noise=0.95, distractor_share=0.18,
-                      device="cpu", seed=0):
-    """Random but Market-like embeddings: identity centre + camera bias + noise; 18% pid-0 distractors.
-
-    Returns (q_feats, q_pids, q_camids, g_feats, g_pids, g_camids), feats L2-normalised on device,
-    ids/camids int64 CPU tensors. The default noise gives R1 ~97% and mAP ~84%, like a trained model.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    centres = torch.randn(num_ids + 1, dim, generator=gen)
-    cam_bias = 0.3 * torch.randn(num_cams, dim, generator=gen)  # same-camera images look alike
-    q_pids = torch.randint(1, num_ids + 1, (num_query,), generator=gen)
-    g_pids = torch.randint(1, num_ids + 1, (num_gallery,), generator=gen)
-    g_pids[torch.rand(num_gallery, generator=gen) < distractor_share] = 0
-    q_camids = torch.randint(0, num_cams, (num_query,), generator=gen)
-    g_camids = torch.randint(0, num_cams, (num_gallery,), generator=gen)
-
-    def embed(pids, camids):
-        distractor = (pids == 0)[:, None]  # each distractor is a person of its own
-        own = torch.where(distractor, torch.randn(len(pids), dim, generator=gen), centres[pids])
-        feats = own + cam_bias[camids] + noise * torch.randn(len(pids), dim, generator=gen)
-        return torch.nn.functional.normalize(feats, dim=1).to(device)
-    return embed(q_pids, q_camids), q_pids, q_camids, embed(g_pids, g_camids), g_pids, g_camids
-
+# Peak memory, and the metrics an evaluation gave on a synthetic problem (synthetic.synthetic_problem)
 
 def peak_rss_mib():
     """Peak resident memory of this process so far, MiB (Linux /proc; 0 elsewhere)."""
@@ -593,227 +578,116 @@ def memory_peak(device):
     return getattr(torch, device.type).max_memory_allocated(device) / 2**20
 
 
+def print_problem_metrics(name, result):
+    """A progress line (not a table row): the metrics an evaluation gave on the stage's synthetic problem, in %."""
+    extra = f", mINP {100 * result['mINP']:.3f} %" if "mINP" in result else ""
+    print(f"  {name}: mAP {100 * result['mAP']:.3f} %, R1 {100 * float(result['cmc'][0]):.3f} %{extra}", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Stage 5: the evaluator against np.argsort, and on a large gallery
 
-def benchmark_metrics(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, device="cpu", seed=0):
-    """Time np.argsort of a distance matrix and evaluate.evaluate_rank of the same matrix, in one process.
-
-    On the CPU evaluate_rank is timed with torch's default threads and with one thread (np.argsort
-    uses one). Returns seconds, ratios (evaluate / argsort) and the metrics of the problem.
-    """
-    q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = synthetic_problem(
-        num_query, num_gallery, num_ids, num_cams, device=device, seed=seed)
+def bench_metrics(args):
+    """evaluate_rank against np.argsort of the same Market-sized distance matrix (--metrics-size, 6 cameras), in one
+    process; on the CPU evaluate_rank also with one thread (np.argsort uses one), on an accelerator torch.argsort
+    there. Prints the problem's mAP, R1 and mINP."""
+    num_query, num_gallery, num_ids = args.metrics_size
+    device, threads = args.device, torch.get_num_threads()
+    q_feats, q_pids, q_camids, g_feats, g_pids, g_camids = synthetic_problem(num_query, num_gallery, num_ids, 6,
+                                                                             device=str(device))
     distmat = squared_distances(q_feats, g_feats)                                     # [Q, N] float32
     distmat_np = distmat.cpu().numpy()
     labels = (Split(None, q_pids, q_camids), Split(None, g_pids, g_camids))
     evaluate_rank(distmat[:16], Split(None, q_pids[:16], q_camids[:16]), labels[1])  # warm-up
     _, (argsort_s,) = utils.timed(lambda: np.argsort(distmat_np, axis=1), "cpu")
     result, (evaluate_s,) = utils.timed(lambda: evaluate_rank(distmat, *labels), device)
-    out = {"device": str(device), "num_query": num_query, "num_gallery": num_gallery,
-           "threads": torch.get_num_threads(),
-           "argsort_s": argsort_s, "evaluate_s": evaluate_s, "ratio": evaluate_s / argsort_s,
-           "mAP": result["mAP"], "R1": float(result["cmc"][0]), "mINP": result["mINP"]}
-    if torch.device(device).type == "cpu":
-        threads = torch.get_num_threads()
+    print_problem_metrics("evaluate_rank", result)
+    row = lambda figure, value, unit="s": make_row("metrics", figure, value, unit, device,  # noqa: E731
+                                                   "fp32", "-", (num_query, num_gallery))
+    rows = [row(f"evaluate_rank (mAP, CMC, mINP), {plural(threads, 'thread')}", evaluate_s),
+            row("np.argsort(distmat, axis=1) on the CPU", argsort_s),
+            row("evaluate_rank / np.argsort", evaluate_s / argsort_s, "x")]
+    if device.type == "cpu" and threads > 1:
         torch.set_num_threads(1)
         try:
-            _, (out["evaluate_1thread_s"],) = utils.timed(lambda: evaluate_rank(distmat, *labels), device)
+            _, (one_thread_s,) = utils.timed(lambda: evaluate_rank(distmat, *labels), device)
         finally:
             torch.set_num_threads(threads)
-        out["ratio_1thread"] = out["evaluate_1thread_s"] / argsort_s
-    else:
-        _, (out["device_argsort_s"],) = utils.timed(lambda: torch.argsort(distmat, dim=1), device)
-    return out
-
-
-def bench_metrics(args):
-    """benchmark_metrics: the evaluator's time vs np.argsort of the same distance matrix."""
-    num_query, num_gallery, num_ids = args.metrics_size
-    res = benchmark_metrics(num_query, num_gallery, num_ids, device=str(args.device))
-    size, device = (num_query, num_gallery), args.device
-    threads = plural(res["threads"], "thread")
-    rows = [make_row("metrics", f"evaluate_rank (mAP, CMC, mINP), {threads}", res["evaluate_s"], "s",
-                     device, "fp32", "-", size),
-            make_row("metrics", "np.argsort(distmat, axis=1) on the CPU", res["argsort_s"], "s", device, "fp32", "-",
-                     size),
-            make_row("metrics", "evaluate_rank / np.argsort", res["ratio"], "x", device, "fp32", "-", size)]
-    if "evaluate_1thread_s" in res and res["threads"] > 1:
-        rows.append(make_row("metrics", "evaluate_rank, 1 thread / np.argsort", res["ratio_1thread"], "x", device,
-                             "fp32", "-", size))
-    if "device_argsort_s" in res:
-        rows.append(make_row("metrics", f"torch.argsort on {device.type}", res["device_argsort_s"], "s", device,
-                             "fp32", "-", size))
+        rows.append(row("evaluate_rank, 1 thread / np.argsort", one_thread_s / argsort_s, "x"))
+    elif device.type != "cpu":
+        _, (device_argsort_s,) = utils.timed(lambda: torch.argsort(distmat, dim=1), device)
+        rows.append(row(f"torch.argsort on {device.type}", device_argsort_s))
     return rows
 
 
-def benchmark_large_gallery(num_query=200, num_gallery=1_000_000, num_ids=100_000, num_cams=6, dim=64,
-                            device="cpu", seed=0):
-    """Evaluate queries against a 1,000,000-item gallery from embeddings, distances streamed per chunk.
-
-    Returns seconds and the peak memory the evaluation added above its inputs (MiB; NaN where the peak cannot be
-    reset), next to the bound evaluate.memory_plan gives."""
-    problem = synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=dim, device=device, seed=seed)
-    device = torch.device(device)
+def bench_large_gallery(args, notes):
+    """evaluate_feature_ranks of --large-gallery's queries against its gallery (a 1,000,000-item one by default) from
+    embeddings, distances streamed per chunk: seconds, the peak memory it added above its inputs (where the peak can
+    be reset), the bound metrics.memory_plan designs for and the size of the distance matrix it never holds."""
+    num_query, num_gallery, num_ids, dim = args.large_gallery
+    device = args.device
+    problem = synthetic_problem(num_query, num_gallery, num_ids, 6, dim=dim, device=str(device))
     measured = device.type != "cpu" or reset_peak_rss()  # else the peak would be the whole run's
     base = memory_mark(device)
     result, (seconds,) = utils.timed(lambda: evaluate_feature_ranks(Split(*problem[:3]), Split(*problem[3:])), device)
-    peak = memory_peak(device)
-    rows, block, workers, bound = memory_plan(num_query, num_gallery, device)
-    return {"device": str(device), "num_query": num_query, "num_gallery": num_gallery, "seconds": seconds,
-            "peak_extra_mib": peak - base if measured else float("nan"), "bound_mib": bound / 2**20,
-            "distmat_mib": num_query * num_gallery * 4 / 2**20, "queries_per_chunk": rows, "gallery_block": block,
-            "chunks_at_once": workers, "mAP": result["mAP"], "R1": float(result["cmc"][0])}
-
-
-def bench_large_gallery(args, notes):
-    """benchmark_large_gallery: seconds, the peak memory above the inputs and the designed bound."""
-    num_query, num_gallery, num_ids, dim = args.large_gallery
-    res = benchmark_large_gallery(num_query, num_gallery, num_ids, dim=dim, device=str(args.device))
-    row = lambda figure, value, unit: make_row("large-gallery", figure, value, unit, args.device,  # noqa: E731
+    peak_extra = memory_peak(device) - base
+    print_problem_metrics("evaluate_feature_ranks", result)
+    queries_per_chunk, block, chunks_at_once, bound = memory_plan(num_query, num_gallery, device)
+    row = lambda figure, value, unit: make_row("large-gallery", figure, value, unit, device,  # noqa: E731
                                                "fp32", "-", (num_query, num_gallery))
-    rows = [row(f"evaluate_feature_ranks, {dim}-d, distances streamed ({res['queries_per_chunk']} queries x "
-                f"{res['gallery_block']:,} items per chunk)", res["seconds"], "s"),
-            row(f"live tensors by design ({plural(res['chunks_at_once'], 'chunk')} at once + the gallery's sort "
-                "buffers)",
-                res["bound_mib"], "MiB"),
-            row("the [Q, N] float32 distance matrix (never held)", res["distmat_mib"], "MiB")]
-    if math.isnan(res["peak_extra_mib"]):
+    rows = [row(f"evaluate_feature_ranks, {dim}-d, distances streamed ({queries_per_chunk} queries x "
+                f"{block:,} items per chunk)", seconds, "s"),
+            row(f"live tensors by design ({plural(chunks_at_once, 'chunk')} at once + the gallery's sort buffers)",
+                bound / 2**20, "MiB"),
+            row("the [Q, N] float32 distance matrix (never held)", num_query * num_gallery * 4 / 2**20, "MiB")]
+    if not measured:
         notes.append("large-gallery: no peak memory row (this system cannot reset the peak resident size)")
     else:
-        where = "resident memory" if args.device.type == "cpu" else "device memory allocated"
-        rows.insert(1, row(f"peak {where} above the inputs", max(res["peak_extra_mib"], 0.0), "MiB"))
+        where = "resident memory" if device.type == "cpu" else "device memory allocated"
+        rows.insert(1, row(f"peak {where} above the inputs", max(peak_extra, 0.0), "MiB"))
     return rows
 
 
 # ---------------------------------------------------------------------------------------------------
 # Stage 6: the centroid protocols against the rule used before them
 
-def old_per_camera_centroids(query, gallery, max_rank=50):
-    """The camera-aware centroid evaluation before issue #12, kept ONLY as benchmark_centroids' baseline.
-
-    Its rule is wrong (neither Market's nor the original's): a query of camera c saw EVERY identity's centroid
-    made without camera c. One gallery per query camera, each ranked by evaluate_feature_ranks.
-    Returns mAP, cmc, num_valid_queries and num_skipped_queries."""
-    q_feats, g_feats = query.feats, gallery.feats
-    q_pids, q_camids = torch.as_tensor(query.pids).long(), torch.as_tensor(query.camids).long()
-    g_pids = torch.as_tensor(gallery.pids).long().to(g_feats.device)
-    g_camids = torch.as_tensor(gallery.camids).long().to(g_feats.device)
-    distractors = g_pids == 0
-    ap, first = torch.zeros(len(q_pids), dtype=torch.float64), torch.zeros(len(q_pids), dtype=torch.int64)
-    valid = torch.zeros(len(q_pids), dtype=torch.bool)
-    for camid in torch.unique(q_camids).tolist():
-        rows = torch.nonzero(q_camids == camid)[:, 0]
-        centroids, pids = identity_centroids(Split(g_feats, g_pids, g_camids), camid)
-        c_feats = torch.cat([centroids, g_feats.float()[distractors]])
-        c_pids = torch.cat([pids, g_pids[distractors]])
-        c_camids = torch.cat([torch.full_like(pids, -1), g_camids[distractors]])
-        try:
-            part = evaluate_feature_ranks(Split(q_feats[rows.to(q_feats.device)], q_pids[rows], q_camids[rows]),
-                                          Split(c_feats, c_pids, c_camids), max_rank,
-                                          return_per_query=True)["per_query"]
-        except EvaluationError:  # no query of this camera has a true match: all of them are skipped
-            continue
-        ap[rows], first[rows], valid[rows] = part["ap"].double(), part["first"].long(), part["num_matches"] > 0
-    if not valid.any():
-        raise EvaluationError("no query has a true match among the per-camera centroids")
-    cmc = (first[valid][:, None] <= torch.arange(1, max_rank + 1)[None, :]).double().mean(0)
-    return {"mAP": float(ap[valid].mean()), "cmc": cmc.numpy(), "num_valid_queries": int(valid.sum()),
-            "num_skipped_queries": int((~valid).sum())}
-
-
-def benchmark_centroids(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, dim=2048, device="cpu", seed=0,
-                        rounds=3):
-    """Seconds (median of rounds, taken in turn) of per-image evaluation, the old per-camera centroid
-    evaluation and each centroid protocol, on one Market-sized synthetic problem of dim-d embeddings.
-
-    Returns {"rows": [{"name", "seconds", "mAP", "R1", "skipped"}], "standard_over_old": ratio, sizes}."""
-    # random noise separates identities better in more dimensions: grown as dim ** 0.34, the per-image
-    # mAP stays near the 64-d default's (measured at 2048-d: ~80%), not a trivial 100%
-    problem = synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=dim, noise=0.95 * (dim / 64) ** 0.34,
-                                device=device, seed=seed)
-    query, gallery = Split(*problem[:3]), Split(*problem[3:])
-    runs = {"per_image": lambda: evaluate_feature_ranks(query, gallery),
-            "old_per_camera_centroids": lambda: old_per_camera_centroids(query, gallery)}
-    runs.update({name: (lambda name=name: evaluate_centroids(query, gallery, EvaluationOptions(centroid_protocol=name)))
-                 for name in CENTROID_PROTOCOLS})
-    evaluate_centroids(Split(*(x[:16] for x in query)), gallery)  # warm-up: first-call allocations
-    seconds, results = {name: [] for name in runs}, {}
-    for _ in range(rounds):  # in turn, so that a drifting load hits every variant alike
-        for name, run in runs.items():
-            results[name], (spent,) = utils.timed(run, device)
-            seconds[name].append(spent)
-    rows = [{"name": name, "seconds": float(np.median(seconds[name])), "mAP": res["mAP"],
-             "R1": float(res["cmc"][0]), "skipped": res["num_skipped_queries"]} for name, res in results.items()]
-    by_name = {row["name"]: row for row in rows}
-    return {"device": str(device), "num_query": num_query, "num_gallery": num_gallery, "num_ids": num_ids,
-            "num_cams": num_cams, "dim": dim, "threads": torch.get_num_threads(), "rounds": rounds, "rows": rows,
-            "standard_over_old": by_name["standard"]["seconds"] / by_name["old_per_camera_centroids"]["seconds"]}
+OLD_RULE = "centroids, old per-camera rule, baseline"  # centroids.old_per_camera_centroids
 
 
 def bench_centroids(args):
-    """benchmark_centroids: per image, the old per-camera centroid rule and each protocol, one problem."""
+    """Seconds (median of --centroid-rounds, taken in turn) of per-image evaluation, the old per-camera centroid rule
+    and each centroid protocol on one Market-sized problem (--metrics-size, 6 cameras) of --centroid-dim
+    embeddings, and standard / old; prints each evaluation's mAP and R1."""
     num_query, num_gallery, num_ids = args.metrics_size
-    res = benchmark_centroids(num_query, num_gallery, num_ids, dim=args.centroid_dim, device=str(args.device),
-                              rounds=args.centroid_rounds)
-    size, device = (num_query, num_gallery), args.device
-    problem = f"{num_ids} ids, {res['num_cams']} cams, {res['dim']}-d"
-    names = {"per_image": "per image", "old_per_camera_centroids": "centroids, old per-camera rule, baseline"}
-    rows = [make_row("centroids", f"{names.get(r['name'], 'centroids, ' + r['name'])} ({problem})", r["seconds"],
-                     "s", device, "fp32", "-", size) for r in res["rows"]]
-    rows.append(make_row("centroids", "centroids standard / old per-camera rule", res["standard_over_old"], "x",
-                         device, "fp32", "-", size))
-    return rows
+    device, dim, num_cams = args.device, args.centroid_dim, 6
+    # random noise separates identities better in more dimensions: grown as dim ** 0.34, the per-image
+    # mAP stays near the 64-d default's (measured at 2048-d: ~80%), not a trivial 100%
+    problem = synthetic_problem(num_query, num_gallery, num_ids, num_cams, dim=dim, noise=0.95 * (dim / 64) ** 0.34,
+                                device=str(device))
+    query, gallery = Split(*problem[:3]), Split(*problem[3:])
+    runs = {"per image": lambda: evaluate_feature_ranks(query, gallery),
+            OLD_RULE: lambda: old_per_camera_centroids(query, gallery)}
+    runs.update({f"centroids, {name}": (lambda name=name: evaluate_centroids(
+        query, gallery, EvaluationOptions(centroid_protocol=name))) for name in CENTROID_PROTOCOLS})
+    evaluate_centroids(Split(*(x[:16] for x in query)), gallery)  # warm-up: first-call allocations
+    seconds = {name: [] for name in runs}
+    for _ in range(args.centroid_rounds):  # in turn, so that a drifting load hits every variant alike
+        for name, run in runs.items():
+            result, (spent,) = utils.timed(run, device)
+            seconds[name].append(spent)
+            if len(seconds[name]) == 1:
+                print_problem_metrics(name, result)
+    median = {name: float(np.median(spent)) for name, spent in seconds.items()}
+    size, what = (num_query, num_gallery), f"{num_ids} ids, {num_cams} cams, {dim}-d"
+    rows = [make_row("centroids", f"{name} ({what})", median[name], "s", device, "fp32", "-", size) for name in runs]
+    return rows + [make_row("centroids", "centroids standard / old per-camera rule",
+                            median["centroids, standard"] / median[OLD_RULE], "x", device, "fp32", "-", size)]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Stage 7: retrieval search (retrieve.py's index), per image vs per centroid, and a 1,000,000-vector gallery
 
-def benchmark_index_search(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, dim=2048, k=10,
-                           device="cpu"):
-    """Market-1501-sized synthetic embeddings: entries, MiB and exact query time per index kind."""
-    q_feats, _, q_camids, g_feats, g_pids, g_camids = synthetic_problem(num_query, num_gallery, num_ids, num_cams,
-                                                                        dim=dim)
-    device = torch.device(device)
-    rows = []
-    for label, centroids in (("per image", False), ("per centroid", True)):
-        index = build_index(g_feats, g_pids, g_camids, centroids)
-        search_index(index, q_feats[:8], q_camids[:8], k, "torch", device)  # warm-up
-        _, (seconds,) = utils.timed(lambda index=index: search_index(index, q_feats, q_camids, k, "torch", device),
-                                    device)
-        rows.append({"index": label, "entries": len(index["pids"]),
-                     "centroids": int((index["exclude_camids"] != SHARED).sum()),
-                     "mib": index["feats"].numel() * 4 / 2**20, "seconds": seconds,
-                     "ms_per_query": 1000 * seconds / num_query})
-    return rows
-
-
-def benchmark_large_search(num_gallery=1_000_000, dim=256, batch=100, k=10, device="cpu", backends=("torch", "faiss"),
-                           seed=0):
-    """Exact matrix-product search vs faiss IndexFlatIP on a random unit-vector gallery, per query batch (best of
-    3): seconds, and whether each query, a slightly moved gallery vector, finds its own vector first."""
-    gen = torch.Generator().manual_seed(seed)
-    g_feats = torch.randn(num_gallery, dim, generator=gen)
-    g_feats.div_(g_feats.norm(dim=1, keepdim=True))                                # in place: 1 copy in memory
-    picked = torch.randint(0, num_gallery, (batch,), generator=gen)
-    q_feats = torch.nn.functional.normalize(g_feats[picked] + 0.05 * torch.randn(batch, dim, generator=gen), dim=1)
-    out = {"num_gallery": num_gallery, "dim": dim, "batch": batch, "k": k, "gallery_mib": g_feats.numel() * 4 / 2**20}
-    device = torch.device(device)
-    if "torch" in backends:
-        g_dev, q_dev = g_feats.to(device), q_feats.to(device)
-        (_, exact_idx), seconds = utils.timed(lambda: search_exact(q_dev, g_dev, k), device, repeats=3)
-        out["torch_s"], exact_idx = min(seconds), exact_idx.cpu()
-        out["torch_found_own"] = float((exact_idx[:, 0] == picked).float().mean())
-        del g_dev
-    if "faiss" in backends:
-        flat = import_faiss().IndexFlatIP(dim)
-        _, (out["faiss_add_s"],) = utils.timed(lambda: flat.add(g_feats.numpy()), "cpu")
-        q_np = np.ascontiguousarray(q_feats.numpy())
-        (_, faiss_idx), seconds = utils.timed(lambda: flat.search(q_np, k), "cpu", repeats=3)
-        out["faiss_s"] = min(seconds)
-        if "torch" in backends:
-            out["same_topk"] = float((torch.from_numpy(faiss_idx) == exact_idx).all(1).float().mean())
-    return out
+SEARCH_TOP_K = 10
 
 
 def faiss_available():
@@ -825,40 +699,69 @@ def faiss_available():
         return False
 
 
-def bench_search(args, notes):
-    """benchmark_index_search and benchmark_large_search: the rows of retrieve.py's exact (and faiss) search."""
+def index_search_rows(args):
+    """retrieve.py's exact search of --metrics-size's queries in a per-image and a per-centroid index of
+    --centroid-dim embeddings (6 cameras): seconds, milliseconds per query and the index's size."""
     num_query, num_gallery, num_ids = args.metrics_size
-    device, k = args.device, 10
-    size = (num_query, num_gallery)
+    device, dim, k = args.device, args.centroid_dim, SEARCH_TOP_K
+    q_feats, _, q_camids, g_feats, g_pids, g_camids = synthetic_problem(num_query, num_gallery, num_ids, 6, dim=dim)
+    row = lambda figure, value, unit: make_row("search", figure, value, unit, device,  # noqa: E731
+                                               "fp32", "-", (num_query, num_gallery))
     rows = []
-    for r in benchmark_index_search(num_query, num_gallery, num_ids, 6, args.centroid_dim, k, str(device)):
-        parts = (f"{r['centroids']:,} centroids + {r['entries'] - r['centroids']:,} distractor images"
-                 if r["centroids"] else "one per image")
-        what = f"{r['index']} index, {r['entries']:,} entries ({parts}), {args.centroid_dim}-d"
-        rows += [make_row("search", f"{what}: top-{k} of all queries", r["seconds"], "s", device, "fp32", "-", size),
-                 make_row("search", f"{what}: per query", r["ms_per_query"], "ms", device, "fp32", "-", size),
-                 make_row("search", f"{what}: index size", r["mib"], "MiB", device, "fp32", "-", size)]
-    gallery, dim, batch = args.large_search
-    if not gallery:
-        return rows
-    backends = ("torch",) + (("faiss",) if faiss_available() and not args.no_faiss else ())
-    if "faiss" not in backends and not args.no_faiss:
-        notes.append("search: no faiss rows (pip install faiss-cpu to time retrieve.py's faiss backend)")
-    res = benchmark_large_search(gallery, dim, batch, k, str(device), backends)
-    size, what = (batch, gallery), f"{gallery:,} unit vectors x {dim}-d, top-{k}, batch of {batch} queries, best of 3"
-    rows += [make_row("search", f"exact search (matrix product, chunked), {what}", 1000 * res["torch_s"], "ms",
-                      device, "fp32", str(batch), size),
-             make_row("search", "queries whose own gallery vector came first (exact)", 100 * res["torch_found_own"],
-                      "%", device, "fp32", str(batch), size)]
-    if "faiss_s" in res:
-        cpu = torch.device("cpu")
-        rows += [make_row("search", f"faiss IndexFlatIP, {what}", 1000 * res["faiss_s"], "ms", cpu, "fp32",
-                          str(batch), size),
-                 make_row("search", "faiss IndexFlatIP: adding the gallery", res["faiss_add_s"], "s", cpu, "fp32",
-                          "-", size),
-                 make_row("search", "queries with the same top-k from faiss as from the exact search",
-                          100 * res["same_topk"], "%", cpu, "fp32", str(batch), size)]
+    for label, centroids in (("per image", False), ("per centroid", True)):
+        index = build_index(g_feats, g_pids, g_camids, centroids)
+        search_index(index, q_feats[:8], q_camids[:8], k, "torch", device)  # warm-up
+        _, (seconds,) = utils.timed(lambda index=index: search_index(index, q_feats, q_camids, k, "torch", device),
+                                    device)
+        entries, num_centroids = len(index["pids"]), int((index["exclude_camids"] != SHARED).sum())
+        parts = (f"{num_centroids:,} centroids + {entries - num_centroids:,} distractor images"
+                 if num_centroids else "one per image")
+        what = f"{label} index, {entries:,} entries ({parts}), {dim}-d"
+        rows += [row(f"{what}: top-{k} of all queries", seconds, "s"),
+                 row(f"{what}: per query", 1000 * seconds / num_query, "ms"),
+                 row(f"{what}: index size", index["feats"].numel() * 4 / 2**20, "MiB")]
     return rows
+
+
+def large_search_rows(args, notes):
+    """Exact matrix-product search against faiss IndexFlatIP (where it imports, unless --no-faiss) of --large-search's
+    batch of queries in a random unit-vector gallery, best of 3: milliseconds, and whether each query, a slightly
+    moved gallery vector, finds its own vector first (and the same top-k from both)."""
+    num_gallery, dim, batch = args.large_search
+    device, k, use_faiss = args.device, SEARCH_TOP_K, not args.no_faiss and faiss_available()
+    if not use_faiss and not args.no_faiss:
+        notes.append("search: no faiss rows (pip install faiss-cpu to time retrieve.py's faiss backend)")
+    gen = torch.Generator().manual_seed(0)
+    g_feats = torch.randn(num_gallery, dim, generator=gen)
+    g_feats.div_(g_feats.norm(dim=1, keepdim=True))                                # in place: 1 copy in memory
+    picked = torch.randint(0, num_gallery, (batch,), generator=gen)
+    q_feats = torch.nn.functional.normalize(g_feats[picked] + 0.05 * torch.randn(batch, dim, generator=gen), dim=1)
+    g_dev, q_dev = g_feats.to(device), q_feats.to(device)
+    (_, exact_idx), seconds = utils.timed(lambda: search_exact(q_dev, g_dev, k), device, repeats=3)
+    exact_idx, g_dev = exact_idx.cpu(), None  # the device copy goes before faiss copies the gallery
+    size, what = (batch, num_gallery), f"{num_gallery:,} unit vectors x {dim}-d, top-{k}, batch of {batch} queries"
+
+    def row(figure, value, unit, on=device, batch_column=str(batch)):
+        return make_row("search", figure, value, unit, on, "fp32", batch_column, size)
+    rows = [row(f"exact search (matrix product, chunked), {what}, best of 3", 1000 * min(seconds), "ms"),
+            row("queries whose own gallery vector came first (exact)",
+                100 * (exact_idx[:, 0] == picked).float().mean(), "%")]
+    if use_faiss:
+        flat, cpu = import_faiss().IndexFlatIP(dim), torch.device("cpu")
+        _, (add_s,) = utils.timed(lambda: flat.add(g_feats.numpy()), "cpu")
+        q_np = np.ascontiguousarray(q_feats.numpy())
+        (_, faiss_idx), seconds = utils.timed(lambda: flat.search(q_np, k), "cpu", repeats=3)
+        rows += [row(f"faiss IndexFlatIP, {what}, best of 3", 1000 * min(seconds), "ms", cpu),
+                 row("faiss IndexFlatIP: adding the gallery", add_s, "s", cpu, "-"),
+                 row("queries with the same top-k from faiss as from the exact search",
+                     100 * (torch.from_numpy(faiss_idx) == exact_idx).all(1).float().mean(), "%", cpu)]
+    return rows
+
+
+def bench_search(args, notes):
+    """retrieve.py's search: a per-image against a per-centroid index, and exact (and faiss) search in a large
+    gallery (--large-search; a gallery of 0 skips that part)."""
+    return index_search_rows(args) + (large_search_rows(args, notes) if args.large_search[0] else [])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -948,44 +851,13 @@ def step_configs(args):
     return configs + [(dtype, True, args.ids) for dtype in args.compile_dtypes]
 
 
-def _median_ms(step, device, warmup, iters):
+LOSS_CLASSES = 751  # identities of the losses stage's classifier and center loss: Market-1501's training set
+
+
+def median_ms(step, device, warmup, iters):
     """Median wall time of step() in ms after warm-up calls."""
     _, seconds = utils.timed(step, device, repeats=iters, warmup=warmup)
     return statistics.median(seconds) * 1000
-
-
-def benchmark_losses(model_name, num_ids, num_instances, size, device, amp_dtype=None, num_classes=751, warmup=1,
-                     iters=3, loss_iters=20):
-    """Time the four losses (forward+backward) and the model's forward+backward on one P x K batch, in amp_dtype
-    autocast (None: fp32)."""
-    device = torch.device(device)
-    model = build_model(model_name, num_classes).to(device).to(memory_format=torch.channels_last).train()
-    center_loss = CenterLoss(num_classes, model.feat_dim).to(device)
-    batch = num_ids * num_instances
-    images = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
-    pids = torch.arange(num_ids, device=device).repeat_interleave(num_instances)
-
-    def model_step():
-        model.zero_grad(set_to_none=True)
-        with utils.autocast(device, amp_dtype):
-            feat, logits = model(images)
-        (feat.float().mean() + logits.float().mean()).backward()
-
-    with utils.autocast(device, amp_dtype):
-        feat, logits = model(images)
-    feat, logits = feat.detach().requires_grad_(), logits.detach().requires_grad_()
-
-    def loss_step():
-        feat.grad = logits.grad = center_loss.centers.grad = None
-        with utils.autocast(device, amp_dtype):
-            total, _ = compute_losses(feat, logits, pids, center_loss, LossSpec(num_instances))
-        total.backward()
-
-    backbone_ms = _median_ms(model_step, device, warmup, iters)
-    losses_ms = _median_ms(loss_step, device, 3, loss_iters)
-    return {"model": model_name, "batch": batch, "size": tuple(size), "device": str(device),
-            "amp": amp_dtype is not None, "backbone_ms": backbone_ms, "losses_ms": losses_ms,
-            "ratio": losses_ms / backbone_ms}
 
 
 def bench_preflight(args, root):
@@ -1005,16 +877,40 @@ def bench_preflight(args, root):
 
 
 def bench_losses(args):
-    """The four losses' forward+backward against the model's on one P x K batch (benchmark_losses)."""
-    device, dtype = args.device, args.e2e_dtype
-    res = benchmark_losses(args.model, args.ids, args.instances, tuple(args.size), device, amp_for(dtype, device)[0],
-                           iters=max(1, args.rounds // 2))
+    """The four losses' forward+backward (compute_losses, LOSS_CLASSES classes) against the model's forward+backward
+    on one P x K batch of random images, in --e2e-dtype autocast: milliseconds (medians) and their ratio."""
+    device, dtype, num_ids, num_instances = args.device, args.e2e_dtype, args.ids, args.instances
+    amp_dtype = amp_for(dtype, device)[0]
+    model = build_model(args.model, LOSS_CLASSES).to(device).to(memory_format=torch.channels_last).train()
+    center_loss = CenterLoss(LOSS_CLASSES, model.feat_dim).to(device)
+    images = torch.randn(num_ids * num_instances, 3, *args.size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    pids = torch.arange(num_ids, device=device).repeat_interleave(num_instances)
+
+    def model_step():
+        model.zero_grad(set_to_none=True)
+        with utils.autocast(device, amp_dtype):
+            feat, logits = model(images)
+        (feat.float().mean() + logits.float().mean()).backward()
+
+    with utils.autocast(device, amp_dtype):
+        feat, logits = model(images)
+    feat, logits = feat.detach().requires_grad_(), logits.detach().requires_grad_()
+
+    def loss_step():
+        feat.grad = logits.grad = center_loss.centers.grad = None
+        with utils.autocast(device, amp_dtype):
+            total, _ = compute_losses(feat, logits, pids, center_loss, LossSpec(num_instances))
+        total.backward()
+
+    backbone_ms = median_ms(model_step, device, 1, max(1, args.rounds // 2))
+    losses_ms = median_ms(loss_step, device, 3, 20)
     row = lambda figure, value, unit: make_row("losses", figure, value, unit, device,  # noqa: E731
-                                               precision_text(dtype, device), batch_text(args.ids, args.instances),
+                                               precision_text(dtype, device), batch_text(num_ids, num_instances),
                                                args.size)
-    return [row(f"{args.model} forward+backward", res["backbone_ms"], "ms"),
-            row("four losses forward+backward (751 classes)", res["losses_ms"], "ms"),
-            row("losses / model step", 100 * res["ratio"], "%")]
+    return [row(f"{args.model} forward+backward", backbone_ms, "ms"),
+            row(f"four losses forward+backward ({LOSS_CLASSES} classes)", losses_ms, "ms"),
+            row("losses / model step", 100 * losses_ms / backbone_ms, "%")]
 
 
 def graph_runs(args, notes):
@@ -1053,16 +949,16 @@ def planned_runs(args, root, notes):
         if args.gpu_augment and graph_supported(args.device, amp_for(args.e2e_dtype, args.device)[0])[0]:
             runs.append((f"end to end, decode+augment on {args.device.type}, CUDA-graphed step",
                          lambda: bench_end_to_end(args, root, device_augment=True, graph=True)))
-    later = {"features": ("feature extraction", lambda: bench_features(args, root)),
-             "metrics": ("evaluator", lambda: bench_metrics(args)),
-             "large-gallery": ("evaluator on a large gallery", lambda: bench_large_gallery(args, notes)),
-             "centroids": ("centroid evaluation protocols", lambda: bench_centroids(args)),
-             "search": ("retrieval search", lambda: bench_search(args, notes)),
-             "preflight": ("the pre-flight image check", lambda: bench_preflight(args, root)),
-             "losses": ("the four losses against the model", lambda: bench_losses(args)),
-             "rerank": ("k-reciprocal re-ranking", lambda: bench_rerank(args)),
-             "report": ("the HTML evaluation report", lambda: bench_report(args))}
-    runs += [later[stage] for stage in later if stage in args.stages]
+    single_run_stages = {"features": ("feature extraction", lambda: bench_features(args, root)),
+                         "metrics": ("evaluator", lambda: bench_metrics(args)),
+                         "large-gallery": ("evaluator on a large gallery", lambda: bench_large_gallery(args, notes)),
+                         "centroids": ("centroid evaluation protocols", lambda: bench_centroids(args)),
+                         "search": ("retrieval search", lambda: bench_search(args, notes)),
+                         "preflight": ("the pre-flight image check", lambda: bench_preflight(args, root)),
+                         "losses": ("the four losses against the model", lambda: bench_losses(args)),
+                         "rerank": ("k-reciprocal re-ranking", lambda: bench_rerank(args)),
+                         "report": ("the HTML evaluation report", lambda: bench_report(args))}
+    runs += [single_run_stages[stage] for stage in single_run_stages if stage in args.stages]
     return runs + steps[len(args.dtypes):] + graphed_compiled
 
 
@@ -1083,7 +979,7 @@ def run_stages(args, root, meta, rows, notes):
                          f"{str(err).splitlines()[0] if str(err) else ''}")
             print(f"  FAILED: {notes[-1]}", flush=True)
             failures, new_rows = failures + 1, []
-        release(args.device)
+        free_caches(args.device)
         rows.extend(new_rows)
         for r in new_rows:
             print(f"  {r['figure']}: {format_value(r['value'], r['unit'])} {r['unit']} "
@@ -1093,7 +989,7 @@ def run_stages(args, root, meta, rows, notes):
     return failures
 
 
-def describe_run(args):
+def describe_bench(args):
     """The conditions every figure shares: device, versions, threads, date."""
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "device": device_name(args.device), "preset": args.preset, "model": args.model,
@@ -1111,10 +1007,12 @@ def main(argv=None):
         raise utils.UserError(f"--ids {args.ids} --instances {args.instances}: need P >= 1 and K >= 2")
     if args.model not in ARCHS:
         raise utils.UserError(f"--model {args.model}: choose one of {', '.join(ARCHS)}")
-    if min(args.size + args.loader_size) < 16 or min(args.rounds, args.steps, args.warmup) < 1:
-        raise utils.UserError("--size/--loader-size need at least 16 pixels a side; --rounds, --steps and "
-                              "--warmup at least 1")
-    meta, rows, notes = describe_run(args), [], []
+    if min(args.size + args.loader_size) < 16 or min(args.rounds, args.steps, args.warmup, args.centroid_rounds) < 1:
+        raise utils.UserError("--size/--loader-size need at least 16 pixels a side; --rounds, --steps, --warmup and "
+                              "--centroid-rounds at least 1")
+    if args.centroid_dim < 1:
+        raise utils.UserError(f"--centroid-dim {args.centroid_dim}: need at least 1")
+    meta, rows, notes = describe_bench(args), [], []
     if args.busy:
         notes.append(f"the CPU was busy when the bench started (load average {meta['load_average']:.1f} on "
                      f"{meta['cpu_cores']} cores): figures are lower than on an idle machine; the main process used "
@@ -1127,7 +1025,8 @@ def main(argv=None):
     try:
         with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
             needs_data = {"loader", "e2e", "features", "preflight"} & set(args.stages)
-            status = 1 if run_stages(args, prepare_data(args, tmp) if needs_data else None, meta, rows, notes) else 0
+            root = synthetic_data_folder(args, tmp) if needs_data else None
+            status = 1 if run_stages(args, root, meta, rows, notes) else 0
     except KeyboardInterrupt:  # e.g. a time limit: report what was measured
         notes.append(f"interrupted after {time.perf_counter() - start:.0f} s: the stages not in the table were not run")
         status = 130

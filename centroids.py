@@ -7,7 +7,8 @@ k-reciprocal re-ranked; the per-image and per-centroid evaluation of embeddings;
 The rules (PROTOCOL_NOTES, evaluate_centroids' docstring): "standard", the Market rule on centroids (the default);
 "original", centroids-reid a1825b7's rule with its camera-index bug (the paper's table); "original_fixed", the same
 with the index corrected. Every rule ranks with metrics.py's kernel: only the gallery of entries and the labels the
-removal rule compares differ.
+removal rule compares differ. old_per_camera_centroids is the rule used before the protocols: no protocol, kept as
+bench.py's baseline and the tests' reference.
 """
 import dataclasses
 import functools
@@ -469,3 +470,39 @@ def evaluate_reranked(query, gallery, options=None, raw_feats=False):
         result = summarise_queries(per_query, q, g, options.max_rank)
         results[centroid_key(protocol, options.protocols)] = {**result, "protocol": protocol}
     return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rule before the protocols: bench.py's baseline, the tests' reference
+
+def old_per_camera_centroids(query, gallery, max_rank=50):
+    """The camera-aware centroid evaluation before issue #12: bench.py's centroids baseline, not a protocol.
+
+    Its rule is wrong (neither Market's nor the original's): a query of camera c saw EVERY identity's centroid
+    made without camera c. One gallery per query camera, each ranked by evaluate_feature_ranks.
+    Returns mAP, cmc, num_valid_queries and num_skipped_queries."""
+    q_feats, g_feats = query.feats, gallery.feats
+    q_pids, q_camids = torch.as_tensor(query.pids).long(), torch.as_tensor(query.camids).long()
+    g_pids = torch.as_tensor(gallery.pids).long().to(g_feats.device)
+    g_camids = torch.as_tensor(gallery.camids).long().to(g_feats.device)
+    distractors = g_pids == 0
+    ap, first = torch.zeros(len(q_pids), dtype=torch.float64), torch.zeros(len(q_pids), dtype=torch.int64)
+    valid = torch.zeros(len(q_pids), dtype=torch.bool)
+    for camid in torch.unique(q_camids).tolist():
+        rows = torch.nonzero(q_camids == camid)[:, 0]
+        centroids, pids = identity_centroids(Split(g_feats, g_pids, g_camids), camid)
+        c_feats = torch.cat([centroids, g_feats.float()[distractors]])
+        c_pids = torch.cat([pids, g_pids[distractors]])
+        c_camids = torch.cat([torch.full_like(pids, -1), g_camids[distractors]])
+        try:
+            part = evaluate_feature_ranks(Split(q_feats[rows.to(q_feats.device)], q_pids[rows], q_camids[rows]),
+                                          Split(c_feats, c_pids, c_camids), max_rank,
+                                          return_per_query=True)["per_query"]
+        except EvaluationError:  # no query of this camera has a true match: all of them are skipped
+            continue
+        ap[rows], first[rows], valid[rows] = part["ap"].double(), part["first"].long(), part["num_matches"] > 0
+    if not valid.any():
+        raise EvaluationError("no query has a true match among the per-camera centroids")
+    cmc = (first[valid][:, None] <= torch.arange(1, max_rank + 1)[None, :]).double().mean(0)
+    return {"mAP": float(ap[valid].mean()), "cmc": cmc.numpy(), "num_valid_queries": int(valid.sum()),
+            "num_skipped_queries": int((~valid).sum())}

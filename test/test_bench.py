@@ -3,26 +3,19 @@ device-side augmentation against the torchvision training transform."""
 import json
 import math
 import os
-import subprocess
+import re
 import sys
+from importlib.util import find_spec
 
 import numpy as np
 import pytest
 import torch
+from bench_runs import STAGES, run, run_bench
 from PIL import Image
 
-import bench
 from device_data import augment_batch
 from specs import AugmentSpec
 from transforms import build_test_transform, build_train_transform
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # a CPU run, as on the CI
-
-
-def run(args, timeout=240, env=None):
-    """Run a command from the repository root; returns the CompletedProcess (text)."""
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})})
 
 
 def test_tiny_bench_reports_every_stage_with_units_and_conditions(tmp_path):
@@ -32,7 +25,7 @@ def test_tiny_bench_reports_every_stage_with_units_and_conditions(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     by_figure = {(r["stage"], r["figure"]): r for r in rows}
-    assert {r["stage"] for r in rows} == set(bench.STAGES)
+    assert {r["stage"] for r in rows} == set(STAGES)
     for r in rows:  # every figure is a positive number (a memory increase may be 0) with its unit and conditions
         assert math.isfinite(r["value"]) and (r["value"] > 0 or r["unit"] == "MiB" and r["value"] == 0), r
         assert r["unit"] and r["device"].startswith("cpu") and r["dtype"] and r["batch"] and r["input"], r
@@ -112,14 +105,17 @@ def test_device_augmentation_flips_half_of_the_images():
 
 
 # ---------------------------------------------------------------------------------------------------
-# the search stage's functions, small
+# the search stage, small, through the command line
 
-def test_centroid_index_is_smaller_and_search_backends_agree():
-    rows = bench.benchmark_index_search(num_query=200, num_gallery=2000, num_ids=50, dim=64)
-    per_image, per_centroid = rows
-    assert per_centroid["entries"] < per_image["entries"] and per_centroid["centroids"] == 50
-    backends = ("torch", "faiss") if bench.faiss_available() else ("torch",)
-    res = bench.benchmark_large_search(num_gallery=20000, dim=32, batch=20, backends=backends)
-    assert res["torch_found_own"] == 1.0  # each query is a slightly moved gallery vector: found first
-    if "faiss" in backends:
-        assert res["same_topk"] == 1.0
+def test_centroid_index_is_smaller_and_search_backends_agree(tmp_path):
+    _, rows = run_bench(["--stages", "search", "--metrics-size", "200", "2000", "50", "--centroid-dim", "64",
+                         "--large-search", "20000", "32", "20"], tmp_path)
+    value = {r["figure"]: r["value"] for r in rows}
+    # 'per centroid index, 1,234 entries (50 centroids + 1,184 distractor images), 64-d: index size'
+    named = (re.match(r"(per \w+) index, ([\d,]+) entries \((?:([\d,]+) centroids)?", figure) for figure in value)
+    indexes = {m[1]: (int(m[2].replace(",", "")), int((m[3] or "0").replace(",", ""))) for m in named if m}
+    (per_image, _), (per_centroid, centroids) = indexes["per image"], indexes["per centroid"]
+    assert per_centroid < per_image and centroids == 50
+    assert value["queries whose own gallery vector came first (exact)"] == 100  # a slightly moved gallery vector
+    if find_spec("faiss"):  # the faiss backend where it is installed
+        assert value["queries with the same top-k from faiss as from the exact search"] == 100

@@ -1,8 +1,8 @@
 """Every command answers bad input the same way: one `error: ...` line naming what is wrong, no traceback, exit
 code 2 returned by its main(); argparse's own errors exit 2 as well."""
 import pytest
+from bench_runs import bench_main
 
-import bench
 import data
 import evaluate
 import export
@@ -21,7 +21,7 @@ def commands(missing, out):
         ("retrieve.py index", retrieve.main, ["index", missing, "-o", out]),
         ("export.py", export.main, [missing, out, "--no-check"]),
         ("visualize.py curves", visualize.main, ["curves", missing]),
-        ("bench.py", bench.main, ["--device", "tpu"]),
+        ("bench.py", bench_main, ["--device", "tpu"]),
     ]
 
 

@@ -4,8 +4,8 @@ random problems."""
 import numpy as np
 import pytest
 import torch
+from bench_runs import printed_metrics, run_bench
 
-import bench
 import centroids
 import evaluate as ev
 import metrics
@@ -165,7 +165,7 @@ def test_the_old_per_camera_rule_is_gone():
     problem = three_rules_gallery()
     # the old rule (kept only as the benchmark's baseline) built EVERY identity's centroid without the
     # query's camera: pid 3 (camera 0 only) vanished for q0, and pid 2 lost g2, so q0's match was first.
-    old = bench.old_per_camera_centroids(*splits(problem), max_rank=3)
+    old = centroids.old_per_camera_centroids(*splits(problem), max_rank=3)
     assert old["mAP"] == pytest.approx(1.0)
     assert ours("standard", problem, max_rank=3)["mAP"] == pytest.approx((1 / 3 + 1) / 2)
 
@@ -301,10 +301,12 @@ def test_an_unknown_protocol_is_named_with_the_choices():
         ours("all", problem)  # "all" is for evaluate_features, which makes one row per protocol
 
 
-def test_centroid_benchmark_times_every_evaluation_on_one_problem():
-    res = bench.benchmark_centroids(num_query=100, num_gallery=600, num_ids=40, num_cams=6, dim=32, rounds=1)
-    names = ["per_image", "old_per_camera_centroids", *CENTROID_PROTOCOLS]
-    assert [row["name"] for row in res["rows"]] == names
-    for row in res["rows"]:
-        assert row["seconds"] > 0 and 0 < row["mAP"] <= 1
-    assert res["standard_over_old"] == pytest.approx(res["rows"][2]["seconds"] / res["rows"][1]["seconds"])
+def test_centroid_benchmark_times_every_evaluation_on_one_problem(tmp_path):
+    result, rows = run_bench(["--stages", "centroids", "--metrics-size", "100", "600", "40", "--centroid-dim", "32",
+                              "--centroid-rounds", "1"], tmp_path)
+    names = ["per image", "centroids, old per-camera rule, baseline", *(f"centroids, {p}" for p in CENTROID_PROTOCOLS)]
+    assert [row["figure"] for row in rows[:-1]] == [f"{name} (40 ids, 6 cams, 32-d)" for name in names]
+    for name, row in zip(names, rows):
+        assert row["value"] > 0 and 0 < printed_metrics(result.stdout, name)["mAP"] <= 1
+    assert rows[-1]["figure"] == "centroids standard / old per-camera rule"
+    assert rows[-1]["value"] == pytest.approx(rows[2]["value"] / rows[1]["value"])

@@ -7,9 +7,9 @@ import torch
 
 import centroids
 import rerank
-from bench import synthetic_problem
 from centroids import EvaluationOptions
 from metrics import Split, evaluate_rank
+from synthetic import synthetic_problem
 
 
 def reference_rerank(q_feats, g_feats, k1, k2, lambda_value):
@@ -47,7 +47,7 @@ def reference_rerank(q_feats, g_feats, k1, k2, lambda_value):
 
 
 def clustered(num_query, num_gallery, num_ids, dim, seed):
-    """Market-like features: identities, cameras, noise, distractors (bench.synthetic_problem)."""
+    """Market-like features: identities, cameras, noise, distractors (synthetic.synthetic_problem)."""
     q, _, _, g, _, _ = synthetic_problem(num_query, num_gallery, num_ids, 3, dim=dim, seed=seed)
     return q, g
 
