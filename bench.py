@@ -37,31 +37,29 @@ import numpy as np
 import torch
 import torchvision
 
-import config
-import faults
 import train
-import utils
-from centroids import (
+from data import build_datasets, build_test_loader, build_train_loader, read_dataset
+from evaluate import extract_features
+from loss import CenterLoss, LossSpec, compute_losses
+from model import ARCHS, build_model
+from retrieve import SHARED, RetrievalError, build_index, import_faiss, search_exact, search_index
+from support import config, faults, utils
+from support.centroids import (
     CENTROID_PROTOCOLS,
     EvaluationOptions,
     evaluate_centroids,
     evaluate_features,
     old_per_camera_centroids,
 )
-from cuda_graph import WARMUP_STEPS, graph_supported
-from data import build_datasets, build_test_loader, build_train_loader, read_dataset
-from device_data import DeviceAugmentLoader, device_test_batches
-from evaluate import extract_features
-from image_check import dataset_paths, find_bad_images
-from loss import CenterLoss, LossSpec, compute_losses
-from metrics import Split, evaluate_feature_ranks, evaluate_rank, memory_plan, squared_distances
-from model import ARCHS, build_model
-from report import Evaluation, Settings, write_report
-from rerank import rerank_distances
-from retrieve import SHARED, RetrievalError, build_index, import_faiss, search_exact, search_index
-from specs import AugmentSpec, BatchSpec, EmbedSpec, LoaderSpec
-from synthetic import draw_camera, draw_identity, render_image, synthesize, synthetic_problem
-from utils import DataError
+from support.cuda_graph import WARMUP_STEPS, graph_supported
+from support.device_data import DeviceAugmentLoader, device_test_batches
+from support.image_check import dataset_paths, find_bad_images
+from support.metrics import Split, evaluate_feature_ranks, evaluate_rank, memory_plan, squared_distances
+from support.report import Evaluation, Settings, write_report
+from support.rerank import rerank_distances
+from support.specs import AugmentSpec, BatchSpec, EmbedSpec, LoaderSpec
+from support.synthetic import draw_camera, draw_identity, render_image, synthesize, synthetic_problem
+from support.utils import DataError
 
 # Defaults of each preset; any flag given on the command line wins.
 PRESETS = {
@@ -815,7 +813,7 @@ def bench_report(args):
     """report.write_report of a simulated evaluation the size of --metrics-size (Market-1501: 3,368 queries, 15,913
     gallery images): seconds and the page's size. Embeddings are synthetic_problem's (--centroid-dim wide, noisy
     enough for failures); every item's file is a hard link to one of REPORT_POOL generated 128x64 person images
-    (synthetic.py)."""
+    (support/synthetic.py)."""
     num_query, num_gallery, num_ids = args.metrics_size
     # at 2048-d the default noise separates every identity: 3.5 gives R1 ~95%, mAP ~65% (failures to show)
     noise = 3.5 if args.centroid_dim >= 1024 else 0.95

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-import utils
-from image_check import dataset_paths, find_bad_images
-from sampler import (
+from support import utils
+from support.image_check import dataset_paths, find_bad_images
+from support.sampler import (
     SAMPLERS,
     SIMULATED,
     SeededBatches,
@@ -32,10 +32,10 @@ from sampler import (
     simulated_pids,
     train_sampler,
 )
-from specs import BatchSpec
-from synthetic import synthesize
-from transforms import build_test_transform, build_train_transform
-from utils import DataError, folder_listing, split_item, usable_workers
+from support.specs import BatchSpec
+from support.synthetic import synthesize
+from support.transforms import build_test_transform, build_train_transform
+from support.utils import DataError, folder_listing, split_item, usable_workers
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MARKET_SPLITS = (("train", "bounding_box_train"), ("query", "query"), ("gallery", "bounding_box_test"))

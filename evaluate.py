@@ -1,11 +1,11 @@
 """Checkpoint evaluation: embed the query and gallery images (sharded over ranks, gathered), evaluate them per image and
-per centroid (metrics.py, centroids.py), print the table; the evaluation CLI and the raw-pixel baseline.
+per centroid (support/metrics.py, support/centroids.py), print the table; the evaluation CLI and the raw-pixel baseline.
 
     python evaluate.py --MODEL.PRETRAIN_PATH output/best.pth --DATASETS.NAMES market1501 --DATASETS.ROOT_DIR data
     python evaluate.py baseline data/synthetic    # raw-pixel nearest-neighbour mAP
 
-The evaluation in three parts: metrics.py ranks (mAP, CMC, mINP, the Market-1501 removal rule, the squared
-distance), centroids.py holds the three centroid rules and their re-ranked forms, this file embeds and reports.
+The evaluation in three parts: support/metrics.py ranks (mAP, CMC, mINP, the Market-1501 removal rule, the squared
+distance), support/centroids.py holds the three centroid rules and their re-ranked forms, this file embeds and reports.
 """
 import argparse
 import dataclasses
@@ -17,17 +17,16 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import config
-import utils
-from centroids import PROTOCOL_NOTES, EvaluationOptions, evaluate_features
 from data import build_datasets, build_test_loader, item_labels, load_image, read_dataset
-from device_data import device_test_batches
-from image_check import UnreadableImages, without_paths
-from metrics import EvaluationError, Split, evaluate_rank, l2_normalize
 from model import model_from_checkpoint
-from report import write_config_report
-from specs import embed_spec
-from utils import DataError
+from support import config, utils
+from support.centroids import PROTOCOL_NOTES, EvaluationOptions, evaluate_features
+from support.device_data import device_test_batches
+from support.image_check import UnreadableImages, without_paths
+from support.metrics import EvaluationError, Split, evaluate_rank, l2_normalize
+from support.report import write_config_report
+from support.specs import embed_spec
+from support.utils import DataError
 from visualize import visualize_evaluation
 
 

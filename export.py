@@ -19,9 +19,9 @@ import torch
 
 from data import load_image
 from retrieve import DEFAULT_SIZE, collect_images, input_size_for, load_model, normalisation_of
-from synthetic import synthesize
-from transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
-from utils import UserError, command
+from support.synthetic import synthesize
+from support.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
+from support.utils import UserError, command
 
 INSTALL_HINT = "pip install onnx onnxscript onnxruntime"
 

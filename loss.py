@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metrics import DISTANCES, squared_distances
+from support.metrics import DISTANCES, squared_distances
 
 
 def _no_autocast(tensor):

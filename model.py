@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
-from checkpoint import WeightError, read_weights, recorded_architecture, stem_relu_of, trained_inputs
+from support.checkpoint import WeightError, read_weights, recorded_architecture, stem_relu_of, trained_inputs
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 

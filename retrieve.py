@@ -26,16 +26,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint
-import utils
-from centroids import EvaluationOptions, centroid_entries, evaluate_features
 from data import IMAGE_EXTENSIONS, build_test_loader, camera_of, identity_pids, read_dataset
 from evaluate import extract_features, format_results
-from image_check import UnreadableImages
-from metrics import Split
 from model import BACKBONE_EMB_SIZES, WeightError, model_from_checkpoint
-from rerank import rerank_distances
-from specs import IMAGENET_MEAN, IMAGENET_STD, EmbedSpec
+from support import checkpoint, utils
+from support.centroids import EvaluationOptions, centroid_entries, evaluate_features
+from support.image_check import UnreadableImages
+from support.metrics import Split
+from support.rerank import rerank_distances
+from support.specs import IMAGENET_MEAN, IMAGENET_STD, EmbedSpec
 from visualize import draw_query_results
 
 DEFAULT_SIZE = (256, 128)

@@ -7,8 +7,8 @@
 
 Read it top to bottom: what a run holds and how it is built, the training step, an epoch, the evaluation and the
 checkpoint save at an epoch's end, the run (builders, then the epoch loop), main. What a long run survives (stop
-signals, unreadable files, a full disk, a dead rank) is faults.py's, called at named points; the checkpoint format
-is checkpoint.py's.
+signals, unreadable files, a full disk, a dead rank) is support/faults.py's, called at named points; the checkpoint
+format is support/checkpoint.py's.
 """
 import contextlib
 import dataclasses
@@ -25,21 +25,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint
-import config
-import faults
-import utils
 import visualize
-from cuda_graph import WARMUP_STEPS, GraphedStep, StepHalves, graph_supported
 from data import build_datasets, build_train_loader
-from device_data import DeviceAugmentLoader
 from evaluate import evaluate_checkpoint, evaluate_splits, format_results
-from image_check import UnreadableImages
 from loss import CenterLoss, LossSpec, build_center_optimizer, compute_losses, scale_center_grads
 from model import build_model, has_sync_bn, load_weights, stem_relu_message, synchronise_batch_norms
-from report import write_config_report
-from sampler import PKSampler
-from specs import loader_spec
+from support import checkpoint, config, faults, utils
+from support.cuda_graph import WARMUP_STEPS, GraphedStep, StepHalves, graph_supported
+from support.device_data import DeviceAugmentLoader
+from support.image_check import UnreadableImages
+from support.report import write_config_report
+from support.sampler import PKSampler
+from support.specs import loader_spec
 
 OPTIONS = [  # what is not a configuration key (config.parse adds --config_file)
     ("resume", ("--resume",), "", "auto (OUTPUT_DIR/last.pth if present), best (OUTPUT_DIR/best.pth) or a "

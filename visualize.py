@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-import utils
-from metrics import CameraRule, removed_items
+from support import utils
+from support.metrics import CameraRule, removed_items
 
 GREEN, RED, GREY, DARK = (0, 170, 0), (215, 25, 25), (150, 150, 150), (40, 40, 40)
 METRICS = ("mAP", "rank1", "rank5", "rank10", "mINP")  # metrics.jsonl keys, optionally with a 'centroid_' prefix

@@ -1,7 +1,7 @@
 """Shared fixtures: tiny synthetic data sets, one of each kind per test session (Market-1501 layout)."""
 import pytest
 
-from synthetic import synthesize
+from support.synthetic import synthesize
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ import torch
 from step_setup import SIZE, DirectCall, K, P, batches, compare_steps, flat_state, make_state, step_config
 
 import train
-import utils
 from model import SyncedBatchNorm, masked_batch_norm
+from support import utils
 
 
 def shard(tensor, rank, world_size):

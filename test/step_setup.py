@@ -6,9 +6,9 @@ import copy
 import torch
 
 import train
-import utils
 from loss import CenterLoss
 from model import build_model
+from support import utils
 
 P, K, NUM_CLASSES, SIZE = 3, 3, 16, (32, 16)
 

@@ -13,9 +13,9 @@ import torch
 from bench_runs import STAGES, run, run_bench
 from PIL import Image
 
-from device_data import augment_batch
-from specs import AugmentSpec
-from transforms import build_test_transform, build_train_transform
+from support.device_data import augment_batch
+from support.specs import AugmentSpec
+from support.transforms import build_test_transform, build_train_transform
 
 
 def test_tiny_bench_reports_every_stage_with_units_and_conditions(tmp_path):

@@ -1,4 +1,4 @@
-"""config.py: the original's keys, command lines and YAML files resolve as the original resolves them."""
+"""support/config.py: the original's keys, command lines and YAML files resolve as the original resolves them."""
 import os
 import shlex
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-import config
 import train
+from support import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

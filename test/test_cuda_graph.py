@@ -10,8 +10,8 @@ import torch
 from step_setup import SIZE, DirectCall, K, P, batches, compare_steps, make_state, step_config
 
 import train
-import utils
-from cuda_graph import graph_supported, record_graph
+from support import utils
+from support.cuda_graph import graph_supported, record_graph
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 

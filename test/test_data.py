@@ -13,15 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-import config
 import data
-import device_data
-import sampler
-import synthetic
-import transforms
 from data import build_datasets, read_dataset
-from specs import AugmentSpec, BatchSpec, EmbedSpec, LoaderSpec, embed_spec, loader_spec
-from utils import DataError
+from support import config, device_data, sampler, synthetic, transforms
+from support.specs import AugmentSpec, BatchSpec, EmbedSpec, LoaderSpec, embed_spec, loader_spec
+from support.utils import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

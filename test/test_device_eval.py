@@ -9,11 +9,10 @@ import torch
 from PIL import Image
 
 import data
-import device_data
-import utils
 from evaluate import extract_features
 from model import build_model
-from specs import EmbedSpec
+from support import device_data, utils
+from support.specs import EmbedSpec
 
 SIZE = (64, 32)
 

@@ -16,10 +16,10 @@ from run_outputs import assert_same_weights, last_metrics, weights
 from step_setup import P, batches, make_state, step_config
 
 import data
-import device_data
 from model import masked_batch_norm
-from sampler import PKSampler
-from specs import AugmentSpec, BatchSpec, LoaderSpec
+from support import device_data
+from support.sampler import PKSampler
+from support.specs import AugmentSpec, BatchSpec, LoaderSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,5 +1,5 @@
-"""The evaluation: metrics.py's exact metrics (hand-made and against a slow reference) and edge cases, centroids.py's
-centroids, evaluate.py's features, table and CLI."""
+"""The evaluation: support/metrics.py's exact metrics (hand-made and against a slow reference) and edge cases,
+support/centroids.py's centroids, evaluate.py's features, table and CLI."""
 
 import json
 import os
@@ -11,12 +11,11 @@ import pytest
 import torch
 from bench_runs import printed_metrics, run_bench
 
-import centroids
 import evaluate as ev
-import metrics
-from centroids import EvaluationOptions
-from metrics import Split
-from synthetic import synthetic_problem
+from support import centroids, metrics
+from support.centroids import EvaluationOptions
+from support.metrics import Split
+from support.synthetic import synthetic_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -313,7 +312,7 @@ def test_distance_func_cosine_ranks_by_cosine_without_feat_norm():
 
 
 def test_training_and_evaluate_py_rank_by_solver_distance_func():
-    import config
+    from support import config
     cfg = config.parse(["SOLVER.DISTANCE_FUNC", "cosine", "TEST.FEAT_NORM", "False"])[0]
     arguments = ev.evaluation_arguments(cfg, has_cameras=True)
     assert arguments.distance == "cosine" and arguments.normalize_centroids is False
@@ -354,8 +353,8 @@ def test_extract_features_flip_norm_and_order():
 
 
 def test_evaluate_splits_embeds_both_splits_and_returns_results_and_a_table(synthetic_root):
-    import config
     from data import read_dataset
+    from support import config
     data = read_dataset("synthetic", synthetic_root)
     cfg, _, _ = config.parse(["INPUT.SIZE_TEST", "[32, 16]", "DATALOADER.NUM_WORKERS", "0"])
     torch.manual_seed(0)
@@ -381,7 +380,7 @@ def test_evaluate_splits_embeds_both_splits_and_returns_results_and_a_table(synt
 MEMORY_PROBE = """
 import json, sys
 import torch
-import metrics
+from support import metrics
 
 def status_mib(key):
     with open("/proc/self/status") as f:
@@ -506,10 +505,10 @@ def test_an_unreadable_file_is_left_out_of_the_evaluation_or_stops_it_as_the_pol
                                                                                         decoder):
     import shutil
 
-    import config
     from data import read_dataset
-    from image_check import SKIPPED, without_paths
-    from utils import DataError
+    from support import config
+    from support.image_check import SKIPPED, without_paths
+    from support.utils import DataError
     root = str(tmp_path / "data")
     shutil.copytree(synthetic_root, root)
     data = read_dataset("synthetic", root)

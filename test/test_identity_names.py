@@ -13,7 +13,7 @@ from PIL import Image
 import retrieve
 from data import camera_of, identity_pid, read_dataset
 from model import build_model
-from utils import DataError
+from support.utils import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (64, 32)

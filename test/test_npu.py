@@ -12,7 +12,7 @@ import sys
 import pytest
 from test_train import ROOT, read_metrics, run_script, tiny_flags
 
-import utils
+from support import utils
 
 DOUBLES = os.path.join(ROOT, "test", "doubles")
 SUMMARY_KEYS = ("Network", "RankSize", "BatchSize", "DeviceType", "Accelerator", "CaseName", "ActualFPS", "FPSSteps",
@@ -185,43 +185,45 @@ def test_requirements_npu_pins_torch_npu_to_its_own_torch_release():
 
 NPU_TEXT = re.compile(r"(?<![A-Za-z])npu")  # grep -n npu, without words such as "input"
 SCANNED = sorted(f for f in os.listdir(ROOT) if f.endswith(".py")) + \
+    [os.path.join("support", f) for f in sorted(os.listdir(os.path.join(ROOT, "support"))) if f.endswith(".py")] + \
     [os.path.join("test", f) for f in sorted(os.listdir(os.path.join(ROOT, "test"))) if f.endswith(".sh")]
 
+UTILS = "support/utils.py"
 # (file, the line's text): what in the doubles' call record shows that a run went through it.
 NPU_BRANCHES = {
-    ("utils.py", "def import_torch_npu():"): "import torch_npu",
-    ("utils.py", "import torch_npu  # noqa: F401  (registers torch.npu)"): "import torch_npu",
-    ("utils.py", "return torch_npu"): "import torch_npu",
-    ("utils.py", 'if requested in ("auto", "npu") and import_torch_npu() is not None and torch.npu.is_available():'):
+    (UTILS, "def import_torch_npu():"): "import torch_npu",
+    (UTILS, "import torch_npu  # noqa: F401  (registers torch.npu)"): "import torch_npu",
+    (UTILS, "return torch_npu"): "import torch_npu",
+    (UTILS, 'if requested in ("auto", "npu") and import_torch_npu() is not None and torch.npu.is_available():'):
         "is_available",
-    ("utils.py", 'return "npu"'): "set_device",  # only a device that is not the CPU is set
-    ("utils.py", 'if requested == "npu":'): "npu asked for, torch_npu missing",
-    ("utils.py", 'BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}'): "hccl",
-    ("utils.py", 'if device_type == "npu":'): "is_bf16_supported",
-    ("utils.py", 'is_supported = getattr(getattr(torch, "npu", None), "is_bf16_supported", None)'):
+    (UTILS, 'return "npu"'): "set_device",  # only a device that is not the CPU is set
+    (UTILS, 'if requested == "npu":'): "npu asked for, torch_npu missing",
+    (UTILS, 'BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}'): "hccl",
+    (UTILS, 'if device_type == "npu":'): "is_bf16_supported",
+    (UTILS, 'is_supported = getattr(getattr(torch, "npu", None), "is_bf16_supported", None)'):
         "is_bf16_supported",
-    ("utils.py", 'if api != "npu":'): "amp.initialize",  # amp_backend's auto on an NPU
-    ("utils.py", 'if device_api(device) == "npu":'): "GradScaler",
-    ("utils.py", "import torch_npu  # noqa: F401"): "GradScaler",
-    ("utils.py", "return torch.npu.amp.GradScaler(enabled=needed)"): "GradScaler",
+    (UTILS, 'if api != "npu":'): "amp.initialize",  # amp_backend's auto on an NPU
+    (UTILS, 'if device_api(device) == "npu":'): "GradScaler",
+    (UTILS, "import torch_npu  # noqa: F401"): "GradScaler",
+    (UTILS, "return torch.npu.amp.GradScaler(enabled=needed)"): "GradScaler",
     ("test/common.sh", 'if [ -d "${CANN_ROOT:-/usr/local/Ascend}" ] && [ -f "$test_dir/env_npu.sh" ]; then source '
                        '"$test_dir/env_npu.sh"; fi'): "cann set_env.sh",
 }
 # The NPU branches that name their device type through a variable (getattr(torch, device_type)): grep cannot see
 # them, so they are listed by hand.
 API_BRANCHES = {
-    ("utils.py", "api.set_device(torch.device(device_type, ids[local_rank]))"): "set_device",
-    ("utils.py", "device = tensor_device(torch.device(device_type, ids[local_rank]))"): "tensor_device",
-    ("utils.py", "placed = torch.device(place(device.index))"): "tensor_device",
-    ("utils.py", "return torch.autocast(device_type=device_api(device), dtype=dtype)"): "autocast",
-    ("utils.py", "getattr(torch, api).synchronize(device)"): "synchronize",
+    (UTILS, "api.set_device(torch.device(device_type, ids[local_rank]))"): "set_device",
+    (UTILS, "device = tensor_device(torch.device(device_type, ids[local_rank]))"): "tensor_device",
+    (UTILS, "placed = torch.device(place(device.index))"): "tensor_device",
+    (UTILS, "return torch.autocast(device_type=device_api(device), dtype=dtype)"): "autocast",
+    (UTILS, "getattr(torch, api).synchronize(device)"): "synchronize",
     ("train.py", "setup_apex(state, cfg, device)"): "amp.initialize",
     ("train.py", "with state.apex_amp.scale_loss(total, state.optimizers) as scaled:"): "amp.scale_loss",
 }
 # Lines that only name the NPU: help texts, docstrings, comments, messages, the device names.
 NPU_MENTIONS = {
-    "bench.py": 1, "config.py": 2, "retrieve.py": 2, "train.py": 1, "test/common.sh": 1,
-    "utils.py": 16,  # the docstrings and comments of import_torch_npu, the seam and the AMP helpers; device names
+    "bench.py": 1, "support/config.py": 2, "retrieve.py": 2, "train.py": 1, "test/common.sh": 1,
+    UTILS: 16,  # the docstrings and comments of import_torch_npu, the seam and the AMP helpers; device names
 }
 
 

@@ -6,11 +6,10 @@ import pytest
 import torch
 from bench_runs import printed_metrics, run_bench
 
-import centroids
 import evaluate as ev
-import metrics
-from centroids import CENTROID_PROTOCOLS, EvaluationOptions
-from metrics import Split
+from support import centroids, metrics
+from support.centroids import CENTROID_PROTOCOLS, EvaluationOptions
+from support.metrics import Split
 
 # ---------------------------------------------------------------------------------------------------
 # Loop references: one query at a time, the rule's words in plain Python, float64

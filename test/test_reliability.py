@@ -15,13 +15,10 @@ import torch
 from run_outputs import TIMING, assert_same_weights, read_metrics, weights
 
 import data
-import faults
-import image_check
 import train
-import transforms
-import utils
 from data import build_datasets, build_train_loader
-from specs import AugmentSpec, BatchSpec, LoaderSpec
+from support import faults, image_check, transforms, utils
+from support.specs import AugmentSpec, BatchSpec, LoaderSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

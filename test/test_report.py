@@ -1,7 +1,7 @@
-"""report.py: the evaluation's HTML page on the synthetic set: the header's numbers are evaluate_features' results,
-the failures are exactly the queries whose rank-1 is wrong, a cut page says so, evaluate.py --report and train.py's
-per-epoch evaluation write it, and a real headless Chromium opens it, runs its script without an error and filters
-the failures on a click."""
+"""support/report.py: the evaluation's HTML page on the synthetic set: the header's numbers are evaluate_features'
+results, the failures are exactly the queries whose rank-1 is wrong, a cut page says so, evaluate.py --report and
+train.py's per-epoch evaluation write it, and a real headless Chromium opens it, runs its script without an error
+and filters the failures on a click."""
 import base64
 import html.parser
 import io
@@ -19,11 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-import config
 import evaluate as ev
-import report
-from centroids import EvaluationOptions, evaluate_centroids, evaluate_features
 from data import item_labels, read_dataset
+from support import config, report
+from support.centroids import EvaluationOptions, evaluate_centroids, evaluate_features
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync")

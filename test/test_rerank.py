@@ -1,15 +1,14 @@
-"""rerank.py: k-reciprocal re-ranking against a slow reference written from the paper's equations, its symmetry,
+"""support/rerank.py: k-reciprocal re-ranking against a slow reference written from the paper's equations, its symmetry,
 its effect on retrieval, the re-ranked evaluation and its argument checks."""
 import math
 
 import pytest
 import torch
 
-import centroids
-import rerank
-from centroids import EvaluationOptions
-from metrics import Split, evaluate_rank
-from synthetic import synthetic_problem
+from support import centroids, rerank
+from support.centroids import EvaluationOptions
+from support.metrics import Split, evaluate_rank
+from support.synthetic import synthetic_problem
 
 
 def reference_rerank(q_feats, g_feats, k1, k2, lambda_value):

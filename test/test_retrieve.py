@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 import retrieve
-import utils
 import visualize
 from data import build_train_loader, read_dataset
 from loss import LossSpec, compute_losses
 from model import build_model
-from specs import AugmentSpec, BatchSpec, EmbedSpec, LoaderSpec
-from synthetic import synthesize
+from support import utils
+from support.specs import AugmentSpec, BatchSpec, EmbedSpec, LoaderSpec
+from support.synthetic import synthesize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (64, 32)
@@ -332,7 +332,7 @@ def test_visualize_writes_pngs_and_json_csv(setup, gallery, tmp_path):
 
 
 def test_rerank_ranks_the_index_entries_by_reranked_distances(setup, gallery, tmp_path):
-    from rerank import rerank_distances
+    from support.rerank import rerank_distances
     out_json = tmp_path / "r.json"
     results = run("query", gallery["images"], setup["query_dir"], "--checkpoint", setup["trained"], "--top-k", "5",
                   "--rerank", "--rerank-k1", "10", "--rerank-k2", "3", "--rerank-lambda", "0.2", "--json",
@@ -361,8 +361,8 @@ def test_rerank_ranks_the_index_entries_by_reranked_distances(setup, gallery, tm
 
 
 def test_cmc_curve_and_evaluation_pictures_are_valid_pngs(setup, gallery, tmp_path):
-    from centroids import EvaluationOptions, evaluate_features
-    from metrics import Split
+    from support.centroids import EvaluationOptions, evaluate_features
+    from support.metrics import Split
     ds, emb = setup["dataset"], gallery["emb"]
     q_emb = run("embed", setup["trained"], "--dataset", "synthetic", "--root", setup["root"], "--split", "query",
                 "-o", str(tmp_path / "q.pt"))

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from sampler import (
+from support.sampler import (
     SAMPLERS,
     PKSampler,
     describe_batch,
@@ -16,8 +16,8 @@ from sampler import (
     sampler_statistics,
     simulated_pids,
 )
-from specs import BatchSpec
-from utils import DataError
+from support.specs import BatchSpec
+from support.utils import DataError
 
 
 def make_pids(counts):

@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-import config
 import evaluate
 import train
+from support import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import visualize
-from metrics import Split
+from support.metrics import Split
 
 matplotlib = pytest.importorskip("matplotlib")
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402

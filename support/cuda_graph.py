@@ -27,7 +27,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-import utils
+from support import utils
 
 WARMUP_STEPS = 3  # eager steps before the capture, as in torch's whole-network example
 TENSOR_LR_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)  # take a device lr tensor (capturable=True on CUDA)

@@ -20,8 +20,8 @@ Jaccard numerator a sum over the pairs of entries that share a column (a segment
 """
 import torch
 
-from metrics import pair_squared_distances, squared_distances, squared_norms
-from utils import UserError
+from support.metrics import pair_squared_distances, squared_distances, squared_norms
+from support.utils import UserError
 
 BLOCK_ROWS = 4096         # rows of a distance block: a 4096 x 4096 float32 block is 64 MiB
 MAX_PAIRS = 1 << 23       # (query entry, gallery entry) pairs per Jaccard chunk: ~200 MiB of temporaries

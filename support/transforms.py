@@ -2,7 +2,7 @@
 import torch
 from torchvision.transforms import v2
 
-from specs import IMAGENET_MEAN, IMAGENET_STD
+from support.specs import IMAGENET_MEAN, IMAGENET_STD
 
 ERASING_SCALE, ERASING_RATIO = (0.02, 0.4), (0.3, 1 / 0.3)  # the original RandomErasing's sl, sh and r1, 1/r1
 

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import utils
-from centroids import PROTOCOL_NOTES, identity_centroids
-from metrics import CameraRule, Split, evaluate_rank, pair_squared_distances, removed_items, squared_distances
-from rerank import rerank_distances
+from support import utils
+from support.centroids import PROTOCOL_NOTES, identity_centroids
+from support.metrics import CameraRule, Split, evaluate_rank, pair_squared_distances, removed_items, squared_distances
+from support.rerank import rerank_distances
 
 THUMB = (64, 32)      # thumbnail height, width: a Market-1501 page of every query stays well under 60 MB
 JPEG_QUALITY = 75

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from utils import DataError, split_item, usable_workers, write_text_atomic
+from support.utils import DataError, split_item, usable_workers, write_text_atomic
 
 CHECK_VERSION = 1  # bump when check_image gets stricter: verdicts cached by an older check no longer count
 CACHE_DIR_ENV = "CENTROID_REID_CACHE_DIR"  # where the check's cache goes (default ~/.cache/centroid-reid)

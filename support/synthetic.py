@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from utils import DataError, folder_listing
+from support.utils import DataError, folder_listing
 
 MARKET_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")  # the layout data.read_market_style reads
 CLOTHES = np.array([[0.85, 0.12, 0.12], [0.12, 0.35, 0.80], [0.15, 0.60, 0.20], [0.92, 0.85, 0.20],

@@ -11,9 +11,9 @@ import time
 
 import torch
 
-import utils
-from device_data import DeviceAugmentLoader
-from image_check import (
+from support import utils
+from support.device_data import DeviceAugmentLoader
+from support.image_check import (
     SKIPPED,
     GuardedImages,
     UnreadableImages,
@@ -23,7 +23,7 @@ from image_check import (
     with_dataset,
     without_paths,
 )
-from utils import DataError
+from support.utils import DataError
 
 STOP_SIGNAL = {"signum": None, "time": 0.0}  # the first SIGINT/SIGTERM this process received, and when
 SIGNAL_REPEAT_S = 1.0  # a second signal sooner than this is the first one delivered twice, not a second request

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from utils import DataError
+from support.utils import DataError
 
 SAMPLERS = ("random_identity", "balanced")
 

@@ -5,9 +5,9 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
-from sampler import SeededBatches, train_sampler
-from transforms import random_erasing_boxes
-from utils import DataError, split_item, usable_workers
+from support.sampler import SeededBatches, train_sampler
+from support.transforms import random_erasing_boxes
+from support.utils import DataError, split_item, usable_workers
 
 
 class EncodedImages(Dataset):

@@ -18,8 +18,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-import utils
-from utils import UserError
+from support import utils
+from support.utils import UserError
 
 # top-level modules whose pickled objects in a Lightning .ckpt are only configuration (yacs CfgNode, Lightning's
 # AttributeDict, callback classes used as dict keys): read as plain OrderedDicts

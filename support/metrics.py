@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-import utils
+from support import utils
 
 CHUNK_BYTES = 32 * 2**20  # temporaries per chunk (and worker); small chunks stay in cache, reuse the heap
 BYTES_PER_ITEM = 16       # per (query, gallery item) of a chunk: at most 16 B live at once (distance and

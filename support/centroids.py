@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from metrics import (
+from support.metrics import (
     CHUNK_BYTES,
     CameraRule,
     DistanceSource,
@@ -33,7 +33,7 @@ from metrics import (
     rank_labels,
     summarise_queries,
 )
-from rerank import rerank_distances
+from support.rerank import rerank_distances
 
 CENTROID_PROTOCOLS = ("standard", "original", "original_fixed")
 PROTOCOL_NOTES = {
