@@ -64,19 +64,12 @@ def l2_normalize(x):
 # ---------------------------------------------------------------------------------------------------
 # The squared distance, written once: the losses, the ranking, the re-ranking and the report use it
 
-NORM_BYTES = 16 * 2**20  # squared_norms squares this much of a large 2-D input at a time
-
-
 def squared_norms(x):
-    """[..., D] -> [...] squared L2 norms of the rows. A large gallery [N, D] is squared a block of rows at a time:
-    no temporary the size of the embeddings (each row's sum is the same either way)."""
-    rows = max(NORM_BYTES // (4 * x.shape[-1]), 1)
-    if x.dim() != 2 or len(x) <= rows:
+    """[..., D] -> [...] squared L2 norms of the rows. Ranking: a reduction (vector_norm), no temporary the size of
+    a large gallery; under autograd (the losses): x.pow(2).sum, as the losses always took it."""
+    if x.requires_grad:
         return x.pow(2).sum(-1)
-    norms = x.new_empty(len(x))  # written in place: the blocks' temporaries reuse one hole of the heap
-    for a in range(0, len(x), rows):
-        torch.sum(x[a:a + rows].pow(2), -1, out=norms[a:a + rows])
-    return norms
+    return torch.linalg.vector_norm(x, dim=-1).square()
 
 
 def squared_distances(x, y, x_sq=None, y_sq=None):
@@ -94,10 +87,11 @@ def squared_distances(x, y, x_sq=None, y_sq=None):
 
 
 def pair_squared_distances(x, y, x_sq=None, y_sq=None):
-    """[P, D] x [P, D] -> [P]: the squared distance of each row pair (x[p], y[p]), by squared_distances."""
+    """[P, D] x [P, D] -> [P]: the squared distance of each row pair (x[p], y[p]), |x|^2 + |y|^2 - 2 x.y as in
+    squared_distances, the products summed row by row (a true match's distance, asked for a few pairs at a time)."""
     x_sq = squared_norms(x) if x_sq is None else x_sq
     y_sq = squared_norms(y) if y_sq is None else y_sq
-    return squared_distances(x[:, None], y[:, None], x_sq[:, None], y_sq[:, None])[:, 0, 0]
+    return (x_sq + y_sq - 2 * (x * y).sum(-1)).clamp_(min=0)
 
 
 def check_distance(distance):
