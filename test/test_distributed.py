@@ -5,14 +5,22 @@ DROP_LAST False, two nodes through torchrun's c10d rendezvous, and a rank killed
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from run_outputs import assert_same_weights, last_metrics, weights
+from run_outputs import (
+    ROOT,
+    assert_all_succeeded,
+    assert_same_weights,
+    free_port,
+    last_metrics,
+    run_ranks,
+    tiny_flags,
+    weights,
+)
 from step_setup import P, batches, make_state, step_config
 
 import data
@@ -20,36 +28,6 @@ from model import masked_batch_norm
 from support import device_data
 from support.sampler import PKSampler
 from support.specs import AugmentSpec, BatchSpec, LoaderSpec
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    """A TCP port nothing listens on now (for a rendezvous of this test's processes)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_env(rank, world_size, port, **more):
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size), "RANK": str(rank), "LOCAL_RANK": str(rank),
-            **more}
-
-
-def run_ranks(args, world_size, timeout=240):
-    """Run world_size processes of one job without a launcher -> [(exit code, stdout, stderr)] in rank order."""
-    port = free_port()
-    procs = [subprocess.Popen(args, cwd=ROOT, env=rank_env(rank, world_size, port), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in range(world_size)]
-    return [(proc.returncode, *outputs) for proc, outputs in zip(procs, [p.communicate(timeout=timeout)
-                                                                          for p in procs])]
-
-
-def assert_all_succeeded(results):
-    assert [code for code, _, _ in results] == [0] * len(results), results
-    return results[0][1]
-
 
 # ---------------------------------------------------------------------------------------------------
 # 1. The step: synchronised BatchNorm, the graphed body under DDP (test/distributed_checks.py in each rank)
@@ -164,24 +142,19 @@ def test_ranks_draw_their_own_augmentation_whatever_the_global_seed_and_the_work
 
 def run_flags(root, output_dir, *more):
     """A few-second run for 2 ranks: resnet18 at 64x32, P=2 x K=2 per rank (3 steps an epoch here), 2 epochs,
-    evaluated after the last."""
-    return ["train.py", "--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", root, "--OUTPUT_DIR",
-            str(output_dir), "--MODEL.NAME", "resnet18", "--MODEL.PRETRAINED", "false", "--MODEL.DEVICE", "cpu",
-            "--INPUT.SIZE_TRAIN", "64", "32", "--INPUT.SIZE_TEST", "64", "32", "--SOLVER.IMS_PER_BATCH", "2",
-            "--DATALOADER.NUM_INSTANCE", "2", "--DATALOADER.NUM_WORKERS", "0", "--TEST.IMS_PER_BATCH", "32",
-            "--SOLVER.WARMUP_EPOCHS", "4", "--SOLVER.MAX_EPOCHS", "2", "--SOLVER.EVAL_PERIOD", "2",
-            "--SOLVER.LOG_PERIOD", "1", *more]
+    evaluated after the last: the conftest's two_rank_run, logged at every step."""
+    return ["train.py", *tiny_flags(root, output_dir, "--SOLVER.IMS_PER_BATCH", "2", "--SOLVER.MAX_EPOCHS", "2",
+                                    "--SOLVER.EVAL_PERIOD", "2", "--SOLVER.LOG_PERIOD", "1", *more)]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(synthetic_root, tmp_path_factory):
-    """Uninterrupted 2-rank runs, with the CPU loader and with device augmentation: what the others must equal."""
-    runs = {}
-    for name, more in (("cpu", ()), ("device", ("--INPUT.DEVICE_AUGMENT", "true"))):
-        out = tmp_path_factory.mktemp(f"uninterrupted_{name}")
-        assert_all_succeeded(run_ranks([sys.executable, *run_flags(synthetic_root, out, *more)], 2))
-        runs[name] = out
-    return runs
+def uninterrupted(synthetic_root, two_rank_run, tmp_path_factory):
+    """Uninterrupted 2-rank runs, with the CPU loader (the session's) and with device augmentation: what the others
+    must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted_device")
+    args = [sys.executable, *run_flags(synthetic_root, out, "--INPUT.DEVICE_AUGMENT", "true")]
+    assert_all_succeeded(run_ranks(args, 2))
+    return {"cpu": two_rank_run, "device": out}
 
 
 def train_path_at(root, rank, step):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from run_outputs import TIMING, assert_same_weights, read_metrics, weights
+from run_outputs import TIMING, assert_same_weights, free_port, rank_env, read_metrics, run_ranks, tiny_flags, weights
 
 import data
 import train
@@ -49,15 +49,6 @@ def copy_of(root, tmp_path):
     return str(tmp_path / "data")
 
 
-def flags(root, output_dir, *more):
-    """A few-second CPU run: resnet18 at 64x32, P=4 identities x K=2 images (3 steps per epoch here)."""
-    return ["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", root, "--OUTPUT_DIR", str(output_dir),
-            "--MODEL.NAME", "resnet18", "--MODEL.PRETRAINED", "false", "--MODEL.DEVICE", "cpu",
-            "--INPUT.SIZE_TRAIN", "64", "32", "--INPUT.SIZE_TEST", "64", "32", "--SOLVER.IMS_PER_BATCH", "4",
-            "--DATALOADER.NUM_INSTANCE", "2", "--DATALOADER.NUM_WORKERS", "0", "--TEST.IMS_PER_BATCH", "32",
-            "--SOLVER.WARMUP_EPOCHS", "4", *more]
-
-
 def error_lines(text):
     """The lines that say error:, and a check that no traceback came with them."""
     assert "Traceback" not in text, text
@@ -84,7 +75,7 @@ def split_paths(root, split):
 
 
 def epoch_batches(root):
-    """Epoch 1's batches of dataset indices, as flags() trains them: (train items, batches)."""
+    """Epoch 1's batches of dataset indices, as tiny_flags() trains them: (train items, batches)."""
     items = build_datasets("synthetic", root)["train"]
     _, sampler = build_train_loader(items, LoaderSpec(BatchSpec(4, 2), AugmentSpec((64, 32))))
     sampler.set_epoch(0)
@@ -98,20 +89,6 @@ def train_path_at(root, step):
     return next(items[i][0] for i in batches[step] if i not in earlier)
 
 
-@pytest.fixture(scope="module")
-def two_epochs(synthetic_root, tmp_path_factory):
-    """An uninterrupted two-epoch run: what a stopped and resumed run must equal."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    os.environ[image_check.CACHE_DIR_ENV] = str(out / "cache")
-    try:
-        assert train.main(flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "2")) == 0
-    finally:
-        del os.environ[image_check.CACHE_DIR_ENV]
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------
 # 1. the check of every image before the first step
 
@@ -121,7 +98,7 @@ def test_bad_images_are_listed_before_training_and_nothing_is_written(synthetic_
     for path, how in zip(broken, ("truncate", "empty", "text")):
         break_image(path, how)
     out = tmp_path / "out"
-    assert train.main(flags(root, out)) == 2
+    assert train.main(tiny_flags(root, out)) == 2
     err = capsys.readouterr().err
     total = len(image_check.dataset_paths(build_datasets("synthetic", root)))
     assert len(error_lines(err)) == 1 and f"3 of {total}" in err
@@ -157,7 +134,7 @@ def test_the_report_names_the_first_20_bad_files_and_counts_the_rest():
 def test_check_images_false_skips_the_check(synthetic_root, tmp_path, capsys, monkeypatch):
     calls = []
     monkeypatch.setattr(faults, "preflight_check", lambda *a, **k: calls.append(a) or [])
-    cfg, _, _ = train.parse_args(flags(synthetic_root, tmp_path, "--DATALOADER.CHECK_IMAGES", "false"))
+    cfg, _, _ = train.parse_args(tiny_flags(synthetic_root, tmp_path, "--DATALOADER.CHECK_IMAGES", "false"))
     dataset = build_datasets("synthetic", synthetic_root)
     assert faults.check_images_before_training(cfg, dataset, 0) == (dataset, []) and calls == []
 
@@ -167,13 +144,13 @@ def test_check_images_false_skips_the_check(synthetic_root, tmp_path, capsys, mo
 # 2. a file that goes bad mid-run
 
 def test_a_bad_train_image_mid_run_stops_at_its_step_and_the_resumed_run_equals_an_uninterrupted_one(
-        synthetic_root, two_epochs, tmp_path, capsys):
+        synthetic_root, one_process_run, tmp_path, capsys):
     root = copy_of(synthetic_root, tmp_path)
     path = train_path_at(root, 2)
     good = break_image(path, "truncate")
     out = tmp_path / "out"
     # the check is off: the file is met by the loader, as one that changes on disk after the check would be
-    assert train.main(flags(root, out, "--SOLVER.MAX_EPOCHS", "2", "--DATALOADER.CHECK_IMAGES", "false")) == 2
+    assert train.main(tiny_flags(root, out, "--SOLVER.MAX_EPOCHS", "2", "--DATALOADER.CHECK_IMAGES", "false")) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and path in lines[0] and "epoch 1, step 2" in lines[0]
     assert f"python train.py --config_file {out}/config.yaml --resume auto" in lines[0]
@@ -181,21 +158,21 @@ def test_a_bad_train_image_mid_run_stops_at_its_step_and_the_resumed_run_equals_
     assert (saved["next_epoch"], saved["next_step"]) == (0, 2)
     with open(path, "wb") as f:
         f.write(good)
-    assert train.main(flags(root, out, "--SOLVER.MAX_EPOCHS", "2", "--resume", "auto")) == 0
-    assert_same_weights(weights(out / "last.pth"), weights(two_epochs / "last.pth"))
-    resumed, reference = read_metrics(out)[-1], read_metrics(two_epochs)[-1]
+    assert train.main(tiny_flags(root, out, "--SOLVER.MAX_EPOCHS", "2", "--resume", "auto")) == 0
+    assert_same_weights(weights(out / "last.pth"), weights(one_process_run / "last.pth"))
+    resumed, reference = read_metrics(out)[-1], read_metrics(one_process_run)[-1]
     assert {k: v for k, v in resumed.items() if k not in TIMING} == \
         {k: v for k, v in reference.items() if k not in TIMING}
 
 
 @pytest.mark.slow
 def test_a_bad_gallery_image_stops_after_the_epochs_training_and_resumes_at_its_evaluation(
-        synthetic_root, two_epochs, tmp_path, capsys):
+        synthetic_root, one_process_run, tmp_path, capsys):
     root = copy_of(synthetic_root, tmp_path)
     path = split_paths(root, "gallery")[5]
     good = break_image(path, "empty")
     out = tmp_path / "out"
-    assert train.main(flags(root, out, "--SOLVER.MAX_EPOCHS", "2", "--DATALOADER.CHECK_IMAGES", "false")) == 2
+    assert train.main(tiny_flags(root, out, "--SOLVER.MAX_EPOCHS", "2", "--DATALOADER.CHECK_IMAGES", "false")) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and path in lines[0] and "the evaluation after epoch 1" in lines[0]
     saved = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
@@ -203,9 +180,9 @@ def test_a_bad_gallery_image_stops_after_the_epochs_training_and_resumes_at_its_
     assert not (out / "metrics.jsonl").exists()
     with open(path, "wb") as f:
         f.write(good)
-    assert train.main(flags(root, out, "--SOLVER.MAX_EPOCHS", "2", "--resume", "auto")) == 0
-    assert_same_weights(weights(out / "last.pth"), weights(two_epochs / "last.pth"))
-    rows, reference = read_metrics(out), read_metrics(two_epochs)
+    assert train.main(tiny_flags(root, out, "--SOLVER.MAX_EPOCHS", "2", "--resume", "auto")) == 0
+    assert_same_weights(weights(out / "last.pth"), weights(one_process_run / "last.pth"))
+    rows, reference = read_metrics(out), read_metrics(one_process_run)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[0]["loss"] == reference[0]["loss"] and rows[0]["mAP"] == reference[0]["mAP"]
 
@@ -217,8 +194,8 @@ def test_skip_bad_replaces_train_images_and_leaves_out_query_and_gallery_ones(sy
     for path in broken:
         break_image(path, "text")
     out = tmp_path / "out"
-    assert train.main(flags(root, out, "--SOLVER.MAX_EPOCHS", "1", "--DATALOADER.CHECK_IMAGES", "false",
-                            "--DATALOADER.SKIP_BAD", "true")) == 0
+    assert train.main(tiny_flags(root, out, "--SOLVER.MAX_EPOCHS", "1", "--DATALOADER.CHECK_IMAGES", "false",
+                                 "--DATALOADER.SKIP_BAD", "true")) == 0
     captured = capsys.readouterr()
     assert error_lines(captured.err) == []
     with open(out / "skipped.txt") as f:
@@ -234,7 +211,7 @@ def test_skip_bad_leaves_out_what_the_check_found(synthetic_root, tmp_path):
     broken = [split_paths(root, "train")[0], split_paths(root, "query")[0]]
     for path in broken:
         break_image(path, "empty")
-    cfg, _, _ = train.parse_args(flags(root, tmp_path / "out", "--DATALOADER.SKIP_BAD", "true"))
+    cfg, _, _ = train.parse_args(tiny_flags(root, tmp_path / "out", "--DATALOADER.SKIP_BAD", "true"))
     dataset = build_datasets("synthetic", root)
     kept, bad = faults.check_images_before_training(cfg, dataset, 0)
     assert sorted(p for p, _ in bad) == sorted(broken)
@@ -270,7 +247,7 @@ def test_one_policy_decides_words_and_logs_an_unreadable_image(tmp_path, capsys)
     assert skipping.read(path, load) is None and skipping.read(path, load) is None  # met twice, logged once
     assert skipping.count_skipped() == 1 and capsys.readouterr().err.count(f"warning: skipped {path}: ") == 1
     assert image_check.UnreadableImages(skip=True).read(path, load) is None and capsys.readouterr().err == ""
-    cfg, _, _ = train.parse_args(flags("/d", tmp_path / "run", "--DATALOADER.SKIP_BAD", "true"))
+    cfg, _, _ = train.parse_args(tiny_flags("/d", tmp_path / "run", "--DATALOADER.SKIP_BAD", "true"))
     policy = image_check.UnreadableImages.from_config(cfg)
     assert policy == image_check.UnreadableImages(skip=True, log_dir=str(tmp_path / "run"))
 
@@ -294,9 +271,9 @@ def copy_run(run_dir, tmp_path):
     (["--DATALOADER.NUM_INSTANCE", "3"], ["DATALOADER.NUM_INSTANCE is 2 in the checkpoint but 3"]),
     ("one identity fewer", ["classifier has 8 classes", "7 identities"]),
 ])
-def test_resuming_a_checkpoint_of_another_run_says_which_key_differs(synthetic_root, two_epochs, tmp_path, capsys,
+def test_resuming_a_checkpoint_of_another_run_says_which_key_differs(synthetic_root, one_process_run, tmp_path, capsys,
                                                                      change, names):
-    out = copy_run(two_epochs, tmp_path)
+    out = copy_run(one_process_run, tmp_path)
     root = synthetic_root
     if change == "one identity fewer":
         root = copy_of(synthetic_root, tmp_path)
@@ -306,7 +283,7 @@ def test_resuming_a_checkpoint_of_another_run_says_which_key_differs(synthetic_r
                 os.remove(path)
         change = []
     before = digest(out / "last.pth")
-    assert train.main(flags(root, out, "--SOLVER.MAX_EPOCHS", "2", "--resume", "auto", *change)) == 2
+    assert train.main(tiny_flags(root, out, "--SOLVER.MAX_EPOCHS", "2", "--resume", "auto", *change)) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and all(name in lines[0] for name in names), lines
     assert "--MODEL.PRETRAIN_PATH" in lines[0] and digest(out / "last.pth") == before
@@ -314,24 +291,24 @@ def test_resuming_a_checkpoint_of_another_run_says_which_key_differs(synthetic_r
 
 
 @pytest.mark.slow
-def test_another_max_epochs_is_allowed_and_said(synthetic_root, two_epochs, tmp_path, capsys):
-    out = copy_run(two_epochs, tmp_path)
-    assert train.main(flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "1", "--resume", "auto")) == 0
+def test_another_max_epochs_is_allowed_and_said(synthetic_root, one_process_run, tmp_path, capsys):
+    out = copy_run(one_process_run, tmp_path)
+    assert train.main(tiny_flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "1", "--resume", "auto")) == 0
     assert "SOLVER.MAX_EPOCHS was 2, now 1: nothing is left to train" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_a_truncated_last_checkpoint_is_refused_and_best_is_offered(synthetic_root, two_epochs, tmp_path, capsys):
-    out = copy_run(two_epochs, tmp_path)
+def test_a_truncated_last_checkpoint_is_refused_and_best_is_offered(synthetic_root, one_process_run, tmp_path, capsys):
+    out = copy_run(one_process_run, tmp_path)
     with open(out / "last.pth", "r+b") as f:
         f.truncate(os.path.getsize(out / "last.pth") // 3)
-    assert train.main(flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "2", "--resume", "auto")) == 2
+    assert train.main(tiny_flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "2", "--resume", "auto")) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and f"{out}/last.pth is damaged" in lines[0] and "--resume best" in lines[0]
-    assert train.main(flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "2", "--resume", "best")) == 0
+    assert train.main(tiny_flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "2", "--resume", "best")) == 0
     assert f"resumed from {out}/best.pth" in capsys.readouterr().out
-    torch.save({"model": weights(two_epochs / "last.pth")}, out / "weights.pth")
-    assert train.main(flags(synthetic_root, out, "--resume", str(out / "weights.pth"))) == 2
+    torch.save({"model": weights(one_process_run / "last.pth")}, out / "weights.pth")
+    assert train.main(tiny_flags(synthetic_root, out, "--resume", str(out / "weights.pth"))) == 2
     assert "holds weights but no training state" in error_lines(capsys.readouterr().err)[0]
 
 
@@ -341,7 +318,7 @@ def test_a_truncated_last_checkpoint_is_refused_and_best_is_offered(synthetic_ro
 def test_an_unwritable_output_dir_is_found_before_training(synthetic_root, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     out = tmp_path / "a_file" / "out"
-    assert train.main(flags(synthetic_root, out)) == 2
+    assert train.main(tiny_flags(synthetic_root, out)) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and f"--OUTPUT_DIR {out} cannot take a checkpoint" in lines[0]
 
@@ -358,20 +335,20 @@ def file_size_limit():
 def test_a_full_disk_is_found_before_training(synthetic_root, tmp_path, capsys, file_size_limit):
     out = tmp_path / "out"
     file_size_limit(8 << 20)  # a resnet18 checkpoint needs ~135 MB
-    assert train.main(flags(synthetic_root, out)) == 2
+    assert train.main(tiny_flags(synthetic_root, out)) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "cannot take a checkpoint" in lines[0] and "File too large" in lines[0]
     assert os.listdir(out) == []
 
 
 @pytest.mark.slow
-def test_a_save_that_fails_mid_run_keeps_the_last_checkpoint(synthetic_root, two_epochs, tmp_path, capsys,
+def test_a_save_that_fails_mid_run_keeps_the_last_checkpoint(synthetic_root, one_process_run, tmp_path, capsys,
                                                              monkeypatch, file_size_limit):
-    out = copy_run(two_epochs, tmp_path)
+    out = copy_run(one_process_run, tmp_path)
     before = digest(out / "last.pth")
     check = faults.check_output_dir
     monkeypatch.setattr(faults, "check_output_dir", lambda *a: (check(*a), file_size_limit(8 << 20)))
-    assert train.main(flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "3", "--resume", "auto")) == 2
+    assert train.main(tiny_flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "3", "--resume", "auto")) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and f"cannot write {out}/last.pth (File too large)" in lines[0]
     assert f"{out}/last.pth from " in lines[0] and "is intact" in lines[0]
@@ -383,11 +360,6 @@ def test_a_save_that_fails_mid_run_keeps_the_last_checkpoint(synthetic_root, two
 
 # ---------------------------------------------------------------------------------------------------
 # 5. distributed faults (two CPU processes, gloo)
-
-def launch_env(port, **more):
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "WORLD_SIZE": "2", **more}
-
 
 def wait_for_line(proc, text, lines, timeout=120):
     """Read proc's stdout until a line holds text (lines collects them)."""
@@ -401,12 +373,13 @@ def wait_for_line(proc, text, lines, timeout=120):
 
 @pytest.mark.slow
 def test_a_rank_killed_mid_epoch_is_named_and_the_other_exits(synthetic_root, tmp_path):
-    args = [sys.executable, "train.py", *flags(synthetic_root, tmp_path / "out", "--SOLVER.MAX_EPOCHS", "50",
-                                                "--SOLVER.IMS_PER_BATCH", "1", "--SOLVER.LOG_PERIOD", "1")]
-    rank0 = subprocess.Popen(args, cwd=ROOT, env=launch_env(29631, RANK="0", LOCAL_RANK="0"), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    rank1 = subprocess.Popen(args, cwd=ROOT, env=launch_env(29631, RANK="1", LOCAL_RANK="1"),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [sys.executable, "train.py", *tiny_flags(synthetic_root, tmp_path / "out", "--SOLVER.MAX_EPOCHS", "50",
+                                                     "--SOLVER.IMS_PER_BATCH", "1", "--SOLVER.LOG_PERIOD", "1")]
+    port = free_port()
+    rank0 = subprocess.Popen(args, cwd=ROOT, env=rank_env(0, 2, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    rank1 = subprocess.Popen(args, cwd=ROOT, env=rank_env(1, 2, port), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     lines = []
     wait_for_line(rank0, "steps per epoch", lines)
     time.sleep(3)  # a few steps into epoch 1
@@ -423,27 +396,23 @@ def test_a_rank_killed_mid_epoch_is_named_and_the_other_exits(synthetic_root, tm
     assert hint in lines[0]  # the hint says the truth about what there is to resume from
 
 
-def two_ranks(args, port):
-    """Run both ranks of a two-process job without a launcher: [(exit code, stdout, stderr)] in rank order."""
-    ranks = [subprocess.Popen(args, cwd=ROOT, env=launch_env(port, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    return [(rank.returncode, *outputs) for rank, outputs in zip(ranks, [r.communicate(timeout=240) for r in ranks])]
-
-
-def run_two_ranks(args, port):
+def run_two_ranks(args):
     """Run both ranks of a two-process job without a launcher; (rank 0's stdout, stderr) after both succeeded."""
-    results = two_ranks(args, port)
+    results = run_ranks(args, 2)
     assert [code for code, _, _ in results] == [0, 0], results
     return results[0][1:]
 
 
+TWO_RANKS = ["--SOLVER.MAX_EPOCHS", "2", "--SOLVER.IMS_PER_BATCH", "2"]  # two_rank_run's weights: P=2 per rank
+
+
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_saves_once_and_resume_continues_exactly(synthetic_root, tmp_path):
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    run_flags = ["--SOLVER.MAX_EPOCHS", "2", "--SOLVER.IMS_PER_BATCH", "2", "--SOLVER.LOG_PERIOD", "1",
-                 "--SOLVER.EVAL_PERIOD", "2"]
+def test_sigterm_to_the_launcher_saves_once_and_resume_continues_exactly(synthetic_root, two_rank_run, tmp_path):
+    stopped = tmp_path / "stopped"
+    run_flags = [*TWO_RANKS, "--SOLVER.LOG_PERIOD", "1", "--SOLVER.EVAL_PERIOD", "2"]
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                 "--master_port=29642", "train.py", *flags(synthetic_root, stopped, *run_flags)],
+                                 f"--master_port={free_port()}", "train.py",
+                                 *tiny_flags(synthetic_root, stopped, *run_flags)],
                                 cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     lines = []
@@ -456,21 +425,20 @@ def test_sigterm_to_the_launcher_saves_once_and_resume_continues_exactly(synthet
     saved = torch.load(stopped / "last.pth", map_location="cpu", weights_only=True)
     assert saved["next_epoch"] * 100 + saved["next_step"] > 0 and len(saved["rng"]) == 2
     assert not [name for name in os.listdir(stopped) if ".tmp" in name]
-    args = [sys.executable, "train.py", *flags(synthetic_root, stopped, *run_flags, "--resume", "auto")]
-    assert "resumed from" in run_two_ranks(args, 29643)[0]
-    run_two_ranks([sys.executable, "train.py", *flags(synthetic_root, whole, *run_flags)], 29641)
-    assert_same_weights(weights(stopped / "last.pth"), weights(whole / "last.pth"))
+    args = [sys.executable, "train.py", *tiny_flags(synthetic_root, stopped, *run_flags, "--resume", "auto")]
+    assert "resumed from" in run_two_ranks(args)[0]
+    assert_same_weights(weights(stopped / "last.pth"), weights(two_rank_run / "last.pth"))
 
 
 @pytest.mark.slow
 def test_a_bad_gallery_image_on_one_rank_stops_both_and_the_resumed_run_equals_an_uninterrupted_one(
-        synthetic_root, tmp_path):
+        synthetic_root, two_rank_run, tmp_path):
     root = copy_of(synthetic_root, tmp_path)
     path = split_paths(root, "gallery")[-2]  # in rank 1's shard: rank 0 must still say which file
     good = break_image(path, "truncate")
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    run_flags = ["--SOLVER.MAX_EPOCHS", "2", "--SOLVER.IMS_PER_BATCH", "2", "--DATALOADER.CHECK_IMAGES", "false"]
-    results = two_ranks([sys.executable, "train.py", *flags(root, stopped, *run_flags)], 29644)
+    stopped = tmp_path / "stopped"
+    run_flags = [*TWO_RANKS, "--DATALOADER.CHECK_IMAGES", "false"]
+    results = run_ranks([sys.executable, "train.py", *tiny_flags(root, stopped, *run_flags)], 2)
     assert [code for code, _, _ in results] == [2, 2], results
     lines = error_lines(results[0][2])
     assert len(lines) == 1 and path in lines[0] and "the evaluation after epoch 1" in lines[0], results[0][2]
@@ -479,11 +447,10 @@ def test_a_bad_gallery_image_on_one_rank_stops_both_and_the_resumed_run_equals_a
     assert saved["next_epoch"] == 0 and saved["next_step"] > 0 and "epoch_stats" in saved
     with open(path, "wb") as f:
         f.write(good)
-    args = [sys.executable, "train.py", *flags(root, stopped, *run_flags, "--resume", "auto")]
-    assert "resumed from" in run_two_ranks(args, 29645)[0]
-    run_two_ranks([sys.executable, "train.py", *flags(root, whole, *run_flags)], 29646)
-    assert_same_weights(weights(stopped / "last.pth"), weights(whole / "last.pth"))
-    assert [r["mAP"] for r in read_metrics(stopped)] == [r["mAP"] for r in read_metrics(whole)]
+    args = [sys.executable, "train.py", *tiny_flags(root, stopped, *run_flags, "--resume", "auto")]
+    assert "resumed from" in run_two_ranks(args)[0]
+    assert_same_weights(weights(stopped / "last.pth"), weights(two_rank_run / "last.pth"))
+    assert [r["mAP"] for r in read_metrics(stopped)] == [r["mAP"] for r in read_metrics(two_rank_run)]
 
 
 @pytest.mark.slow
@@ -494,7 +461,7 @@ def test_skip_bad_with_two_ranks_leaves_out_a_query_image_one_rank_met(synthetic
     out = tmp_path / "out"
     run_flags = ["--SOLVER.MAX_EPOCHS", "1", "--SOLVER.IMS_PER_BATCH", "2", "--DATALOADER.CHECK_IMAGES", "false",
                  "--DATALOADER.SKIP_BAD", "true"]
-    stdout, stderr = run_two_ranks([sys.executable, "train.py", *flags(root, out, *run_flags)], 29647)
+    stdout, stderr = run_two_ranks([sys.executable, "train.py", *tiny_flags(root, out, *run_flags)])
     assert error_lines(stderr) == []
     with open(out / "skipped.txt") as f:
         assert [line.split("\t")[0] for line in f] == [path]

@@ -11,26 +11,11 @@ import time
 
 import pytest
 import torch
+from run_outputs import ROOT, read_metrics, tiny_flags
 
 import evaluate
 import train
 from support import config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_flags(root, output_dir, *more):
-    """Flags for a few-second CPU run: resnet18 at 64x32, P=4 identities x K=2 images."""
-    return ["--DATASETS.NAMES", "synthetic", "--DATASETS.ROOT_DIR", root, "--OUTPUT_DIR", str(output_dir),
-            "--MODEL.NAME", "resnet18", "--MODEL.PRETRAINED", "false", "--MODEL.DEVICE", "cpu",
-            "--INPUT.SIZE_TRAIN", "64", "32", "--INPUT.SIZE_TEST", "64", "32",
-            "--SOLVER.IMS_PER_BATCH", "4", "--DATALOADER.NUM_INSTANCE", "2", "--DATALOADER.NUM_WORKERS", "0",
-            "--TEST.IMS_PER_BATCH", "32", "--SOLVER.WARMUP_EPOCHS", "4", *more]
-
-
-def read_metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def run_script(args, timeout=240, env=None):
@@ -52,17 +37,8 @@ def test_train_parses_the_configuration_and_its_own_options():
 # ---------------------------------------------------------------------------------------------------
 # training runs
 
-@pytest.fixture(scope="module")
-def two_epoch_run(synthetic_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    assert train.main(tiny_flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "2", "SOLVER.CHECKPOINT_PERIOD", "1")) == 0
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    return out
-
-
-def test_two_epochs_write_finite_metrics_and_both_checkpoints(two_epoch_run):
-    rows = read_metrics(two_epoch_run)
+def test_two_epochs_write_finite_metrics_and_both_checkpoints(one_process_run):
+    rows = read_metrics(one_process_run)
     assert [r["epoch"] for r in rows] == [1, 2]
     for row in rows:
         for key in ("lr", "loss", "loss_centroid_triplet", "loss_triplet", "loss_xent", "loss_center",
@@ -71,21 +47,21 @@ def test_two_epochs_write_finite_metrics_and_both_checkpoints(two_epoch_run):
             assert math.isfinite(row[key]), key
         assert 0 < row["mAP"] <= 1 and 0 < row["centroid_mAP"] <= 1
     for name in ("last.pth", "best.pth"):
-        state = torch.load(two_epoch_run / name, map_location="cpu", weights_only=True)
+        state = torch.load(one_process_run / name, map_location="cpu", weights_only=True)
         assert {"model", "center_loss", "optimizer", "center_optimizer", "scheduler", "scaler", "epoch",
                 "best_metric", "config", "sampler", "rng"} <= set(state)
-    last = torch.load(two_epoch_run / "last.pth", map_location="cpu", weights_only=True)
+    last = torch.load(one_process_run / "last.pth", map_location="cpu", weights_only=True)
     assert last["epoch"] == 1 and last["next_epoch"] == 2 and last["config"]["MODEL.NAME"] == "resnet18"
     assert last["best_metric"] == max(r["centroid_mAP"] for r in rows)
-    assert (two_epoch_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert train.main(["--plot", str(two_epoch_run)]) == 0  # redraws it from metrics.jsonl
-    numbered = torch.load(two_epoch_run / "checkpoint_epoch1.pth", map_location="cpu", weights_only=True)
-    assert numbered["next_epoch"] == 1 and (two_epoch_run / "checkpoint_epoch2.pth").exists()
+    assert (one_process_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert train.main(["--plot", str(one_process_run)]) == 0  # redraws it from metrics.jsonl
+    numbered = torch.load(one_process_run / "checkpoint_epoch1.pth", map_location="cpu", weights_only=True)
+    assert numbered["next_epoch"] == 1 and (one_process_run / "checkpoint_epoch2.pth").exists()
 
 
-def test_tensorboard_holds_every_loss_term_lr_speed_metric_and_the_config(two_epoch_run):
+def test_tensorboard_holds_every_loss_term_lr_speed_metric_and_the_config(one_process_run):
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    events = accumulator.EventAccumulator(str(two_epoch_run), size_guidance={accumulator.TENSORS: 0})
+    events = accumulator.EventAccumulator(str(one_process_run), size_guidance={accumulator.TENSORS: 0})
     events.Reload()
     tags = set(events.Tags()["scalars"]) | set(events.Tags()["tensors"])
     expected = {"loss/total", "loss/centroid_triplet", "loss/triplet", "loss/xent", "loss/center", "train/lr",
@@ -103,11 +79,11 @@ def test_device_augmentation_trains_and_evaluates(synthetic_root, tmp_path):
     assert math.isfinite(row["loss"]) and 0 < row["centroid_mAP"] <= 1
 
 
-def test_resume_auto_continues_at_the_next_epoch_with_the_right_lr(synthetic_root, two_epoch_run, tmp_path, capsys):
+def test_resume_auto_continues_at_the_next_epoch_with_the_right_lr(synthetic_root, one_process_run, tmp_path, capsys):
     out = tmp_path / "resumed"
     out.mkdir()
     for name in ("last.pth", "metrics.jsonl"):
-        (out / name).write_bytes((two_epoch_run / name).read_bytes())
+        (out / name).write_bytes((one_process_run / name).read_bytes())
     assert train.main(tiny_flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "3", "--resume", "auto")) == 0
     assert "resumed from" in capsys.readouterr().out
     rows = read_metrics(out)
@@ -116,11 +92,11 @@ def test_resume_auto_continues_at_the_next_epoch_with_the_right_lr(synthetic_roo
     assert rows[1]["lr"] == pytest.approx(3.5e-4 * 2 / 4)
 
 
-def test_a_resumed_run_applies_a_changed_lr_and_says_so(synthetic_root, two_epoch_run, tmp_path, capsys):
+def test_a_resumed_run_applies_a_changed_lr_and_says_so(synthetic_root, one_process_run, tmp_path, capsys):
     out = tmp_path / "resumed"
     out.mkdir()
     for name in ("last.pth", "metrics.jsonl"):
-        (out / name).write_bytes((two_epoch_run / name).read_bytes())
+        (out / name).write_bytes((one_process_run / name).read_bytes())
     assert train.main(tiny_flags(synthetic_root, out, "--SOLVER.MAX_EPOCHS", "3", "--resume", "auto",
                                  "--SOLVER.BASE_LR", "1e-3", "--SOLVER.CENTER_LR", "0.25")) == 0
     printed = capsys.readouterr().out
@@ -302,13 +278,13 @@ def test_passing_config_yaml_back_repeats_the_run_exactly(synthetic_root, tmp_pa
     assert (first / "config.yaml").read_text().replace(str(first), str(second)) == (second / "config.yaml").read_text()
 
 
-def test_only_test_evaluates_the_weight_and_draws_ranked_lists(synthetic_root, two_epoch_run, tmp_path, capsys):
+def test_only_test_evaluates_the_weight_and_draws_ranked_lists(synthetic_root, one_process_run, tmp_path, capsys):
     flags = tiny_flags(synthetic_root, tmp_path, "TEST.ONLY_TEST", "True", "TEST.WEIGHT",
-                       str(two_epoch_run / "last.pth"), "TEST.VISUALIZE", "yes", "TEST.VISUALIZE_MAX_NUMBER", "3",
+                       str(one_process_run / "last.pth"), "TEST.VISUALIZE", "yes", "TEST.VISUALIZE_MAX_NUMBER", "3",
                        "TEST.VISUALIZE_TOPK", "4", "TEST.CENTROID_PROTOCOL", "all")
     assert train.main(flags) == 0
     out = capsys.readouterr().out
-    last = read_metrics(two_epoch_run)[-1]
+    last = read_metrics(one_process_run)[-1]
     rows = {line.split("  ")[0].strip(): line for line in out.splitlines()
             if line.startswith(("per image", "centroid "))}
     assert f"{100 * last['mAP']:7.2f}" in rows["per image"]
@@ -319,17 +295,18 @@ def test_only_test_evaluates_the_weight_and_draws_ranked_lists(synthetic_root, t
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_resume_training_continues_the_checkpoint_in_pretrain_path(synthetic_root, two_epoch_run, tmp_path):
+def test_resume_training_continues_the_checkpoint_in_pretrain_path(synthetic_root, one_process_run, tmp_path):
     flags = tiny_flags(synthetic_root, tmp_path, "--SOLVER.MAX_EPOCHS", "3", "MODEL.RESUME_TRAINING", "True",
-                       "MODEL.PRETRAIN_PATH", str(two_epoch_run / "last.pth"))
+                       "MODEL.PRETRAIN_PATH", str(one_process_run / "last.pth"))
     assert train.main(flags) == 0
     rows = read_metrics(tmp_path)
     assert [r["epoch"] for r in rows] == [3] and rows[0]["lr"] == pytest.approx(3.5e-4 * 3 / 4)
 
 
 def test_reproducible_runs_each_seed_and_print_mean_and_std(synthetic_root, tmp_path, capsys):
-    flags = tiny_flags(synthetic_root, tmp_path, "--SOLVER.MAX_EPOCHS", "1", "REPRODUCIBLE", "True",
-                       "REPRODUCIBLE_NUM_RUNS", "2", "REPRODUCIBLE_SEED", "5")
+    # P=8: every identity in one step, so each seeded run is one update and its evaluation
+    flags = tiny_flags(synthetic_root, tmp_path, "--SOLVER.MAX_EPOCHS", "1", "--SOLVER.IMS_PER_BATCH", "8",
+                       "REPRODUCIBLE", "True", "REPRODUCIBLE_NUM_RUNS", "2", "REPRODUCIBLE_SEED", "5")
     assert train.main(flags) == 0
     out = capsys.readouterr().out
     runs = [read_metrics(tmp_path / f"run_{seed}")[0] for seed in (5, 6)]
