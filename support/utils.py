@@ -178,7 +178,8 @@ def any_rank(*flags):
 # Which rank died: every rank bumps a counter in the launcher's key-value store each second; one whose
 # counter stops has died (SIGKILL, out of memory, a node gone) or exited.
 
-HEARTBEAT = {"store": None, "rank": 0, "world_size": 1, "stop": threading.Event(), "reporting": False}
+HEARTBEAT = {"store": None, "rank": 0, "world_size": 1, "stop": threading.Event(), "reporting": False,
+             "thread": None}
 
 
 def _beat_key(rank):
@@ -206,7 +207,8 @@ def start_heartbeat(rank, world_size, period_s=1.0):
     HEARTBEAT.update(store=store, rank=rank, world_size=world_size)
     HEARTBEAT["stop"].clear()
     atexit.register(_mark_exited)
-    threading.Thread(target=_heartbeat_loop, args=(period_s,), daemon=True, name="heartbeat").start()
+    HEARTBEAT["thread"] = threading.Thread(target=_heartbeat_loop, args=(period_s,), daemon=True, name="heartbeat")
+    HEARTBEAT["thread"].start()
 
 
 def _mark_exited():
@@ -214,6 +216,10 @@ def _mark_exited():
     HEARTBEAT["stop"].set()
     with contextlib.suppress(Exception):
         HEARTBEAT["store"].set(_done_key(HEARTBEAT["rank"]), "1")
+    # joined here, not left to the interpreter's shutdown: a daemon thread that comes back from a store call into a
+    # finalising interpreter is ended by pthread_exit through C++ frames, and the process aborts ("terminate called
+    # without an active exception", exit -6) after a run that succeeded
+    HEARTBEAT["thread"].join(timeout=5)
 
 
 def _counters(store, world_size):
