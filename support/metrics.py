@@ -64,10 +64,11 @@ def l2_normalize(x):
 # ---------------------------------------------------------------------------------------------------
 # The squared distance, written once: the losses, the ranking, the re-ranking and the report use it
 
-def squared_norms(x):
+def squared_norms(x, differentiable=None):
     """[..., D] -> [...] squared L2 norms of the rows. Ranking: a reduction (vector_norm), no temporary the size of
-    a large gallery; under autograd (the losses): x.pow(2).sum, as the losses always took it."""
-    if x.requires_grad:
+    a large gallery; differentiable (default: x.requires_grad; the losses): x.pow(2).sum, as the losses always took
+    it."""
+    if x.requires_grad if differentiable is None else differentiable:
         return x.pow(2).sum(-1)
     return torch.linalg.vector_norm(x, dim=-1).square()
 
@@ -75,11 +76,13 @@ def squared_norms(x):
 def squared_distances(x, y, x_sq=None, y_sq=None):
     """[..., M, D] x [..., N, D] -> [..., M, N] squared Euclidean distances |x|^2 + |y|^2 - 2 x.y, clamped at 0
     (rounding leaves some slightly below); x_sq, y_sq: the rows' squared_norms when at hand (reused across chunks).
-    Differentiable: loss.py takes its Euclidean distance from it."""
-    x_sq = squared_norms(x) if x_sq is None else x_sq                            # [..., M]
-    y_sq = squared_norms(y) if y_sq is None else y_sq                            # [..., N]
+    Differentiable: loss.py takes its Euclidean distance from it. One formula for the whole call, decided once:
+    the losses' when either side needs a gradient, the ranking's otherwise."""
+    differentiable = x.requires_grad or y.requires_grad
+    x_sq = squared_norms(x, differentiable) if x_sq is None else x_sq            # [..., M]
+    y_sq = squared_norms(y, differentiable) if y_sq is None else y_sq            # [..., N]
     dist = x_sq[..., :, None] + y_sq[..., None, :]
-    if x.requires_grad or y.requires_grad:  # the losses: the product apart, as autograd needs it
+    if differentiable:  # the losses: the product apart, as autograd needs it
         dist = dist - 2 * x @ y.transpose(-1, -2)
     else:  # ranking: the product accumulated into dist in place, one [..., M, N] buffer (BLAS may round an ulp apart)
         (dist.addmm_ if dist.dim() == 2 else dist.baddbmm_)(x, y.transpose(-1, -2), alpha=-2)
@@ -88,9 +91,11 @@ def squared_distances(x, y, x_sq=None, y_sq=None):
 
 def pair_squared_distances(x, y, x_sq=None, y_sq=None):
     """[P, D] x [P, D] -> [P]: the squared distance of each row pair (x[p], y[p]), |x|^2 + |y|^2 - 2 x.y as in
-    squared_distances, the products summed row by row (a true match's distance, asked for a few pairs at a time)."""
-    x_sq = squared_norms(x) if x_sq is None else x_sq
-    y_sq = squared_norms(y) if y_sq is None else y_sq
+    squared_distances (the same formula for both sides), the products summed row by row (a true match's distance,
+    asked for a few pairs at a time)."""
+    differentiable = x.requires_grad or y.requires_grad
+    x_sq = squared_norms(x, differentiable) if x_sq is None else x_sq
+    y_sq = squared_norms(y, differentiable) if y_sq is None else y_sq
     return (x_sq + y_sq - 2 * (x * y).sum(-1)).clamp_(min=0)
 
 
